@@ -1,0 +1,54 @@
+# dpogen: DPO training with per-sample margins, next to the theory of Im & Li (arXiv 2408.03459).
+# The map of the workflow: configuration and its checks, the stage files, the default target.
+import sys
+from pathlib import Path
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+REPO = Path(workflow.basedir)
+sys.path.insert(0, str(REPO / "src"))
+from dpogen.config import check, code_hash, run_config, runs  # noqa: E402
+
+
+configfile: str(REPO / "config" / "config.yaml")
+
+
+# Types, ranges and unknown keys first, then what the schema cannot say (eval steps, K); both stop the
+# run before any job with a message naming the key.
+validate(config, str(REPO / "config" / "schema.yaml"))
+check(config)
+
+EXP = config["experiment"]
+RUNS = runs(config)
+OUT = f"results/{EXP}"
+RUN = f"{OUT}/{{run}}"
+LOGS = f"{OUT}/logs"
+
+
+wildcard_constraints:
+    run="|".join(RUNS),
+
+
+def rcfg(wildcards):
+    return run_config(config, wildcards.run)
+
+
+report: "report/workflow.rst"
+
+
+include: "rules/data.smk"
+include: "rules/sft.smk"
+include: "rules/dpo.smk"
+include: "rules/theory.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        f"{OUT}/summary.csv",
+        f"{OUT}/summary.md",
+        f"{OUT}/margins_by_run.png",
+        f"{OUT}/error_vs_k.png",

@@ -1,0 +1,18 @@
+# Stage 1, data: preference pairs → validated train/test tables and a data card.
+
+
+rule data:
+    output:
+        train=f"{RUN}/data/train.parquet",
+        test=f"{RUN}/data/test.parquet",
+        card=f"{RUN}/data/card.json",
+        card_md=f"{RUN}/data/card.md",
+    params:
+        data=lambda w: rcfg(w)["data"],
+        code=code_hash("data"),
+    log:
+        f"{LOGS}/data/{{run}}.log",
+    conda:
+        "../envs/dpogen.yaml"
+    script:
+        "../workflow_scripts/data.py"

@@ -1,0 +1,49 @@
+# Stage 3, dpo: reference log-probs once, then DPO training that records every pair's margin.
+
+
+def ref_settings(cfg):
+    """The DPO settings that change reference log-probs (not β, lr, ...: changing those keeps them)."""
+    return {k: cfg["dpo"][k] for k in ("append_eos", "dtype", "device", "eval_batch_size")}
+
+
+rule ref_logps:
+    input:
+        ref=f"{RUN}/sft",
+        train=f"{RUN}/data/train.parquet",
+        test=f"{RUN}/data/test.parquet",
+    output:
+        logps=f"{RUN}/dpo/ref_logps.parquet",
+        features=f"{RUN}/dpo/ref_features.npy",
+    params:
+        dpo=lambda w: ref_settings(rcfg(w)),
+        code=code_hash("ref"),
+    threads: config["threads"]["train"]
+    log:
+        f"{LOGS}/ref_logps/{{run}}.log",
+    conda:
+        "../envs/dpogen.yaml"
+    script:
+        "../workflow_scripts/ref_logps.py"
+
+
+rule dpo:
+    input:
+        ref=f"{RUN}/sft",
+        train=f"{RUN}/data/train.parquet",
+        test=f"{RUN}/data/test.parquet",
+        ref_logps=f"{RUN}/dpo/ref_logps.parquet",
+    output:
+        margins=directory(f"{RUN}/dpo/margins.parquet"),
+        metrics=f"{RUN}/dpo/metrics.parquet",
+    params:
+        dpo=lambda w: rcfg(w)["dpo"],
+        seed=config["seed"],
+        work=f"{RUN}/dpo/resume",
+        code=code_hash("dpo"),
+    threads: config["threads"]["train"]
+    log:
+        f"{LOGS}/dpo/{{run}}.log",
+    conda:
+        "../envs/dpogen.yaml"
+    script:
+        "../workflow_scripts/dpo.py"

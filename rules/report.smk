@@ -1,0 +1,53 @@
+# Stage 5, report: per-run tables and figures, then the figures and summaries across the sweep.
+
+
+rule run_report:
+    input:
+        card=f"{RUN}/data/card.json",
+        margins=f"{RUN}/dpo/margins.parquet",
+        certificates=f"{RUN}/theory/certificates.parquet",
+        bounds=f"{RUN}/theory/bounds.parquet",
+    output:
+        summary=f"{RUN}/report/summary.csv",
+        figure=report(
+            f"{RUN}/report/margins.png",
+            caption="../report/run_margins.rst",
+            category="Runs",
+            labels={"run": "{run}", "figure": "margins and errors"},
+        ),
+    params:
+        sweep_value=lambda w: RUNS[w.run],
+        code=code_hash("report"),
+    log:
+        f"{LOGS}/run_report/{{run}}.log",
+    conda:
+        "../envs/dpogen.yaml"
+    script:
+        "../workflow_scripts/run_report.py"
+
+
+rule summary:
+    input:
+        runs=expand(f"{RUN}/report/summary.csv", run=RUNS),
+        metrics=expand(f"{RUN}/dpo/metrics.parquet", run=RUNS),
+    output:
+        csv=report(f"{OUT}/summary.csv", caption="../report/summary.rst", category="Sweep",
+                   labels={"figure": "summary table"}),
+        md=f"{OUT}/summary.md",
+        margins=report(f"{OUT}/margins_by_run.png", caption="../report/margins_by_run.rst", category="Sweep",
+                       labels={"figure": "margins by run"}),
+        error=report(f"{OUT}/error_vs_k.png", caption="../report/error_vs_k.rst", category="Sweep",
+                     labels={"figure": "test error vs K"}),
+    params:
+        sweep_label=(config.get("sweep") or {}).get("prefix", "run"),
+        experiment=EXP,
+        meta={"beta": config["dpo"]["beta"], "steps": config["dpo"]["steps"],
+              "confidence": config["theory"]["confidence"], "loss": config["dpo"]["loss"],
+              "label_smoothing": config["dpo"]["label_smoothing"]},
+        code=code_hash("report"),
+    log:
+        f"{LOGS}/summary.log",
+    conda:
+        "../envs/dpogen.yaml"
+    script:
+        "../workflow_scripts/summary.py"

@@ -1,0 +1,36 @@
+# Stage 2, sft: the base model (built from a config for the offline default) and the reference model.
+
+
+rule base_model:
+    output:
+        directory(f"{OUT}/base_model"),
+    params:
+        model=config["model"],
+        synthetic=config["data"]["synthetic"],
+        seed=config["seed"],
+        code=code_hash("base"),
+    log:
+        f"{LOGS}/base_model.log",
+    conda:
+        "../envs/dpogen.yaml"
+    script:
+        "../workflow_scripts/base_model.py"
+
+
+rule sft:
+    input:
+        base=f"{OUT}/base_model",
+        train=f"{RUN}/data/train.parquet",
+    output:
+        directory(f"{RUN}/sft"),
+    params:
+        sft=lambda w: rcfg(w)["sft"],
+        seed=config["seed"],
+        code=code_hash("sft"),
+    threads: config["threads"]["train"]
+    log:
+        f"{LOGS}/sft/{{run}}.log",
+    conda:
+        "../envs/dpogen.yaml"
+    script:
+        "../workflow_scripts/sft.py"

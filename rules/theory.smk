@@ -1,0 +1,24 @@
+# Stage 4, theory: geometry of g(x), the paper's bounds with their conditions, held-out certificates.
+
+
+rule theory:
+    input:
+        train=f"{RUN}/data/train.parquet",
+        card=f"{RUN}/data/card.json",
+        ref_logps=f"{RUN}/dpo/ref_logps.parquet",
+        features=f"{RUN}/dpo/ref_features.npy",
+        margins=f"{RUN}/dpo/margins.parquet",
+    output:
+        bounds=f"{RUN}/theory/bounds.parquet",
+        conditions=f"{RUN}/theory/conditions.parquet",
+        certificates=f"{RUN}/theory/certificates.parquet",
+        geometry=f"{RUN}/theory/geometry.parquet",
+    params:
+        theory=lambda w: rcfg(w)["theory"],
+        code=code_hash("theory"),
+    log:
+        f"{LOGS}/theory/{{run}}.log",
+    conda:
+        "../envs/dpogen.yaml"
+    script:
+        "../workflow_scripts/theory.py"

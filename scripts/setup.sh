@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Set up dpogen's Python environment: .venv in the repository (or the active virtualenv), torch first.
+# - If torch already imports (a user's own CUDA build, say), it is left alone.
+# - Otherwise torch==${DPOGEN_TORCH:-2.13.0} is installed before anything else, so no other requirement
+#   can pull a multi-GB CUDA build. On a CPU-only machine without a local wheel, point pip at the CPU
+#   index first: PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -n "${VIRTUAL_ENV:-}" ]; then
+  PY="$VIRTUAL_ENV/bin/python"
+else
+  [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
+  PY=.venv/bin/python
+fi
+stamp=.venv/.dpogen-setup
+want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+if [ -z "${VIRTUAL_ENV:-}" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0  # already set up for this pyproject.toml
+fi
+"$PY" -m pip install -q --upgrade pip
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  "$PY" -m pip install -q "torch==${DPOGEN_TORCH:-2.13.0}"
+fi
+"$PY" -m pip install -q -e ".[test]"
+[ -n "${VIRTUAL_ENV:-}" ] || echo "$want" > "$stamp"

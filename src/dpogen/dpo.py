@@ -1,0 +1,243 @@
+"""The dpo stage: reference log-probs once, then DPO training that records every pair's margin.
+
+Reference log-probs come from one pass over all train and test pairs and are read back from Parquet while
+training, so no reference model is held in memory. At each scheduled step (step 0 always, the last step
+always) the margins of ALL train and test pairs are written as one partition of a Parquet folder.
+
+Training state (model, optimizer, scheduler, RNG, step, metrics so far) is saved every ``save_every`` steps
+to a work folder outside Snakemake's outputs, so a killed job resumes where it stopped and yields the same
+tables as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from . import model as M
+from . import tables
+from .io import atomic_dir, atomic_path
+from .logprobs import encode_pairs, pair_logps
+from .training import Progress, log, make_optimizer, make_scheduler
+
+LOSSES = ("sigmoid", "ipo", "hinge")
+
+
+def dpo_loss(h: torch.Tensor, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per-pair DPO loss from h = (log π(y_w) − log π(y_l)) − (log π_ref(y_w) − log π_ref(y_l)).
+
+    sigmoid: −(1−ε) log σ(βh) − ε log σ(−βh) (ε = label_smoothing: conservative DPO; ε = 0: DPO);
+    ipo: (h − 1/(2β))² on summed log-probs, as in the original DPO code; hinge: max(0, 1 − βh).
+    """
+    if loss_type == "sigmoid":
+        return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    if loss_type == "ipo":
+        return (h - 1 / (2 * beta)) ** 2
+    if loss_type == "hinge":
+        return torch.relu(1 - beta * h)
+    raise ValueError(f"dpo.loss: unknown {loss_type!r} ({', '.join(LOSSES)})")
+
+
+def loss_name(cfg: dict) -> str:
+    if cfg["loss"] == "sigmoid" and cfg["label_smoothing"] > 0:
+        return f"cdpo(eps={cfg['label_smoothing']})"
+    return {"sigmoid": "dpo-sigmoid", "ipo": "ipo-summed", "hinge": "hinge"}[cfg["loss"]]
+
+
+def eval_schedule(cfg: dict) -> list[int]:
+    steps = set(cfg.get("eval_steps") or [])
+    every = cfg.get("eval_every")
+    if every:
+        steps |= set(range(0, cfg["steps"] + 1, every))
+    steps |= {0, cfg["steps"]}
+    bad = [s for s in steps if s < 0 or s > cfg["steps"]]
+    if bad:
+        raise ValueError(f"dpo.eval_steps: {sorted(bad)} outside 0..dpo.steps={cfg['steps']}")
+    return sorted(steps)
+
+
+def _pairs(train: pd.DataFrame, test: pd.DataFrame) -> pd.DataFrame:
+    return pd.concat([train.assign(split="train"), test.assign(split="test")], ignore_index=True)
+
+
+def encode(tokenizer, pairs: pd.DataFrame, cfg: dict):
+    return encode_pairs(tokenizer, pairs["prompt"], pairs["chosen"], pairs["rejected"],
+                        append_eos=cfg["append_eos"], source="pairs")
+
+
+@torch.no_grad()
+def eval_logps(model, enc, cfg: dict, features: bool = False):
+    was = model.training
+    model.eval()
+    try:
+        return pair_logps(model, enc, batch_rows=cfg["eval_batch_size"], features=features)
+    finally:
+        model.train(was)
+
+
+def compute_reference(ref_path, train: pd.DataFrame, test: pd.DataFrame, cfg: dict, out_logps, out_features) -> None:
+    """One pass of the reference model over all pairs → ref_logps.parquet, and g(x) per pair (.npy)."""
+    model, tok = M.load(ref_path, cfg["dtype"], cfg["device"])
+    pairs = _pairs(train, test)
+    enc = encode(tok, pairs, cfg)
+    lp, feats = eval_logps(model, enc, cfg, features=True)
+    lp = lp.cpu().numpy()
+    df = pd.DataFrame({"sample_id": pairs["sample_id"], "split": pairs["split"],
+                       "ref_logp_chosen": lp[:, 0], "ref_logp_rejected": lp[:, 1],
+                       "n_tokens_chosen": enc.n_tokens[:, 0], "n_tokens_rejected": enc.n_tokens[:, 1]})
+    tables.write_ref_logps(df, out_logps)
+    with atomic_path(out_features) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, feats.cpu().numpy())
+
+
+def margins_frame(step: int, pairs: pd.DataFrame, lp: np.ndarray, ref: np.ndarray, beta: float) -> pd.DataFrame:
+    rc = beta * (lp[:, 0].astype(np.float64) - ref[:, 0].astype(np.float64))
+    rr = beta * (lp[:, 1].astype(np.float64) - ref[:, 1].astype(np.float64))
+    return pd.DataFrame({
+        "step": step, "split": pairs["split"].to_numpy(), "sample_id": pairs["sample_id"].to_numpy(),
+        "concept": pairs["concept"].to_numpy(), "cluster": pairs["cluster"].to_numpy(),
+        "logp_chosen": lp[:, 0], "logp_rejected": lp[:, 1],
+        "ref_logp_chosen": ref[:, 0], "ref_logp_rejected": ref[:, 1],
+        "reward_chosen": rc, "reward_rejected": rr, "margin": rc - rr,
+    })
+
+
+def fingerprint(cfg: dict, *files) -> str:
+    h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
+    for f in files:
+        h.update(Path(f).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def batch_indices(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:
+    """Train-pair indices of optimizer step ``step`` (0-based): epochs of seeded permutations, concatenated.
+    Depends only on the step, so a resumed run draws the same batches."""
+    start = step * batch_size
+    out = []
+    while len(out) < batch_size:
+        epoch, off = divmod(start + len(out), n)
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        out.extend(perm[off: off + batch_size - len(out)].tolist())
+    return np.asarray(out)
+
+
+def _rng_state() -> dict:
+    import random
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(s: dict) -> None:
+    import random
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+
+
+def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path, cfg: dict, seed: int,
+              out_margins, out_metrics, work_dir) -> dict:
+    """DPO from the reference checkpoint ``ref_path``; writes the margins folder and the metrics table."""
+    work = Path(work_dir)
+    fp = fingerprint({"dpo": cfg, "seed": seed}, ref_logps_path)
+    state_path = work / "state.pt"
+    if work.exists() and not (work / f"fingerprint-{fp}").exists():
+        log.info("work folder %s belongs to other settings: starting over", work)
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / f"fingerprint-{fp}").touch()
+
+    M.seed_everything(seed)
+    model, tok = M.load(ref_path, cfg["dtype"], cfg["device"])
+    pairs = _pairs(train, test)
+    ref_df = pd.read_parquet(ref_logps_path).set_index("sample_id").loc[pairs["sample_id"]]
+    ref = ref_df[["ref_logp_chosen", "ref_logp_rejected"]].to_numpy(np.float32)
+    enc = encode(tok, pairs, cfg)
+    n_train = len(train)
+    bsz = n_train if cfg["batch_size"] in (None, "full") else int(cfg["batch_size"])
+    accum = int(cfg["grad_accum"])
+    device = next(model.parameters()).device
+    ref_t = torch.tensor(ref, device=device)
+    opt = make_optimizer(cfg["optimizer"], model.parameters(), cfg["lr"], cfg["weight_decay"])
+    sched = make_scheduler(opt, cfg["schedule"], cfg["warmup_steps"], cfg["steps"])
+    schedule = eval_schedule(cfg)
+    margins_work = work / "margins"
+    rows: list[dict] = []
+    start = 0
+    if state_path.exists():
+        st = torch.load(state_path, weights_only=False)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        _set_rng_state(st["rng"])
+        rows, start = st["metrics"], st["step"]
+        log.info("resuming from step %d (%s)", start, state_path)
+
+    def checkpoint(step: int) -> tuple[float, float]:
+        lp = eval_logps(model, enc, cfg).cpu().numpy()
+        df = margins_frame(step, pairs, lp, ref, cfg["beta"])
+        tables.write_margins_checkpoint(df, margins_work, step)
+        err = (df["margin"] <= 0).groupby(df["split"]).mean()
+        return float(err.get("train", np.nan)), float(err.get("test", np.nan))
+
+    empty = {k: math.nan for k in tables.METRICS.names}
+    if start == 0:
+        tr, te = checkpoint(0)
+        rows = [{**empty, "step": 0, "epoch": 0.0, "train_error": tr, "test_error": te, "elapsed_s": 0.0}]
+    model.train()
+    prog = Progress(cfg["steps"], "dpo", every=cfg["log_every"], start_step=start)
+    elapsed0 = rows[-1]["elapsed_s"] if rows else 0.0
+    for step in range(start, cfg["steps"]):
+        idx = batch_indices(step, n_train, bsz, seed)
+        lr = sched.get_last_lr()[0]
+        opt.zero_grad(set_to_none=True)
+        stats = np.zeros(7)
+        for chunk in np.array_split(idx, accum):
+            lp = pair_logps(model, enc, chunk)
+            r = ref_t[torch.as_tensor(chunk, device=device)]
+            h = (lp[:, 0] - lp[:, 1]) - (r[:, 0] - r[:, 1])
+            loss = dpo_loss(h, cfg["beta"], cfg["loss"], cfg["label_smoothing"]).sum() / len(idx)
+            loss.backward()
+            with torch.no_grad():
+                rc, rr = cfg["beta"] * (lp[:, 0] - r[:, 0]), cfg["beta"] * (lp[:, 1] - r[:, 1])
+                stats += np.array([float(loss) * len(idx), float(rc.sum()), float(rr.sum()), float((rc - rr).sum()),
+                                   float((rc > rr).float().sum()), float(lp[:, 0].sum()), float(lp[:, 1].sum())])
+        clip = cfg["max_grad_norm"] or float("inf")
+        gn = float(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip))
+        opt.step()
+        sched.step()
+        s = stats / len(idx)
+        done = step + 1
+        row = {**empty, "step": done, "epoch": done * bsz / n_train, "loss": s[0], "lr": lr, "grad_norm": gn,
+               "rewards/chosen": s[1], "rewards/rejected": s[2], "rewards/margins": s[3],
+               "rewards/accuracies": s[4], "logps/chosen": s[5], "logps/rejected": s[6]}
+        prog.update(done, len(idx), loss=s[0], margin=s[3])
+        row["pairs_per_s"] = prog.rate()
+        row["elapsed_s"] = elapsed0 + prog.elapsed()
+        if done in schedule:
+            row["train_error"], row["test_error"] = checkpoint(done)
+        rows.append(row)
+        if cfg["save_every"] and (done % cfg["save_every"] == 0) and done < cfg["steps"]:
+            with atomic_path(state_path) as tmp:
+                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                            "scheduler": sched.state_dict(), "rng": _rng_state(), "step": done,
+                            "metrics": rows}, tmp)
+    present = sorted(int(p.name.split("=")[1]) for p in margins_work.glob("step=*"))
+    missing = sorted(set(schedule) - set(present))
+    if missing:
+        raise RuntimeError(f"margin checkpoints missing for steps {missing} in {margins_work}")
+    with atomic_dir(out_margins) as tmp:
+        for s in schedule:
+            shutil.copytree(margins_work / f"step={s}", Path(tmp) / f"step={s}")
+    tables.write_metrics(pd.DataFrame(rows), out_metrics)
+    shutil.rmtree(work)
+    last = rows[-1]
+    log.info("dpo done: %d steps, train error %.3f, test error %.3f", cfg["steps"], last["train_error"], last["test_error"])
+    return {"steps": cfg["steps"], "loss_name": loss_name(cfg)}

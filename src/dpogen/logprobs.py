@@ -1,0 +1,179 @@
+"""Sequence log-probabilities: the one function every stage uses (SFT checks, reference pass, DPO, theory).
+
+log π(y|x) is the sum, over the response tokens only, of log p(token | x, earlier tokens), computed in fp32
+whatever the model's dtype. Prompt and padding never count. Sequences are right-padded.
+
+The prompt/response boundary is found as TRL does: the response tokens of prompt+response are those past
+the longest common prefix of tokenize(prompt) and tokenize(prompt + response). An EOS token is appended to
+each response unless ``append_eos`` is off (the paper's single-token " Yes"/" No" regime needs it off).
+
+When chosen and rejected are single tokens after the same prompt tokens, one forward pass over the prompt
+gives both log-probs ("fused" pairs), halving the work of the persona setting.
+
+The same pass also yields g(x): the input of the LM head (the final hidden state after the model's final
+norm) at the last prompt token, which the theory stage and last-layer training use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+CHOSEN, REJECTED = 0, 1
+
+
+class EncodingError(ValueError):
+    pass
+
+
+@dataclass
+class EncodedPairs:
+    """Token rows for a list of pairs. Row r belongs to pair ``row_pair[r]``; its targets say which
+    positions of the row score which token for which slot (chosen or rejected)."""
+
+    rows: list[list[int]]
+    row_pair: np.ndarray
+    row_targets: list[np.ndarray]  # per row: (n, 3) int array of (position, token, slot)
+    pair_rows: list[list[int]]
+    feature_at: np.ndarray  # per pair: (row, position) of the last prompt token
+    n_tokens: np.ndarray  # per pair: response token counts (chosen, rejected)
+    pad_id: int
+    fused: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+
+    @property
+    def n_pairs(self) -> int:
+        return len(self.pair_rows)
+
+    def lengths(self) -> np.ndarray:
+        return np.array([len(r) for r in self.rows])
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def encode_pairs(tokenizer, prompts, chosen, rejected, *, append_eos: bool = True, fuse: bool = True,
+                 source: str = "pairs") -> EncodedPairs:
+    prompts, chosen, rejected = list(prompts), list(chosen), list(rejected)
+    p_ids = tokenizer(prompts)["input_ids"]
+    c_ids = tokenizer([p + c for p, c in zip(prompts, chosen)])["input_ids"]
+    r_ids = tokenizer([p + r for p, r in zip(prompts, rejected)])["input_ids"]
+    eos = tokenizer.eos_token_id
+    if append_eos and eos is None:
+        raise EncodingError("append_eos is on but the tokenizer has no EOS token")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    rows, row_pair, row_targets, pair_rows, feature_at, n_tokens, fused = [], [], [], [], [], [], []
+    for i, (p, c, r) in enumerate(zip(p_ids, c_ids, r_ids)):
+        cs, rs = _common_prefix(p, c), _common_prefix(p, r)
+        c_full = list(c) + ([eos] if append_eos else [])
+        r_full = list(r) + ([eos] if append_eos else [])
+        nc, nr = len(c_full) - cs, len(r_full) - rs
+        if nc == 0 or nr == 0 or cs == 0 or rs == 0:
+            which = "prompt" if min(cs, rs) == 0 else ("chosen" if nc == 0 else "rejected")
+            raise EncodingError(f"{source}: row {i}, field '{which}': encodes to no tokens")
+        n_tokens.append((nc, nr))
+        if fuse and nc == 1 and nr == 1 and cs == rs and c_full[:cs] == r_full[:rs]:
+            ids = c_full[:cs]
+            pos = cs - 1
+            tg = np.array([[pos, c_full[cs], CHOSEN], [pos, r_full[rs], REJECTED]], dtype=np.int64)
+            pair_rows.append([len(rows)])
+            feature_at.append((len(rows), pos))
+            rows.append(ids), row_pair.append(i), row_targets.append(tg)
+            fused.append(True)
+            continue
+        fused.append(False)
+        pr = []
+        for full, start, slot in ((c_full, cs, CHOSEN), (r_full, rs, REJECTED)):
+            ids = full[:-1]  # the last token is only ever a target
+            pos = np.arange(start - 1, len(full) - 1)
+            tg = np.stack([pos, np.asarray(full[start:]), np.full(len(pos), slot)], axis=1).astype(np.int64)
+            pr.append(len(rows))
+            rows.append(ids), row_pair.append(i), row_targets.append(tg)
+        pair_rows.append(pr)
+        feature_at.append((pr[0], cs - 1))
+    return EncodedPairs(rows, np.asarray(row_pair, dtype=np.int64), row_targets, pair_rows,
+                        np.asarray(feature_at, dtype=np.int64).reshape(-1, 2),
+                        np.asarray(n_tokens, dtype=np.int64).reshape(-1, 2), int(pad), np.asarray(fused, bool))
+
+
+def backbone_and_head(model):
+    """The module producing the LM head's input, and the head. Unwraps PEFT models."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.base_model, inner.get_output_embeddings(), inner
+
+
+def _head_logits(inner, head, h: torch.Tensor) -> torch.Tensor:
+    logits = head(h).float()
+    scale = getattr(inner, "logit_scale", None)
+    if isinstance(scale, (int, float)) and scale != 1:
+        logits = logits * scale
+    cap = getattr(inner.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def forward_rows(model, enc: EncodedPairs, row_ids, pair_slot: dict[int, int], out: torch.Tensor,
+                 feats: torch.Tensor | None) -> torch.Tensor:
+    """One forward pass over rows ``row_ids``; adds their token log-probs into ``out[pair_slot[pair]]``."""
+    backbone, head, inner = backbone_and_head(model)
+    device = out.device
+    L = max(len(enc.rows[r]) for r in row_ids)
+    ids = torch.full((len(row_ids), L), enc.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(row_ids), L), dtype=torch.long)
+    b_idx, p_idx, tok, dest = [], [], [], []
+    for b, r in enumerate(row_ids):
+        n = len(enc.rows[r])
+        ids[b, :n] = torch.as_tensor(enc.rows[r])
+        mask[b, :n] = 1
+        tg = enc.row_targets[r]
+        b_idx.append(np.full(len(tg), b))
+        p_idx.append(tg[:, 0])
+        tok.append(tg[:, 1])
+        dest.append(pair_slot[int(enc.row_pair[r])] * 2 + tg[:, 2])
+    hidden = backbone(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+    b_idx = torch.as_tensor(np.concatenate(b_idx), device=device)
+    p_idx = torch.as_tensor(np.concatenate(p_idx), device=device)
+    tok = torch.as_tensor(np.concatenate(tok), device=device)
+    dest = torch.as_tensor(np.concatenate(dest), device=device)
+    logp = torch.log_softmax(_head_logits(inner, head, hidden[b_idx, p_idx]), dim=-1)
+    token_lp = logp.gather(1, tok[:, None]).squeeze(1)
+    out = out.view(-1).index_add(0, dest, token_lp).view(-1, 2)
+    if feats is not None:
+        for b, r in enumerate(row_ids):
+            pair = int(enc.row_pair[r])
+            fr, fp = enc.feature_at[pair]
+            if fr == r:
+                feats[pair_slot[pair]] = hidden[b, fp].detach().float()
+    return out
+
+
+def pair_logps(model, enc: EncodedPairs, pairs=None, *, batch_rows: int | None = None,
+               features: bool = False, sort: bool = True):
+    """Summed response log-probs (fp32) of chosen and rejected for ``pairs`` (default: all), shape (n, 2).
+
+    Gradients flow when called under grad mode (training); evaluation wraps it in ``torch.no_grad()``.
+    ``batch_rows`` bounds the rows per forward pass (None: one pass). Rows are sorted by length so each
+    pass pads little. With ``features``, also returns g(x) per pair, shape (n, d), fp32.
+    """
+    pairs = np.arange(enc.n_pairs) if pairs is None else np.asarray(pairs)
+    device = next(model.parameters()).device
+    pair_slot = {int(p): j for j, p in enumerate(pairs)}
+    row_ids = np.array([r for p in pairs for r in enc.pair_rows[int(p)]], dtype=np.int64)
+    if sort:
+        row_ids = row_ids[np.argsort(-enc.lengths()[row_ids], kind="stable")]
+    out = torch.zeros((len(pairs), 2), dtype=torch.float32, device=device)
+    feats = None
+    if features:
+        d = backbone_and_head(model)[1].weight.shape[1]
+        feats = torch.zeros((len(pairs), d), dtype=torch.float32, device=device)
+    step = batch_rows or len(row_ids)
+    for s in range(0, len(row_ids), step):
+        out = forward_rows(model, enc, row_ids[s:s + step], pair_slot, out, feats)
+    return (out, feats) if features else out

@@ -1,0 +1,103 @@
+"""Models and tokenizers: a small causal LM built from a config (the offline default) or a pretrained one.
+
+Every model is saved with ``save_pretrained`` and loaded again with ``from_pretrained`` by path, so the
+offline default goes through the same loading code as a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+from .io import atomic_dir
+
+SPECIAL = {"eos": "<|endoftext|>", "pad": "<|pad|>"}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on ``texts`` (seconds, fully local)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[SPECIAL["eos"], SPECIAL["pad"]],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=SPECIAL["eos"], pad_token=SPECIAL["pad"])
+
+
+def build_scratch(arch_cfg: dict, tokenizer, seed: int):
+    """A randomly initialised causal LM (Llama or GPT-2 style) sized by ``arch_cfg``."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    seed_everything(seed)
+    common = dict(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if arch_cfg["arch"] == "llama":
+        cfg = LlamaConfig(
+            hidden_size=arch_cfg["hidden_size"],
+            intermediate_size=arch_cfg["intermediate_size"],
+            num_hidden_layers=arch_cfg["num_layers"],
+            num_attention_heads=arch_cfg["num_heads"],
+            num_key_value_heads=arch_cfg["num_heads"],
+            max_position_embeddings=arch_cfg["max_position_embeddings"],
+            tie_word_embeddings=arch_cfg["tie_word_embeddings"],
+            **common,
+        )
+        return LlamaForCausalLM(cfg)
+    if arch_cfg["arch"] == "gpt2":
+        cfg = GPT2Config(
+            n_embd=arch_cfg["hidden_size"],
+            n_layer=arch_cfg["num_layers"],
+            n_head=arch_cfg["num_heads"],
+            n_inner=arch_cfg["intermediate_size"],
+            n_positions=arch_cfg["max_position_embeddings"],
+            tie_word_embeddings=arch_cfg["tie_word_embeddings"],
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **common,
+        )
+        return GPT2LMHeadModel(cfg)
+    raise ValueError(f"model.scratch.arch: unknown architecture {arch_cfg['arch']!r}")
+
+
+def save(model, tokenizer, folder, extra_files: dict[str, str] | None = None) -> None:
+    """``save_pretrained`` model and tokenizer into ``folder``, atomically."""
+    with atomic_dir(folder) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (Path(tmp) / name).write_text(text)
+
+
+def load(path: str | os.PathLike, dtype: str = "float32", device: str = "cpu"):
+    """Load a causal LM and its tokenizer by path (or hub id) through ``from_pretrained``."""
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    model.to(device)
+    return model, tokenizer

@@ -1,0 +1,194 @@
+"""The Parquet schemas of dpogen's outputs, and the one writer for each.
+
+Every stage reads and writes its tables through this module, so a schema lives in one place.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+
+from .io import write_table
+
+# Preference pairs (data/train.parquet, data/test.parquet). Sources may add extra columns after these.
+PAIRS = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("concept", pa.string()),
+        ("cluster", pa.int8()),
+        ("prompt", pa.string()),
+        ("chosen", pa.string()),
+        ("rejected", pa.string()),
+    ]
+)
+
+# Reference log-probs (dpo/ref_logps.parquet): one row per pair, computed once from the reference model.
+REF_LOGPS = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("split", pa.string()),
+        ("ref_logp_chosen", pa.float32()),
+        ("ref_logp_rejected", pa.float32()),
+        ("n_tokens_chosen", pa.int32()),
+        ("n_tokens_rejected", pa.int32()),
+    ]
+)
+
+# Per-pair margins at one checkpoint (dpo/margins.parquet/step=<n>/part-0.parquet).
+MARGINS = pa.schema(
+    [
+        ("step", pa.int64()),
+        ("split", pa.string()),
+        ("sample_id", pa.string()),
+        ("concept", pa.string()),
+        ("cluster", pa.int8()),
+        ("logp_chosen", pa.float32()),
+        ("logp_rejected", pa.float32()),
+        ("ref_logp_chosen", pa.float32()),
+        ("ref_logp_rejected", pa.float32()),
+        ("reward_chosen", pa.float64()),
+        ("reward_rejected", pa.float64()),
+        ("margin", pa.float64()),
+    ]
+)
+
+# One row per training step (dpo/metrics.parquet). Aggregates use TRL's metric names.
+METRICS = pa.schema(
+    [
+        ("step", pa.int64()),
+        ("epoch", pa.float64()),
+        ("loss", pa.float64()),
+        ("lr", pa.float64()),
+        ("grad_norm", pa.float64()),
+        ("rewards/chosen", pa.float64()),
+        ("rewards/rejected", pa.float64()),
+        ("rewards/margins", pa.float64()),
+        ("rewards/accuracies", pa.float64()),
+        ("logps/chosen", pa.float64()),
+        ("logps/rejected", pa.float64()),
+        ("train_error", pa.float64()),
+        ("test_error", pa.float64()),
+        ("pairs_per_s", pa.float64()),
+        ("elapsed_s", pa.float64()),
+    ]
+)
+
+# Theory stage.
+BOUNDS = pa.schema(
+    [
+        ("version", pa.string()),
+        ("bound", pa.string()),
+        ("K", pa.int64()),
+        ("Q", pa.int64()),
+        ("N", pa.int64()),
+        ("value", pa.float64()),
+        ("vacuous", pa.bool_()),
+        ("conditions_hold", pa.bool_()),
+        ("failure_probability", pa.float64()),
+        ("note", pa.string()),
+    ]
+)
+
+CONDITIONS = pa.schema(
+    [
+        ("version", pa.string()),
+        ("condition", pa.string()),
+        ("lhs", pa.float64()),
+        ("rhs", pa.float64()),
+        ("holds", pa.bool_()),
+        ("source", pa.string()),
+    ]
+)
+
+CERTIFICATES = pa.schema(
+    [
+        ("step", pa.int64()),
+        ("split", pa.string()),
+        ("concept", pa.string()),
+        ("n", pa.int64()),
+        ("errors", pa.int64()),
+        ("error", pa.float64()),
+        ("confidence", pa.float64()),
+        ("upper", pa.float64()),
+        ("method", pa.string()),
+    ]
+)
+
+GEOMETRY = pa.schema(
+    [
+        ("quantity", pa.string()),
+        ("concept", pa.string()),
+        ("concept_b", pa.string()),
+        ("value", pa.float64()),
+    ]
+)
+
+
+class SchemaError(ValueError):
+    pass
+
+
+def to_table(df: pd.DataFrame, schema: pa.Schema, *, what: str, extra: bool = False) -> pa.Table:
+    """Cast ``df`` to ``schema``; with ``extra``, columns beyond the schema are kept after it."""
+    missing = [f.name for f in schema if f.name not in df.columns]
+    if missing:
+        raise SchemaError(f"{what}: missing column(s) {missing}")
+    cols = list(schema.names)
+    fields = list(schema)
+    if extra:
+        for c in df.columns:
+            if c not in schema.names:
+                cols.append(c)
+                fields.append(pa.field(c, pa.Array.from_pandas(df[c]).type))
+    return pa.Table.from_pandas(df[cols], schema=pa.schema(fields), preserve_index=False)
+
+
+def write(df: pd.DataFrame, schema: pa.Schema, path: str | os.PathLike, *, extra: bool = False) -> None:
+    write_table(to_table(df, schema, what=str(path), extra=extra), path)
+
+
+def write_pairs(df: pd.DataFrame, path) -> None:
+    write(df, PAIRS, path, extra=True)
+
+
+def write_ref_logps(df: pd.DataFrame, path) -> None:
+    write(df, REF_LOGPS, path)
+
+
+def write_margins_checkpoint(df: pd.DataFrame, folder, step: int) -> Path:
+    """Write one checkpoint's margins as a hive partition ``step=<n>`` of a Parquet folder."""
+    path = Path(folder) / f"step={int(step)}" / "part-0.parquet"
+    table = to_table(df, MARGINS, what=str(path))
+    write_table(table.drop(["step"]), path)
+    return path
+
+
+def read_margins(folder) -> pd.DataFrame:
+    """Read a partitioned margins folder back with ``step`` as an integer column, sorted."""
+    df = pd.read_parquet(folder)
+    df["step"] = df["step"].astype("int64")
+    df = df[MARGINS.names]
+    return df.sort_values(["step", "split", "sample_id"], kind="stable").reset_index(drop=True)
+
+
+def write_metrics(df: pd.DataFrame, path) -> None:
+    write(df, METRICS, path)
+
+
+def write_bounds(df, path) -> None:
+    write(df, BOUNDS, path)
+
+
+def write_conditions(df, path) -> None:
+    write(df, CONDITIONS, path)
+
+
+def write_certificates(df, path) -> None:
+    write(df, CERTIFICATES, path)
+
+
+def write_geometry(df, path) -> None:
+    write(df, GEOMETRY, path)

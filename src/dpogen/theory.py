@@ -1,0 +1,189 @@
+"""The theory stage: the paper's bounds and their conditions, geometry of g(x), and held-out certificates.
+
+Formulas are THEORY.md's (Im & Li, arXiv 2408.03459): v3 = ICLR 2025 submission, v5 = NeurIPS 2025.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+# ---------------------------------------------------------------------------------------------- bounds
+
+
+def bound_v3(K: int, Q: int) -> float:
+    """v3 Theorem 4.2: R(P) ≤ 2 K Q² exp(−Q^{1/4}/6)."""
+    return 2.0 * K * Q**2 * math.exp(-(Q**0.25) / 6.0)
+
+
+def bound_v5(K: int, Q: int) -> float:
+    """v5 Theorem 4.3: R(P) ≤ 2 K Q² exp(−Q/45)."""
+    return 2.0 * K * Q**2 * math.exp(-Q / 45.0)
+
+
+BOUNDS = {"v3": bound_v3, "v5": bound_v5}
+
+
+def failure_probability(K: int, Q: int, c: float) -> float:
+    """8 K Q^{9/4} exp(−min(c√Q/5, Q^{3/4}/256)), capped at 1; c is the paper's unspecified constant."""
+    return min(1.0, 8.0 * K * Q**2.25 * math.exp(-min(c * math.sqrt(Q) / 5.0, Q**0.75 / 256.0)))
+
+
+def smallest_q(version: str, K: int, target: float, q_max: int = 10**7) -> int | None:
+    """The smallest Q ≥ 40 at which the bound falls below ``target`` (None if not by ``q_max``)."""
+    f = BOUNDS[version]
+    lo = 40
+    if f(K, lo) < target:
+        return lo
+    # the bound rises then falls in Q; find a Q past the peak where it is below target, then bisect
+    hi = lo
+    while f(K, hi) >= target:
+        hi *= 2
+        if hi > q_max:
+            return None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if f(K, mid) < target and mid > _peak(version):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def _peak(version: str) -> float:
+    # d/dQ log(Q² exp(−g(Q))) = 0: v5 at Q = 90, v3 at Q^{1/4} = 48 → Q = 48⁴
+    return 90.0 if version == "v5" else 48.0**4
+
+
+def conditions(version: str, *, K: int, Q: int, Z: int, d: int, l_b: float, v: float) -> list[dict]:
+    """Each condition of the training guarantee and generalization bound with its two sides."""
+    out = [
+        ("Z <= 1/(4 l_b^2)", Z, 1 / (4 * l_b**2) if l_b > 0 else math.inf, "Z: data; l_b: measured"),
+        ("d <= 5Q", d, 5 * Q, "d: model; Q: data"),
+        ("Q >= 40", 40, Q, "Q: data"),
+    ]
+    if version == "v3":
+        out += [("Z <= Q^(1/4) - 2", Z, Q**0.25 - 2, "Z, Q: data"),
+                ("v <= 1/(4 sqrt(Q))", v, 1 / (4 * math.sqrt(Q)), "v: measured")]
+    else:
+        out += [("v <= 1/(32 sqrt(Q))", v, 1 / (32 * math.sqrt(Q)), "v: measured"),
+                ("1/4 <= l_b", 0.25, l_b, "l_b: measured"),
+                ("l_b <= 1/2", l_b, 0.5, "l_b: measured")]
+    return [{"version": version, "condition": c, "lhs": float(a), "rhs": float(b), "holds": bool(a <= b),
+             "source": s} for c, a, b, s in out]
+
+
+def bounds_table(K: int, Q: int, N: int, conds: pd.DataFrame, c: float) -> pd.DataFrame:
+    rows = []
+    for version, f in BOUNDS.items():
+        value = f(K, Q)
+        holds = bool(conds.loc[conds["version"] == version, "holds"].all())
+        rows.append({"version": version, "bound": f"R(P) <= {'2KQ^2 exp(-Q^(1/4)/6)' if version == 'v3' else '2KQ^2 exp(-Q/45)'}",
+                     "K": K, "Q": Q, "N": N, "value": value, "vacuous": value >= 1.0, "conditions_hold": holds,
+                     "failure_probability": failure_probability(K, Q, c),
+                     "note": f"at tau_1; failure probability uses c={c:g} (unspecified constant, illustrative)"})
+    return pd.DataFrame(rows)
+
+
+# -------------------------------------------------------------------------------------- certificates
+
+
+def clopper_pearson_upper(errors: int, n: int, confidence: float) -> float:
+    """One-sided exact binomial upper bound on the error rate at ``confidence``."""
+    if n == 0:
+        return math.nan
+    if errors >= n:
+        return 1.0
+    return float(stats.beta.ppf(confidence, errors + 1, n - errors))
+
+
+def certificates(margins: pd.DataFrame, confidence: float) -> pd.DataFrame:
+    """Per checkpoint: held-out test error and its Clopper-Pearson upper bound on R(P), overall and per
+    concept (per-concept bounds at a Bonferroni-corrected level so they hold jointly)."""
+    test = margins[margins["split"] == "test"]
+    rows = []
+    K = test["concept"].nunique()
+    for step, g in test.groupby("step", sort=True):
+        parts = [("all", g, confidence, "clopper-pearson")]
+        parts += [(c, gc, 1 - (1 - confidence) / max(K, 1), f"clopper-pearson, bonferroni over {K}")
+                  for c, gc in g.groupby("concept", sort=True)]
+        for concept, gg, conf, method in parts:
+            n, e = len(gg), int((gg["margin"] <= 0).sum())
+            rows.append({"step": int(step), "split": "test", "concept": concept, "n": n, "errors": e,
+                         "error": e / n if n else math.nan, "confidence": conf,
+                         "upper": clopper_pearson_upper(e, n, conf), "method": method})
+    return pd.DataFrame(rows, columns=["step", "split", "concept", "n", "errors", "error", "confidence", "upper", "method"])
+
+
+# ------------------------------------------------------------------------------------------ geometry
+
+
+def geometry(features: np.ndarray, concept: np.ndarray, cluster: np.ndarray) -> tuple[dict, pd.DataFrame]:
+    """THEORY.md section 3 estimates from g(x), rescaled so concept-vector norms average 1 (fp64)."""
+    X = np.asarray(features, dtype=np.float64)
+    if not np.isfinite(X).all():
+        raise ValueError("theory: features contain NaN or Inf")
+    n, d = X.shape
+    names = sorted(set(concept))
+    mu = {}
+    for c in names:
+        for s in (1, -1):
+            m = (concept == c) & (cluster == s)
+            mu[(c, s)] = X[m].mean(0) if m.any() else np.full(d, np.nan)
+    cvec = {c: (mu[(c, 1)] - mu[(c, -1)]) / 2 for c in names}
+    scale = float(np.nanmean([np.linalg.norm(v) for v in cvec.values()]))
+    if not scale > 0:
+        scale = 1.0
+    X = X / scale
+    cvec = {c: v / scale for c, v in cvec.items()}
+    mu = {k: v / scale for k, v in mu.items()}
+    b = X.mean(0)
+    resid = np.concatenate([X[(concept == c) & (cluster == s)] - mu[(c, s)] for (c, s) in mu
+                            if ((concept == c) & (cluster == s)).any()])
+    v2 = float((resid**2).sum() / max(len(resid) - len(mu), 1) / d)
+    sv = np.linalg.svd(X - b, compute_uv=False)
+    p = sv**2 / (sv**2).sum()
+    eff_rank = float(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum()))
+    summary = {"d": d, "n": n, "scale": scale, "l_b": float(np.linalg.norm(b)), "v": math.sqrt(v2), "v2": v2,
+               "effective_rank": eff_rank}
+    rows = [{"quantity": k, "concept": "", "concept_b": "", "value": float(v)} for k, v in summary.items()]
+
+    def cos(a, b_):
+        na, nb = np.linalg.norm(a), np.linalg.norm(b_)
+        return float(a @ b_ / (na * nb)) if na > 0 and nb > 0 else math.nan
+
+    for c in names:
+        rows.append({"quantity": "concept_norm", "concept": c, "concept_b": "", "value": float(np.linalg.norm(cvec[c]))})
+        rows.append({"quantity": "cos_concept_b", "concept": c, "concept_b": "", "value": cos(cvec[c], b)})
+    for i, c in enumerate(names):
+        for c2 in names[i + 1:]:
+            rows.append({"quantity": "cos_concepts", "concept": c, "concept_b": c2, "value": cos(cvec[c], cvec[c2])})
+    # average cosine similarity between clusters, raw and with the global mean removed (the paper's figure 1)
+    keys = [k for k in mu if not np.isnan(mu[k]).any()]
+    for label, Y in (("cluster_cos_raw", X), ("cluster_cos_centered", X - b)):
+        U = Y / np.maximum(np.linalg.norm(Y, axis=1, keepdims=True), 1e-12)
+        groups = {k: U[(concept == k[0]) & (cluster == k[1])] for k in keys}
+        for k1 in keys:
+            for k2 in keys:
+                rows.append({"quantity": label, "concept": f"{k1[0]}:{k1[1]:+d}", "concept_b": f"{k2[0]}:{k2[1]:+d}",
+                             "value": float((groups[k1] @ groups[k2].T).mean())})
+    return summary, pd.DataFrame(rows)
+
+
+def run_theory(train: pd.DataFrame, card: dict, features: np.ndarray, ref_split: np.ndarray,
+               margins: pd.DataFrame, cfg: dict) -> dict[str, pd.DataFrame]:
+    """Everything the theory stage writes for one run."""
+    tr = ref_split == "train"
+    summary, geo = geometry(features[tr], train["concept"].to_numpy(), train["cluster"].to_numpy())
+    K, Q, N, Z = card["K"], card["Q_min"], card["N"], card["Z"]
+    conds = pd.DataFrame([c for ver in BOUNDS for c in conditions(ver, K=K, Q=Q, Z=Z, d=summary["d"],
+                                                                   l_b=summary["l_b"], v=summary["v"])])
+    return {
+        "geometry": geo,
+        "conditions": conds,
+        "bounds": bounds_table(K, Q, N, conds, cfg["failure_constant_c"]),
+        "certificates": certificates(margins, cfg["confidence"]),
+    }

@@ -1,0 +1,55 @@
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dpogen import model as M
+from dpogen.synthetic import SyntheticSpec, corpus
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+PERSONA = SHARED / "data" / "persona"
+
+TINY_ARCH = {"arch": "llama", "hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 4,
+             "max_position_embeddings": 128, "tie_word_embeddings": False}
+
+
+@pytest.fixture(scope="session")
+def spec():
+    return SyntheticSpec(n_concepts=4, topic_words=6, stance_words=4, seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, spec):
+    """A tiny Llama and a BPE tokenizer trained on synthetic text, saved with save_pretrained."""
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    tok = M.train_tokenizer(corpus(spec, 8), 400)
+    model = M.build_scratch(TINY_ARCH, tok, seed=0)
+    M.save(model, tok, folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, spec):
+    folder = tmp_path_factory.mktemp("tiny_gpt2")
+    tok = M.train_tokenizer(corpus(spec, 8), 400)
+    model = M.build_scratch({**TINY_ARCH, "arch": "gpt2", "tie_word_embeddings": True}, tok, seed=0)
+    M.save(model, tok, folder)
+    return folder
+
+
+@pytest.fixture
+def tiny(tiny_model_dir):
+    return M.load(tiny_model_dir)
+
+
+def copy_repo(dest: Path) -> Path:
+    """A copy of the workflow's files, so a test may edit the library without touching the checkout."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ["Snakefile", "rules", "workflow_scripts", "src", "config", "report", "envs", "profiles"]:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy2(src, dest / name)
+    return dest

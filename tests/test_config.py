@@ -1,0 +1,45 @@
+"""Bad configuration stops the run before any job, with a message naming the key."""
+
+import pytest
+import yaml
+
+from dpogen.config import ConfigError, code_hash, run_config, runs
+from tests.conftest import REPO
+from tests.workflow_util import snakemake
+
+BAD = [
+    ({"dpo": {"beta": 0}}, "beta"),
+    ({"dpo": {"beta": -0.5}}, "beta"),
+    ({"dpo": {"beta": "high"}}, "beta"),
+    ({"dpo": {"eval_steps": [5, 1000]}}, "dpo.eval_steps"),
+    ({"data": {"synthetic": {"n_concepts": 4}}, "sweep": {"param": "data.k", "values": [2, 8]}}, "data.k"),
+    ({"dpo": {"learning_rate": 0.1}}, "learning_rate"),
+    ({"theory": {"confidence": 1.5}}, "confidence"),
+    ({"sweep": {"param": "dpo.nonexistent", "values": [1]}}, "dpo.nonexistent"),
+]
+
+
+@pytest.mark.parametrize("override,key", BAD, ids=[k for _, k in BAD])
+def test_bad_config_stops_before_any_job(tmp_path, override, key):
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"experiment": "bad", **override}))
+    p = snakemake(REPO, tmp_path, "--configfile", str(tmp_path / "bad.yaml"), check=False)
+    assert p.returncode != 0
+    assert key in p.stdout + p.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_default_config_is_valid_and_sweeps_k():
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    assert runs(cfg) == {"k1": 1, "k2": 2, "k4": 4, "k8": 8}
+    assert run_config(cfg, "k4")["data"]["k"] == 4
+    assert cfg["data"]["k"] == 1  # run_config copies; the base config is untouched
+
+
+def test_run_config_rejects_unknown_key():
+    with pytest.raises(ConfigError, match="data.nope"):
+        run_config({"sweep": {"param": "data.nope", "values": [1]}, "data": {}}, "nope1")
+
+
+def test_code_hash_follows_module_text():
+    assert code_hash("theory") == code_hash("theory")
+    assert code_hash("theory") != code_hash("dpo")

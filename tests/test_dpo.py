@@ -1,0 +1,113 @@
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from dpogen import dpo, tables
+from dpogen.data import validate_pairs
+from dpogen.synthetic import generate
+from tests.conftest import REPO
+
+
+def test_sigmoid_loss_is_minus_log_sigmoid_of_margin():
+    h = torch.tensor([-2.0, 0.0, 0.5, 3.0])
+    beta = 0.1
+    got = dpo.dpo_loss(h, beta)
+    want = torch.tensor([math.log1p(math.exp(-beta * x)) for x in h.tolist()])
+    assert torch.allclose(got, want, atol=1e-7)
+    assert got[1] == pytest.approx(math.log(2))
+
+
+def test_loss_variants():
+    h = torch.tensor([-1.0, 0.0, 2.0, 30.0])
+    beta, eps = 0.5, 0.2
+    r = beta * h
+    cdpo = dpo.dpo_loss(h, beta, "sigmoid", eps)
+    want = -(1 - eps) * torch.log(torch.sigmoid(r)) - eps * torch.log(torch.sigmoid(-r))
+    assert torch.allclose(cdpo, want, atol=1e-6)
+    assert torch.allclose(dpo.dpo_loss(h, beta, "ipo"), (h - 1 / (2 * beta)) ** 2)
+    assert torch.allclose(dpo.dpo_loss(h, beta, "hinge"), torch.clamp(1 - r, min=0))
+    with pytest.raises(ValueError, match="unknown"):
+        dpo.dpo_loss(h, beta, "nope")
+
+
+def test_gradient_pushes_margin_up():
+    h = torch.zeros(3, requires_grad=True)
+    for loss in ("sigmoid", "ipo", "hinge"):
+        h.grad = None
+        dpo.dpo_loss(h, 0.1, loss).sum().backward()
+        assert (h.grad < 0).all(), loss
+
+
+def test_eval_schedule():
+    cfg = {"steps": 10, "eval_every": 4, "eval_steps": [3]}
+    assert dpo.eval_schedule(cfg) == [0, 3, 4, 8, 10]
+    with pytest.raises(ValueError, match="eval_steps"):
+        dpo.eval_schedule({"steps": 10, "eval_every": None, "eval_steps": [11]})
+
+
+def test_batches_depend_on_step_only():
+    a = [dpo.batch_indices(s, 10, 4, seed=1) for s in range(6)]
+    b = [dpo.batch_indices(s, 10, 4, seed=1) for s in range(6)]
+    assert all((x == y).all() for x, y in zip(a, b))
+    # five steps of four cover two epochs: every index exactly twice
+    assert np.bincount(np.concatenate(a[:5]), minlength=10).tolist() == [2] * 10
+
+
+@pytest.fixture
+def small_run(tmp_path, tiny_model_dir, spec):
+    train, test = generate(2, 4, 2, spec)
+    train, test = validate_pairs(train, "train"), validate_pairs(test, "test")
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["dpo"]
+    cfg.update(steps=6, batch_size=4, eval_every=3, save_every=2, log_every=2)
+    dpo.compute_reference(tiny_model_dir, train, test, cfg, tmp_path / "ref.parquet", tmp_path / "feat.npy")
+    return train, test, cfg
+
+
+def _train(tmp_path, tiny_model_dir, run, name):
+    train, test, cfg = run
+    out = tmp_path / name
+    dpo.train_dpo(tiny_model_dir, train, test, tmp_path / "ref.parquet", cfg, 7, out / "margins", out / "metrics.parquet",
+                  out / "work")
+    return tables.read_margins(out / "margins"), pd.read_parquet(out / "metrics.parquet")
+
+
+def test_training_records_every_pair_and_is_reproducible(tmp_path, tiny_model_dir, small_run):
+    m, metrics = _train(tmp_path, tiny_model_dir, small_run, "a")
+    train, test, _ = small_run
+    assert sorted(m["step"].unique()) == [0, 3, 6]
+    assert len(m) == (len(train) + len(test)) * 3
+    assert (m[m["step"] == 0]["margin"] == 0).all()  # exactly: θ = ref at step 0
+    assert not (m[m["step"] == 6]["margin"] == 0).any()
+    np.testing.assert_allclose(m["margin"], m["reward_chosen"] - m["reward_rejected"])
+    assert metrics["step"].tolist() == list(range(7))
+    assert metrics.loc[metrics["step"].isin([0, 3, 6]), "test_error"].notna().all()
+    assert metrics.loc[metrics["step"] == 0, "train_error"].item() == 1.0  # margin 0 counts as an error
+    m2, _ = _train(tmp_path, tiny_model_dir, small_run, "b")
+    pd.testing.assert_frame_equal(m, m2)  # same config twice: same margins
+
+
+def test_resume_from_saved_state_gives_identical_tables(tmp_path, tiny_model_dir, small_run, monkeypatch):
+    full, full_metrics = _train(tmp_path, tiny_model_dir, small_run, "full")
+    # interrupt a run after its step-4 save by failing the step-6 checkpoint, then run again
+    real = tables.write_margins_checkpoint
+
+    def fail_at_6(df, folder, step):
+        if step == 6:
+            raise KeyboardInterrupt("simulated kill")
+        return real(df, folder, step)
+
+    monkeypatch.setattr(tables, "write_margins_checkpoint", fail_at_6)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path, tiny_model_dir, small_run, "resumed")
+    assert (tmp_path / "resumed" / "work" / "state.pt").exists()
+    assert not (tmp_path / "resumed" / "margins").exists()  # nothing half-written in the outputs
+    monkeypatch.setattr(tables, "write_margins_checkpoint", real)
+    resumed, resumed_metrics = _train(tmp_path, tiny_model_dir, small_run, "resumed")
+    pd.testing.assert_frame_equal(full, resumed)
+    cols = [c for c in full_metrics.columns if c not in ("pairs_per_s", "elapsed_s")]
+    pd.testing.assert_frame_equal(full_metrics[cols], resumed_metrics[cols])
+    assert not (tmp_path / "resumed" / "work").exists()

@@ -1,0 +1,117 @@
+import numpy as np
+import pytest
+import torch
+
+from dpogen import model as M
+from dpogen.logprobs import encode_pairs, pair_logps
+
+PROMPTS = ['Is the following statement something you would say?\n"I think people matter."\n',
+           'Is the following statement something you would say?\n"Clearly things stay."\n',
+           "Short prompt\n"]
+CHOSEN = [" Yes", " No", " a much longer answer with several tokens"]
+REJECTED = [" No", " Yes", " no"]
+
+
+def reference_logp(model, tok, prompt, response, append_eos):
+    """Independent computation: one unpadded sequence, full logits, float64, response span by prefix."""
+    p = tok(prompt)["input_ids"]
+    full = tok(prompt + response)["input_ids"] + ([tok.eos_token_id] if append_eos else [])
+    start = 0
+    while start < min(len(p), len(full)) and p[start] == full[start]:
+        start += 1
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([full])).logits[0].double()
+    lp = torch.log_softmax(logits, -1)
+    return sum(float(lp[i - 1, full[i]]) for i in range(start, len(full)))
+
+
+@pytest.mark.parametrize("append_eos", [False, True])
+@pytest.mark.parametrize("batch_rows", [None, 1, 2])
+def test_matches_unpadded_reference(tiny, append_eos, batch_rows):
+    model, tok = tiny
+    model.eval()
+    enc = encode_pairs(tok, PROMPTS, CHOSEN, REJECTED, append_eos=append_eos)
+    with torch.no_grad():
+        out = pair_logps(model, enc, batch_rows=batch_rows)
+    assert out.dtype == torch.float32 and out.shape == (3, 2)
+    for i in range(3):
+        for j, resp in enumerate((CHOSEN[i], REJECTED[i])):
+            ref = reference_logp(model, tok, PROMPTS[i], resp, append_eos)
+            assert float(out[i, j]) == pytest.approx(ref, abs=2e-5, rel=1e-5)
+
+
+def test_prompt_and_padding_do_not_count(tiny):
+    model, tok = tiny
+    model.eval()
+    enc = encode_pairs(tok, PROMPTS, CHOSEN, REJECTED, append_eos=True)
+    # response token counts come from the prompt/response boundary, not the padded length
+    resp_len = [len(tok(p + c)["input_ids"]) - len(tok(p)["input_ids"]) + 1 for p, c in zip(PROMPTS, CHOSEN)]
+    assert enc.n_tokens[:, 0].tolist() == resp_len
+    with torch.no_grad():
+        alone = pair_logps(model, enc, [2])  # the long pair alone: little padding
+        together = pair_logps(model, enc)  # with the others: the short rows are padded
+    assert torch.allclose(alone[0], together[2], atol=1e-5)
+    # changing the prompt changes the log-prob (it conditions on it) but never adds prompt tokens
+    enc2 = encode_pairs(tok, ["Another prompt entirely, longer than before\n"], [CHOSEN[2]], [REJECTED[2]])
+    assert enc2.n_tokens[0, 0] == enc.n_tokens[2, 0]
+
+
+def test_single_token_pairs_fuse_into_one_forward(tiny):
+    model, tok = tiny
+    model.eval()
+    fused = encode_pairs(tok, PROMPTS[:2], CHOSEN[:2], REJECTED[:2], append_eos=False)
+    plain = encode_pairs(tok, PROMPTS[:2], CHOSEN[:2], REJECTED[:2], append_eos=False, fuse=False)
+    assert fused.fused.all() and len(fused.rows) == 2 and len(plain.rows) == 4
+    with torch.no_grad():
+        a, fa = pair_logps(model, fused, features=True)
+        b, fb = pair_logps(model, plain, features=True)
+    assert torch.allclose(a, b, atol=1e-6)
+    assert torch.allclose(fa, fb, atol=1e-6)
+    # with EOS appended, responses are two tokens: no fusing
+    assert not encode_pairs(tok, PROMPTS[:2], CHOSEN[:2], REJECTED[:2], append_eos=True).fused.any()
+
+
+def test_fp32_whatever_the_model_dtype(tiny_model_dir):
+    model, tok = M.load(tiny_model_dir, dtype="bfloat16")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    enc = encode_pairs(tok, PROMPTS, CHOSEN, REJECTED)
+    with torch.no_grad():
+        out, feats = pair_logps(model, enc, features=True)
+    assert out.dtype == torch.float32 and feats.dtype == torch.float32
+    model32, _ = M.load(tiny_model_dir)
+    with torch.no_grad():
+        out32 = pair_logps(model32, enc)
+    assert torch.allclose(out, out32, rtol=0.05, atol=0.1)  # bf16 weights, fp32 log-probs
+
+
+def test_features_are_lm_head_input_at_last_prompt_token(tiny_gpt2_dir):
+    model, tok = M.load(tiny_gpt2_dir)  # GPT-2 style, tied embeddings: a second architecture
+    model.eval()
+    enc = encode_pairs(tok, PROMPTS, CHOSEN, REJECTED)
+    captured = {}
+    head = model.get_output_embeddings()
+    hook = head.register_forward_pre_hook(lambda m, a: captured.__setitem__("x", a[0]))
+    try:
+        with torch.no_grad():
+            _, feats = pair_logps(model, enc, features=True)
+            for i, p in enumerate(PROMPTS):
+                ids = tok(p)["input_ids"]
+                model(input_ids=torch.tensor([ids]))
+                assert torch.allclose(feats[i], captured["x"][0, len(ids) - 1], atol=1e-5)
+    finally:
+        hook.remove()
+
+
+def test_gradients_flow_in_training(tiny):
+    model, tok = tiny
+    model.train()
+    enc = encode_pairs(tok, PROMPTS, CHOSEN, REJECTED)
+    out = pair_logps(model, enc, np.array([0, 2]))
+    (out[:, 0] - out[:, 1]).sum().backward()
+    assert model.get_output_embeddings().weight.grad.abs().sum() > 0
+
+
+def test_response_that_encodes_to_nothing_is_named(tiny):
+    _, tok = tiny
+    with pytest.raises(ValueError, match="row 1, field 'chosen'"):
+        encode_pairs(tok, PROMPTS[:2], [" Yes", ""], [" No", " Yes"], append_eos=False)

@@ -1,0 +1,133 @@
+"""The real Snakefile on a tiny config in a temp folder: outputs, schemas, reruns, report."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from dpogen import tables
+from tests.conftest import REPO, copy_repo
+from tests.workflow_util import planned_jobs, snakemake
+
+RUNS = ["k1", "k2"]
+RERUN_OUTPUTS = {"all": 1, "summary": 1}
+
+
+@pytest.fixture(scope="module")
+def wf(tmp_path_factory):
+    """A copy of the workflow (so the library can be edited), a work folder, and one complete run."""
+    root = tmp_path_factory.mktemp("wf")
+    repo = copy_repo(root / "repo")
+    work = root / "work"
+    work.mkdir()
+    cfg = yaml.safe_load((REPO / "tests" / "tiny.yaml").read_text())
+    (work / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+
+    def run(*args, config=None, **kw):
+        path = work / "tiny.yaml"
+        if config is not None:
+            path.write_text(yaml.safe_dump(config))
+        return snakemake(repo, work, "--configfile", str(path), *args, **kw)
+
+    def plan(config=None):
+        path = work / "tiny.yaml"
+        if config is not None:
+            path.write_text(yaml.safe_dump(config))
+        return planned_jobs(repo, work, "--configfile", str(path))
+
+    run()
+    return {"repo": repo, "work": work, "out": work / "results" / "tiny", "cfg": cfg, "run": run, "plan": plan}
+
+
+def test_every_output_is_there_with_its_schema(wf):
+    out = wf["out"]
+    for run in RUNS:
+        r = out / run
+        for split in ("train", "test"):
+            t = pq.read_schema(r / "data" / f"{split}.parquet")
+            assert t.names[:6] == tables.PAIRS.names
+            assert [t.field(n).type for n in tables.PAIRS.names] == list(tables.PAIRS.types)
+        assert (r / "sft" / "config.json").exists() and (r / "sft" / "tokenizer.json").exists()
+        assert pq.read_schema(r / "dpo" / "ref_logps.parquet").equals(tables.REF_LOGPS, check_metadata=False)
+        assert pq.read_schema(r / "dpo" / "metrics.parquet").equals(tables.METRICS, check_metadata=False)
+        m = pd.read_parquet(r / "dpo" / "margins.parquet")  # a partitioned folder pandas reads directly
+        assert set(m.columns) == set(tables.MARGINS.names)
+        for name, schema in (("bounds", tables.BOUNDS), ("conditions", tables.CONDITIONS),
+                             ("certificates", tables.CERTIFICATES), ("geometry", tables.GEOMETRY)):
+            assert pq.read_schema(r / "theory" / f"{name}.parquet").equals(schema, check_metadata=False), name
+        assert not (r / "dpo" / "resume").exists()  # the resume folder is gone once the run succeeded
+    s = pd.read_csv(out / "summary.csv")
+    assert set(s["run"]) == set(RUNS)
+    assert (out / "summary.md").read_text().startswith("# tiny: summary")
+    for fig in ("margins_by_run.png", "error_vs_k.png"):
+        assert (out / fig).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_margins_rows_and_step_zero(wf):
+    cfg = wf["cfg"]
+    for run in RUNS:
+        r = wf["out"] / run
+        n_pairs = len(pd.read_parquet(r / "data" / "train.parquet")) + len(pd.read_parquet(r / "data" / "test.parquet"))
+        m = tables.read_margins(r / "dpo" / "margins.parquet")
+        steps = list(range(0, cfg["dpo"]["steps"] + 1, cfg["dpo"]["eval_every"]))
+        assert sorted(m["step"].unique()) == steps
+        assert len(m) == n_pairs * len(steps)
+        assert not m.duplicated(["step", "sample_id"]).any()
+        assert (m.loc[m["step"] == 0, "margin"] == 0.0).all()
+        assert (m.loc[m["step"] == 0, ["reward_chosen", "reward_rejected"]] == 0.0).all().all()
+        ref = pd.read_parquet(r / "dpo" / "ref_logps.parquet").set_index("sample_id")
+        last = m[m["step"] == steps[-1]].set_index("sample_id")
+        np.testing.assert_array_equal(last["ref_logp_chosen"], ref.loc[last.index, "ref_logp_chosen"])
+        beta = cfg.get("dpo", {}).get("beta", 0.1)
+        np.testing.assert_allclose(last["reward_chosen"],
+                                   beta * (last["logp_chosen"].astype(float) - last["ref_logp_chosen"].astype(float)))
+        metrics = pd.read_parquet(r / "dpo" / "metrics.parquet")
+        assert metrics["step"].tolist() == list(range(cfg["dpo"]["steps"] + 1))
+        card = json.loads((r / "data" / "card.json").read_text())
+        assert card["K"] == int(run[1:]) and card["Z"] == 2 * card["K"]
+        log = (wf["out"] / "logs" / "dpo" / f"{run}.log").read_text()
+        assert "pairs/s=" in log and "left=" in log  # progress in the job's log
+
+
+def test_second_run_does_nothing(wf):
+    assert wf["plan"]() == {}
+
+
+def test_confidence_reruns_only_theory_and_report(wf):
+    cfg = {**wf["cfg"], "theory": {"confidence": 0.9}}
+    assert wf["plan"](cfg) == {"theory": 2, "run_report": 2, **RERUN_OUTPUTS}
+    wf["run"](config=cfg)
+    c = pd.read_parquet(wf["out"] / "k1" / "theory" / "certificates.parquet")
+    assert (c.loc[c["concept"] == "all", "confidence"] == 0.9).all()
+    assert wf["plan"]() == {}
+
+
+def test_beta_reruns_dpo_and_what_follows_never_data_or_sft(wf):
+    cfg = {**wf["cfg"], "theory": {"confidence": 0.9}, "dpo": {**wf["cfg"]["dpo"], "beta": 0.2}}
+    assert wf["plan"](cfg) == {"dpo": 2, "theory": 2, "run_report": 2, **RERUN_OUTPUTS}
+    wf["run"](config=cfg)
+    m = tables.read_margins(wf["out"] / "k1" / "dpo" / "margins.parquet")
+    last = m[m["step"] == m["step"].max()]
+    np.testing.assert_allclose(last["reward_chosen"],
+                               0.2 * (last["logp_chosen"].astype(float) - last["ref_logp_chosen"].astype(float)))
+
+
+def test_editing_a_stage_module_reruns_that_stage(wf):
+    theory_py = wf["repo"] / "src" / "dpogen" / "theory.py"
+    theory_py.write_text(theory_py.read_text() + "\n# an edit\n")
+    assert wf["plan"]() == {"theory": 2, "run_report": 2, **RERUN_OUTPUTS}
+    sft_py = wf["repo"] / "src" / "dpogen" / "sft.py"
+    sft_py.write_text(sft_py.read_text() + "\n# an edit\n")
+    assert wf["plan"]() == {"sft": 2, "ref_logps": 2, "dpo": 2, "theory": 2, "run_report": 2, **RERUN_OUTPUTS}
+
+
+def test_html_report(wf):
+    wf["run"]()
+    report = wf["work"] / "report.html"
+    wf["run"]("--report", str(report))
+    html = report.read_text(errors="replace")
+    assert "margins_by_run.png" in html and "error_vs_k.png" in html
+    assert "main figure" in html  # a caption made it in

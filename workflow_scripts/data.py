@@ -1,0 +1,14 @@
+"""Snakemake adapter: rule data → dpogen.data.prepare."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parent / "src"))  # the tracked library, not an installed copy
+
+from dpogen.data import prepare  # noqa: E402
+from dpogen.workflow import job  # noqa: E402
+
+with job(snakemake) as log:
+    d = snakemake.params.data
+    card = prepare(d, d["k"], snakemake.output.train, snakemake.output.test, snakemake.output.card,
+                   snakemake.output.card_md)
+    log.info("data: K=%d N=%d test=%d Z=%d", card["K"], card["N"], card["n_test"], card["Z"])

@@ -1,0 +1,20 @@
+"""Snakemake adapter: rule run_report → per-run summary table and figure."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parent / "src"))  # the tracked library, not an installed copy
+
+import json  # noqa: E402
+
+import pandas as pd  # noqa: E402
+
+from dpogen import report, tables  # noqa: E402
+from dpogen.workflow import job  # noqa: E402
+
+with job(snakemake):
+    i = snakemake.input
+    s = report.run_summary(snakemake.wildcards.run, snakemake.params.sweep_value, tables.read_margins(i.margins),
+                           pd.read_parquet(i.certificates), pd.read_parquet(i.bounds),
+                           json.loads(open(i.card).read()))
+    report.write_summary_csv(s, snakemake.output.summary)
+    report.plot_run(s, f"run {snakemake.wildcards.run}", snakemake.output.figure)

@@ -1,0 +1,20 @@
+"""Snakemake adapter: rule summary → tables and figures across the sweep."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parent / "src"))  # the tracked library, not an installed copy
+
+import pandas as pd  # noqa: E402
+
+from dpogen import report  # noqa: E402
+from dpogen.dpo import loss_name  # noqa: E402
+from dpogen.workflow import job  # noqa: E402
+
+with job(snakemake):
+    s = pd.concat([pd.read_csv(p) for p in snakemake.input.runs], ignore_index=True)
+    meta = dict(snakemake.params.meta)
+    meta["loss_name"] = loss_name(meta)
+    report.write_summary_csv(s, snakemake.output.csv)
+    report.write_markdown(report.markdown(snakemake.params.experiment, s, meta), snakemake.output.md)
+    report.plot_margins_across(s, snakemake.params.sweep_label, snakemake.output.margins)
+    report.plot_error_vs_k(report.final_rows(s), snakemake.output.error)

@@ -1,0 +1,24 @@
+"""Snakemake adapter: rule theory → dpogen.theory.run_theory."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parent / "src"))  # the tracked library, not an installed copy
+
+import json  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from dpogen import tables  # noqa: E402
+from dpogen.theory import run_theory  # noqa: E402
+from dpogen.workflow import job  # noqa: E402
+
+with job(snakemake):
+    i, o = snakemake.input, snakemake.output
+    ref = pd.read_parquet(i.ref_logps)
+    out = run_theory(pd.read_parquet(i.train), json.loads(open(i.card).read()), np.load(i.features),
+                     ref["split"].to_numpy(), tables.read_margins(i.margins), snakemake.params.theory)
+    tables.write_bounds(out["bounds"], o.bounds)
+    tables.write_conditions(out["conditions"], o.conditions)
+    tables.write_certificates(out["certificates"], o.certificates)
+    tables.write_geometry(out["geometry"], o.geometry)
