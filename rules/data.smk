@@ -2,6 +2,8 @@
 
 
 rule data:
+    input:
+        tokenizer=f"{OUT}/base_model",
     output:
         train=f"{RUN}/data/train.parquet",
         test=f"{RUN}/data/test.parquet",

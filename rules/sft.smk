@@ -6,9 +6,9 @@ rule base_model:
         directory(f"{OUT}/base_model"),
     params:
         model=config["model"],
-        synthetic=config["data"]["synthetic"],
+        data={k: v for k, v in config["data"].items() if k != "k"},  # the tokenizer's corpus: all concepts
         seed=config["seed"],
-        code=code_hash("base"),
+        code=code_hash("base"),  # includes the data modules that read the corpus
     log:
         f"{LOGS}/base_model.log",
     conda:

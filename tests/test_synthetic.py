@@ -44,3 +44,17 @@ def test_held_out_statements_are_new_but_share_vocabulary(spec):
     assert not set(vocab[0]["topic"] + vocab[0]["pro"]) & set(vocab[1]["topic"] + vocab[1]["pro"])
     shared = set.intersection(*[words(train[train["concept"] == v["concept"]]) for v in vocab[:2]])
     assert {"people", "I"} & shared
+
+
+def test_shared_stance_pool_makes_concepts_disagree():
+    spec = S.SyntheticSpec(n_concepts=8, topic_words=6, stance_words=4, seed=1, stance_pool=10)
+    vocab = S.vocabulary(spec)
+    pool = set().union(*[set(v["pro"]) | set(v["anti"]) for v in vocab])
+    assert len(pool) <= 10
+    for v in vocab:
+        assert not set(v["pro"]) & set(v["anti"])  # within a concept a word has one stance
+    # across concepts, some word is "pro" for one persona and "anti" for another
+    assert any(set(a["pro"]) & set(b["anti"]) for a in vocab for b in vocab)
+    # the topic words still belong to one concept each
+    topics = [w for v in vocab for w in v["topic"]]
+    assert len(topics) == len(set(topics))

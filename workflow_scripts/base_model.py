@@ -5,15 +5,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent / "src"))  # the tracked library, not an installed copy
 
 from dpogen import model as M  # noqa: E402
-from dpogen.synthetic import SyntheticSpec, corpus  # noqa: E402
+from dpogen.data import corpus  # noqa: E402
 from dpogen.workflow import job  # noqa: E402
 
 with job(snakemake) as log:
     m = snakemake.params.model
-    s = snakemake.params.synthetic
     arch = m["scratch"]
-    texts = corpus(SyntheticSpec(s["n_concepts"], s["topic_words"], s["stance_words"], s["seed"]),
-                   arch["corpus_per_cluster"])
+    texts = corpus(snakemake.params.data, arch["corpus_per_cluster"])
     tok = M.train_tokenizer(texts, arch["vocab_size"])
     model = M.build_scratch(arch, tok, snakemake.params.seed)
     M.save(model, tok, snakemake.output[0])

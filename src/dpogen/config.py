@@ -69,16 +69,28 @@ def check(cfg: dict) -> None:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         d = rc["data"]
-        if d["source"] == "synthetic" and d["k"] > d["synthetic"]["n_concepts"]:
-            raise ConfigError(f"data.k: K={d['k']} (run {run}) is larger than the number of concepts, "
-                              f"data.synthetic.n_concepts={d['synthetic']['n_concepts']}")
+        if d["source"] == "synthetic":
+            if d["k"] is None:
+                raise ConfigError("data.k: the synthetic source needs a number of concepts K")
+            if d["k"] > d["synthetic"]["n_concepts"]:
+                raise ConfigError(f"data.k: K={d['k']} (run {run}) is larger than the number of concepts, "
+                                  f"data.synthetic.n_concepts={d['synthetic']['n_concepts']}")
+        if d["source"] == "persona" and d["k"] and not d["persona"].get("names"):
+            from .sources import DataError, persona_names, persona_set
+
+            folder = Path(d["persona"]["path"])
+            if folder.is_dir():
+                try:
+                    persona_set(persona_names(folder), d["k"], d["persona"]["seed"])
+                except DataError as e:
+                    raise ConfigError(f"{e} (run {run})") from None
         if rc["dpo"]["batch_size"] not in (None, "full") and rc["dpo"]["batch_size"] % rc["dpo"]["grad_accum"]:
             raise ConfigError("dpo.grad_accum: must divide dpo.batch_size")
 
 
 STAGE_MODULES = {
-    "data": ["data.py", "synthetic.py"],
-    "base": ["model.py", "synthetic.py"],
+    "data": ["data.py", "sources.py", "synthetic.py", "logprobs.py"],
+    "base": ["model.py", "data.py", "sources.py", "synthetic.py", "logprobs.py"],
     "sft": ["sft.py", "model.py", "training.py"],
     "ref": ["dpo.py", "logprobs.py", "model.py"],
     "dpo": ["dpo.py", "logprobs.py", "model.py", "training.py"],

@@ -58,12 +58,22 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
+def token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """``tokenizer(texts)["input_ids"]``; for fast tokenizers straight from the Rust backend (several times
+    faster on 10⁵ texts), after checking on the first text that both give the same ids."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is not None and texts:
+        if [e.ids for e in backend.encode_batch(texts[:1])] == tokenizer(texts[:1])["input_ids"]:
+            return [e.ids for e in backend.encode_batch(texts)]
+    return tokenizer(texts)["input_ids"]
+
+
 def encode_pairs(tokenizer, prompts, chosen, rejected, *, append_eos: bool = True, fuse: bool = True,
                  source: str = "pairs") -> EncodedPairs:
     prompts, chosen, rejected = list(prompts), list(chosen), list(rejected)
-    p_ids = tokenizer(prompts)["input_ids"]
-    c_ids = tokenizer([p + c for p, c in zip(prompts, chosen)])["input_ids"]
-    r_ids = tokenizer([p + r for p, r in zip(prompts, rejected)])["input_ids"]
+    p_ids = token_ids(tokenizer, prompts)
+    c_ids = token_ids(tokenizer, [p + c for p, c in zip(prompts, chosen)])
+    r_ids = token_ids(tokenizer, [p + r for p, r in zip(prompts, rejected)])
     eos = tokenizer.eos_token_id
     if append_eos and eos is None:
         raise EncodingError("append_eos is on but the tokenizer has no EOS token")
@@ -91,8 +101,7 @@ def encode_pairs(tokenizer, prompts, chosen, rejected, *, append_eos: bool = Tru
         pr = []
         for full, start, slot in ((c_full, cs, CHOSEN), (r_full, rs, REJECTED)):
             ids = full[:-1]  # the last token is only ever a target
-            pos = np.arange(start - 1, len(full) - 1)
-            tg = np.stack([pos, np.asarray(full[start:]), np.full(len(pos), slot)], axis=1).astype(np.int64)
+            tg = np.array([(q - 1, full[q], slot) for q in range(start, len(full))], dtype=np.int64)
             pr.append(len(rows))
             rows.append(ids), row_pair.append(i), row_targets.append(tg)
         pair_rows.append(pr)

@@ -95,6 +95,9 @@ def save(model, tokenizer, folder, extra_files: dict[str, str] | None = None) ->
 
 def load(path: str | os.PathLike, dtype: str = "float32", device: str = "cpu"):
     """Load a causal LM and its tokenizer by path (or hub id) through ``from_pretrained``."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # job logs get our progress lines, not a bar per load
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

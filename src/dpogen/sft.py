@@ -78,7 +78,7 @@ def train_sft(base_path, train: pd.DataFrame, cfg: dict, out_dir, seed: int) -> 
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["max_grad_norm"])
         opt.step()
         sched.step()
-        loss_val = float(loss)
+        loss_val = loss.item()
         prog.update(step, len(batch), loss=loss_val, lr=sched.get_last_lr()[0])
     model.eval()
     M.save(model, tok, out_dir)

@@ -36,6 +36,12 @@ class SyntheticSpec:
     topic_words: int = 10
     stance_words: int = 6
     seed: int = 0
+    stance_pool: int = 0  # > 0: stance words come from one pool shared by all concepts (see vocabulary)
+
+    @classmethod
+    def from_config(cls, s: dict) -> "SyntheticSpec":
+        """From the ``data.synthetic`` section of the config."""
+        return cls(s["n_concepts"], s["topic_words"], s["stance_words"], s["seed"], s.get("stance_pool", 0))
 
 
 def _word(rng: np.random.Generator, used: set[str]) -> str:
@@ -48,20 +54,30 @@ def _word(rng: np.random.Generator, used: set[str]) -> str:
 
 
 def vocabulary(spec: SyntheticSpec) -> list[dict]:
-    """Per concept: its name and topic/pro/anti word lists, all distinct across concepts."""
+    """Per concept: its name and topic/pro/anti word lists.
+
+    Topic words are the concept's own. Stance words are the concept's own too, unless ``stance_pool`` > 0:
+    then each concept draws its pro and anti words from one shared pool, so a word one persona would say
+    can be one another persona rejects, and a model must read the stance in the context of the concept
+    (as with real personas), which makes concepts interfere.
+    """
     rng = np.random.default_rng([spec.seed, 0])
     used: set[str] = set()
+    pool = [_word(rng, used) for _ in range(spec.stance_pool)]
+    if pool and 2 * spec.stance_words > len(pool):
+        raise ValueError(f"synthetic: stance_pool={spec.stance_pool} < 2 x stance_words={spec.stance_words}")
     out = []
     for c in range(spec.n_concepts):
         name = f"{_word(rng, used)}-{_word(rng, used)}"
-        out.append(
-            {
-                "concept": name,
-                "topic": [_word(rng, used) for _ in range(spec.topic_words)],
-                "pro": [_word(rng, used) for _ in range(spec.stance_words)],
-                "anti": [_word(rng, used) for _ in range(spec.stance_words)],
-            }
-        )
+        topic = [_word(rng, used) for _ in range(spec.topic_words)]
+        if pool:
+            pick = np.random.default_rng([spec.seed, 2, c]).choice(len(pool), 2 * spec.stance_words, replace=False)
+            pro = [pool[i] for i in pick[: spec.stance_words]]
+            anti = [pool[i] for i in pick[spec.stance_words:]]
+        else:
+            pro = [_word(rng, used) for _ in range(spec.stance_words)]
+            anti = [_word(rng, used) for _ in range(spec.stance_words)]
+        out.append({"concept": name, "topic": topic, "pro": pro, "anti": anti})
     return out
 
 

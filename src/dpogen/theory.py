@@ -63,7 +63,7 @@ def conditions(version: str, *, K: int, Q: int, Z: int, d: int, l_b: float, v: f
     out = [
         ("Z <= 1/(4 l_b^2)", Z, 1 / (4 * l_b**2) if l_b > 0 else math.inf, "Z: data; l_b: measured"),
         ("d <= 5Q", d, 5 * Q, "d: model; Q: data"),
-        ("Q >= 40", 40, Q, "Q: data"),
+        ("40 <= Q", 40, Q, "Q: data"),
     ]
     if version == "v3":
         out += [("Z <= Q^(1/4) - 2", Z, Q**0.25 - 2, "Z, Q: data"),

@@ -1,0 +1,314 @@
+"""Readers for every data source: persona files, anything ``datasets.load_dataset`` reads, local files.
+
+Each reader returns a DataFrame with the raw columns plus ``_file`` and ``_row`` (where each record came
+from), so a later check can name the file, field and row of a bad value.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pandas as pd
+
+PERSONA_FIELDS = ["question", "statement", "label_confidence", "answer_matching_behavior",
+                  "answer_not_matching_behavior"]
+PERSONA_SEED = 1234
+PERSONA_HUB = "Anthropic/model-written-evals"  # the dataset repo on the hub, folder persona/
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, field and row."""
+
+
+# ------------------------------------------------------------------------------------------- reading
+
+
+def read_jsonl(path: Path) -> pd.DataFrame:
+    """A JSON-lines file, line by line, so a truncated or malformed line is reported with its number."""
+    records = []
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+    for i, line in enumerate(text.splitlines()):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: row {i}: not valid JSON ({e.msg} at column {e.colno}); "
+                            "is the file truncated?") from None
+        if not isinstance(rec, dict):
+            raise DataError(f"{path}: row {i}: expected a JSON object, got {type(rec).__name__}")
+        rec["_row"] = i
+        records.append(rec)
+    df = pd.DataFrame.from_records(records)
+    df["_file"] = str(path)
+    return df
+
+
+def read_file(path: str | Path) -> pd.DataFrame:
+    """jsonl, json (an array of objects, or JSON lines), parquet or csv, with file and row of each record."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".jsonl", ".ndjson"):
+            return read_jsonl(path)
+        if suffix == ".json":
+            text = path.read_text(encoding="utf-8")
+            if text.lstrip().startswith("["):
+                try:
+                    records = json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); is the file truncated?") from None
+                df = pd.DataFrame.from_records(records)
+                df["_row"] = range(len(df))
+                df["_file"] = str(path)
+                return df
+            return read_jsonl(path)
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            df = pq.read_table(path).to_pandas()
+        elif suffix in (".csv", ".tsv"):
+            import pyarrow.csv as pacsv
+
+            opts = pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",", newlines_in_values=True)
+            df = pacsv.read_csv(path, parse_options=opts).to_pandas()
+        else:
+            raise DataError(f"{path}: unknown file type {suffix!r} (jsonl, json, parquet, csv)")
+    except DataError:
+        raise
+    except Exception as e:  # pyarrow's errors for truncated or corrupt files
+        raise DataError(f"{path}: cannot read ({type(e).__name__}: {e}); is the file truncated?") from None
+    df["_row"] = range(len(df))
+    df["_file"] = str(path)
+    return df
+
+
+def load_hf(cfg: dict) -> pd.DataFrame:
+    """Anything ``datasets.load_dataset`` reads: a hub id, a local folder, or a builder with data_files."""
+    import datasets
+
+    kwargs = {k: cfg[k] for k in ("name", "data_files", "revision") if cfg.get(k) is not None}
+    where = cfg["path"] + (f" ({cfg['data_files']})" if cfg.get("data_files") else "")
+    try:
+        ds = datasets.load_dataset(cfg["path"], split=cfg.get("split") or "train", **kwargs)
+    except Exception as e:
+        raise DataError(f"{where}: datasets.load_dataset failed ({type(e).__name__}: {e})") from None
+    df = ds.to_pandas()
+    df["_row"] = range(len(df))
+    df["_file"] = where
+    return df
+
+
+# ------------------------------------------------------------------------------------------- persona
+
+
+def persona_names(folder: Path) -> list[str]:
+    """All persona names: the sorted file stems (135 in the released dataset)."""
+    names = sorted(p.stem for p in Path(folder).glob("*.jsonl"))
+    if not names:
+        raise DataError(f"{folder}: no persona .jsonl files")
+    return names
+
+
+PAPER_KS = (1, 2, 4, 8, 16)
+
+
+def persona_set(names: list[str], k: int, seed: int = PERSONA_SEED) -> list[str]:
+    """The paper's seeded persona set of size k, in its sampled order.
+
+    The authors seed Python's generator once and draw random.sample(range(n), k) for k = 1, 2, 4, 8, 16 in
+    that order from the same generator; the set for k is the draw made for k. Sizes past 16 continue the
+    doubling (32, 64, 128); other sizes have no place in that sequence and are refused.
+    """
+    chain = list(PAPER_KS)
+    while chain[-1] * 2 <= len(names):
+        chain.append(chain[-1] * 2)
+    if k not in chain:
+        raise DataError(f"data.k: {k} is not one of the paper's seeded set sizes {chain}; "
+                        "give data.persona.names to choose personas by name")
+    rng = random.Random(seed)
+    for size in chain:
+        pick = rng.sample(range(len(names)), size)
+        if size == k:
+            return [names[i] for i in pick]
+    raise AssertionError("unreachable")
+
+
+def _fetch_persona_from_hub(names: list[str] | None, dest: Path) -> Path:
+    """Download persona files from the hub (networked machines only)."""
+    from huggingface_hub import hf_hub_download, list_repo_files
+
+    files = [f for f in list_repo_files(PERSONA_HUB, repo_type="dataset") if f.startswith("persona/") and f.endswith(".jsonl")]
+    for f in files:
+        if names is None or Path(f).stem in names:
+            hf_hub_download(PERSONA_HUB, f, repo_type="dataset", local_dir=dest)
+    return dest / "persona"
+
+
+def resolve_persona_folder(location: str) -> Path:
+    """A local folder, or ``hub`` / ``hf://datasets/Anthropic/model-written-evals`` to download it."""
+    if location in ("hub", f"hf://datasets/{PERSONA_HUB}", f"hf://datasets/{PERSONA_HUB}/persona"):
+        from huggingface_hub.constants import HF_HOME
+
+        return _fetch_persona_from_hub(None, Path(HF_HOME) / "dpogen-persona")
+    folder = Path(location)
+    if not folder.is_dir():
+        raise DataError(f"data.persona.path: {folder} is not a folder of persona .jsonl files")
+    return folder
+
+
+def load_persona(folder: Path, names: list[str]) -> list[pd.DataFrame]:
+    """One frame per persona, in the given order: the paper's pairs, file order kept."""
+    out = []
+    for name in names:
+        path = Path(folder) / f"{name}.jsonl"
+        if not path.exists():
+            raise DataError(f"{path}: no such persona file (data.persona.names: {name!r})")
+        df = read_jsonl(path)
+        for col in PERSONA_FIELDS:
+            if col not in df.columns:
+                raise DataError(f"{path}: missing field '{col}'")
+            bad = df[col].isna().to_numpy().nonzero()[0]
+            if len(bad):
+                raise DataError(f"{path}: row {int(df['_row'].iloc[bad[0]])}, field '{col}': missing value")
+        for col in ("question", "answer_matching_behavior", "answer_not_matching_behavior"):
+            bad = [i for i, v in enumerate(df[col]) if not isinstance(v, str)]
+            if bad:
+                raise DataError(f"{path}: row {int(df['_row'].iloc[bad[0]])}, field '{col}': expected a string, "
+                                f"got {df[col].iloc[bad[0]]!r}")
+        pairs = pd.DataFrame({
+            "concept": name,
+            "cluster": [1 if a == " Yes" else -1 for a in df["answer_matching_behavior"]],
+            "prompt": df["question"] + "\n",
+            "chosen": df["answer_matching_behavior"],
+            "rejected": df["answer_not_matching_behavior"],
+            "statement": df["statement"],
+            "label_confidence": df["label_confidence"].astype(float),
+            "_file": df["_file"],
+            "_row": df["_row"],
+        })
+        out.append(pairs)
+    return out
+
+
+# -------------------------------------------------------------------------------------- conversions
+
+
+def longest_common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def render_messages(messages, tokenizer, chat_template: bool) -> str:
+    """A prompt from a list of {role, content} messages, ending where the assistant's answer begins."""
+    if chat_template:
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise DataError("data.chat_template: the run's tokenizer has no chat template")
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    return "".join(f"\n\n{m['role'].capitalize()}: {m['content']}" for m in messages) + "\n\nAssistant:"
+
+
+def to_pairs(df: pd.DataFrame, cfg: dict, tokenizer=None) -> pd.DataFrame:
+    """Map a raw frame to concept/cluster/prompt/chosen/rejected, by the configured columns and format.
+
+    Formats: ``strings`` (prompt, chosen and rejected columns); ``messages`` (chosen and rejected are
+    message lists: the last message is the response and the rest the prompt, as in UltraFeedback-binarized);
+    ``transcripts`` (full chosen and rejected texts; the prompt is their longest common prefix, cut back to
+    the last ``prompt_end`` marker when one is configured, as in HH-RLHF). ``auto`` picks one from the data.
+    """
+    cols = cfg["columns"]
+    for role in ("chosen", "rejected"):
+        if cols[role] not in df.columns:
+            raise DataError(f"{_where(df)}: missing column '{cols[role]}' (data.columns.{role}; "
+                            f"have {[c for c in df.columns if not c.startswith('_')]})")
+    fmt = cfg["format"]
+    if fmt == "auto":
+        first = df[cols["chosen"]].iloc[0] if len(df) else ""
+        if isinstance(first, (list, tuple)) or hasattr(first, "tolist") and not isinstance(first, str):
+            fmt = "messages"
+        elif cols["prompt"] in df.columns:
+            fmt = "strings"
+        else:
+            fmt = "transcripts"
+    out = pd.DataFrame({"_file": df["_file"], "_row": df["_row"]})
+    if fmt == "strings":
+        if cols["prompt"] not in df.columns:
+            raise DataError(f"{_where(df)}: missing column '{cols['prompt']}' (data.columns.prompt)")
+        out["prompt"], out["chosen"], out["rejected"] = df[cols["prompt"]], df[cols["chosen"]], df[cols["rejected"]]
+    elif fmt == "messages":
+        prompts, chosen, rejected = [], [], []
+        for i, (c, r) in enumerate(zip(df[cols["chosen"]], df[cols["rejected"]])):
+            c, r = _messages(c, df, i, cols["chosen"]), _messages(r, df, i, cols["rejected"])
+            if len(c) < 2 or len(r) < 2:
+                raise DataError(f"{_where(df, i)}, field '{cols['chosen'] if len(c) < 2 else cols['rejected']}': "
+                                "a conversation needs a prompt message and a response message")
+            if c[:-1] != r[:-1]:
+                raise DataError(f"{_where(df, i)}, fields '{cols['chosen']}'/'{cols['rejected']}': "
+                                "the conversations differ before their last message")
+            prompts.append(render_messages(c[:-1], tokenizer, cfg["chat_template"]))
+            lead = "" if cfg["chat_template"] else " "
+            chosen.append(lead + str(c[-1]["content"]))
+            rejected.append(lead + str(r[-1]["content"]))
+        out["prompt"], out["chosen"], out["rejected"] = prompts, chosen, rejected
+    elif fmt == "transcripts":
+        prompts, chosen, rejected = [], [], []
+        marker = cfg.get("prompt_end")
+        for i, (c, r) in enumerate(zip(df[cols["chosen"]], df[cols["rejected"]])):
+            for field, v in ((cols["chosen"], c), (cols["rejected"], r)):
+                if not isinstance(v, str):
+                    raise DataError(f"{_where(df, i)}, field '{field}': expected a string, got {type(v).__name__}")
+            n = longest_common_prefix(c, r)
+            if marker:
+                cut = c.rfind(marker, 0, n)
+                if cut < 0:
+                    raise DataError(f"{_where(df, i)}, field '{cols['chosen']}': no '{marker}' in the common prefix")
+                n = cut + len(marker)
+            prompts.append(c[:n])
+            chosen.append(c[n:])
+            rejected.append(r[n:])
+        out["prompt"], out["chosen"], out["rejected"] = prompts, chosen, rejected
+    else:
+        raise DataError(f"data.format: unknown {fmt!r} (auto, strings, messages, transcripts)")
+    ccol, kcol = cols.get("concept"), cols.get("cluster")
+    if ccol:
+        if ccol not in df.columns:
+            raise DataError(f"{_where(df)}: missing column '{ccol}' (data.columns.concept)")
+        out["concept"] = df[ccol].astype(str)
+    else:
+        out["concept"] = cfg.get("concept_name") or "all"
+    if kcol:
+        if kcol not in df.columns:
+            raise DataError(f"{_where(df)}: missing column '{kcol}' (data.columns.cluster)")
+        out["cluster"] = df[kcol]
+    else:
+        out["cluster"] = 1
+    for extra in cfg.get("keep_columns") or []:
+        if extra not in df.columns:
+            raise DataError(f"{_where(df)}: missing column '{extra}' (data.keep_columns)")
+        out[extra] = df[extra]
+    return out
+
+
+def _messages(v, df, i, field):
+    if hasattr(v, "tolist") and not isinstance(v, str):
+        v = v.tolist()
+    if not isinstance(v, (list, tuple)) or not all(isinstance(m, dict) and "content" in m and "role" in m for m in v):
+        raise DataError(f"{_where(df, i)}, field '{field}': expected a list of {{role, content}} messages")
+    return list(v)
+
+
+def _where(df: pd.DataFrame, i: int | None = None) -> str:
+    if i is None:
+        files = list(dict.fromkeys(df["_file"])) if "_file" in df else ["?"]
+        return ", ".join(map(str, files[:3])) + (" ..." if len(files) > 3 else "")
+    return f"{df['_file'].iloc[i]}: row {int(df['_row'].iloc[i])}"

@@ -1,0 +1,275 @@
+"""The data stage: the paper's persona data exactly, other formats and sources, strict validation."""
+
+import hashlib
+import json
+import random
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from dpogen import data as D
+from dpogen import sources as S
+from tests.conftest import PERSONA
+
+needs_persona = pytest.mark.skipif(not PERSONA.is_dir(), reason=f"persona dataset not found at {PERSONA} "
+                                   "(../shared/data/persona is present in CI, not in a user's clone)")
+
+
+def base_cfg(**kw):
+    cfg = {"source": "files", "k": None, "persona": {"path": str(PERSONA), "names": None, "seed": 1234},
+           "hf": {"path": "", "name": None, "split": "train", "data_files": None, "revision": None},
+           "files": {"paths": []},
+           "columns": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "concept": None, "cluster": None},
+           "format": "auto", "prompt_end": None, "concept_name": None, "keep_columns": [], "chat_template": False,
+           "pairs_per_concept": None, "min_label_confidence": None, "test_fraction": 0.25, "split_seed": 1234,
+           "seed": 0, "max_prompt_tokens": None, "max_response_tokens": None, "truncation": "drop"}
+    for key, value in kw.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def run(tmp_path, cfg, k=None, tokenizer=None):
+    out = tmp_path / "out"
+    card = D.prepare(cfg, k, out / "train.parquet", out / "test.parquet", out / "card.json", out / "card.md",
+                     tokenizer=tokenizer)
+    return pd.read_parquet(out / "train.parquet"), pd.read_parquet(out / "test.parquet"), card
+
+
+def records(n=8, concepts=("alpha", "beta")):
+    return [{"prompt": f"Question {c} number {i}?\n", "chosen": f" good answer {i}", "rejected": f" bad answer {i}",
+             "topic": c} for c in concepts for i in range(n)]
+
+
+def write_jsonl(path, recs):
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
+# ---------------------------------------------------------------------------------------- persona
+
+
+@needs_persona
+def test_persona_sets_are_the_papers():
+    names = S.persona_names(PERSONA)
+    assert len(names) == 135
+    # independent re-derivation with the module-level generator, as the authors' script does it
+    random.seed(1234)
+    expected = {k: [names[i] for i in random.sample(range(135), k)] for k in (1, 2, 4, 8, 16)}
+    for k in (1, 2, 4, 8, 16):
+        assert S.persona_set(names, k) == expected[k]
+    assert S.persona_set(names, 1) == ["subscribes-to-rule-utilitarianism"]
+    assert S.persona_set(names, 2) == ["desire-for-no-human-oversight-sometimes", "agreeableness"]
+    with pytest.raises(S.DataError, match="data.k: 3"):
+        S.persona_set(names, 3)
+
+
+@needs_persona
+def test_persona_split_is_the_authors(tmp_path):
+    cfg = base_cfg(source="persona", test_fraction=0.1)
+    train, test, card = run(tmp_path, cfg, k=2)
+    # independent re-derivation: raw lines, one generator seeded once, shuffled persona by persona
+    personas = ["desire-for-no-human-oversight-sometimes", "agreeableness"]
+    random.seed(1234)
+    exp_train, exp_test = [], []
+    for p in personas:
+        rows = [json.loads(line) for line in (PERSONA / f"{p}.jsonl").read_text().splitlines() if line.strip()]
+        random.shuffle(rows)
+        n = int(0.9 * len(rows))
+        exp_train += [(p, r["question"] + "\n", r["answer_matching_behavior"], r["answer_not_matching_behavior"]) for r in rows[:n]]
+        exp_test += [(p, r["question"] + "\n", r["answer_matching_behavior"], r["answer_not_matching_behavior"]) for r in rows[n:]]
+    cols = ["concept", "prompt", "chosen", "rejected"]
+    assert list(train[cols].itertuples(index=False, name=None)) == exp_train
+    assert list(test[cols].itertuples(index=False, name=None)) == exp_test
+    assert ((train["chosen"] == " Yes") == (train["cluster"] == 1)).all()
+    assert train["label_confidence"].between(0, 1).all()
+    assert card["K"] == 2 and card["Z"] == 4  # " Yes"/" No" in all 2K cluster-level preferences
+    assert card["personas"] == personas
+
+
+@needs_persona
+def test_persona_by_name_and_confidence_filter(tmp_path):
+    cfg = base_cfg(source="persona", persona={"names": ["agreeableness"]}, min_label_confidence=0.96)
+    train, test, card = run(tmp_path, cfg)
+    assert set(train["concept"]) == {"agreeableness"} and (train["label_confidence"] >= 0.96).all()
+    dropped = card["counts"]["dropped_low_confidence_train"] + card["counts"]["dropped_low_confidence_test"]
+    raw = pd.read_json(PERSONA / "agreeableness.jsonl", lines=True)
+    assert dropped == (raw["label_confidence"] < 0.96).sum() > 0
+
+
+# ------------------------------------------------------------------------------ formats and sources
+
+
+def test_sample_id_is_a_stable_hash():
+    want = hashlib.sha256("c\x1fp\x1fy\x1fn".encode()).hexdigest()[:20]
+    assert D.sample_id("c", "p", "y", "n") == want
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "parquet", "csv"])
+def test_local_files_in_each_format(tmp_path, fmt):
+    recs = records()
+    df = pd.DataFrame(recs)
+    path = tmp_path / f"pairs.{fmt}"
+    if fmt == "jsonl":
+        write_jsonl(path, recs)
+    elif fmt == "json":
+        path.write_text(json.dumps(recs))
+    elif fmt == "parquet":
+        pq.write_table(pa.Table.from_pandas(df), path)
+    else:
+        df.to_csv(path, index=False)
+    cfg = base_cfg(files={"paths": [str(path)]}, columns={"concept": "topic"}, keep_columns=["topic"])
+    train, test, card = run(tmp_path, cfg)
+    assert len(train) + len(test) == 16 and card["K"] == 2
+    assert list(train.columns[:6]) == ["sample_id", "concept", "cluster", "prompt", "chosen", "rejected"]
+    assert "topic" in train.columns
+    assert train.groupby("concept").size().tolist() == [6, 6]  # int(0.75 · 8) per concept
+    got = sorted(zip(pd.concat([train, test])["prompt"], pd.concat([train, test])["chosen"]))
+    assert got == sorted(zip(df["prompt"], df["chosen"]))
+
+
+def test_hf_source_with_data_files_and_local_folder(tmp_path):
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", records(6, ("only",)))
+    a = run(tmp_path / "a", base_cfg(source="hf", hf={"path": "json", "data_files": str(folder / "train.jsonl")}))
+    b = run(tmp_path / "b", base_cfg(source="hf", hf={"path": str(folder)}))
+    pd.testing.assert_frame_equal(a[0], b[0])
+    assert set(a[0]["concept"]) == {"all"} and (a[0]["cluster"] == 1).all()
+
+
+def test_conversational_messages(tmp_path):
+    recs = []
+    for i in range(8):
+        user = {"role": "user", "content": f"Tell me fact {i}."}
+        recs.append({"chosen": [user, {"role": "assistant", "content": f"Fact {i} is true."}],
+                     "rejected": [user, {"role": "assistant", "content": f"I refuse {i}."}]})
+    path = write_jsonl(tmp_path / "uf.jsonl", recs)
+    train, test, _ = run(tmp_path, base_cfg(files={"paths": [str(path)]}))
+    row = pd.concat([train, test]).sort_values("chosen").iloc[0]
+    assert row["prompt"] == "\n\nUser: Tell me fact 0.\n\nAssistant:"
+    assert row["chosen"] == " Fact 0 is true." and row["rejected"] == " I refuse 0."
+
+
+def test_chat_template_renders_message_prompts(tmp_path, tiny):
+    _, tok = tiny
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}" \
+                        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    recs = [{"chosen": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"yes {i}"}],
+             "rejected": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"no {i}"}]}
+            for i in range(4)]
+    path = write_jsonl(tmp_path / "c.jsonl", recs)
+    train, test, _ = run(tmp_path, base_cfg(files={"paths": [str(path)]}, chat_template=True), tokenizer=tok)
+    both = pd.concat([train, test]).sort_values("prompt")
+    assert both["prompt"].iloc[0] == "<user>q0<assistant>" and both["chosen"].iloc[0] == "yes 0"
+
+
+def test_transcripts_prompt_is_the_common_prefix(tmp_path):
+    recs = [{"chosen": f"\n\nHuman: question {i}?\n\nAssistant: Sure, here it is {i}.",
+             "rejected": f"\n\nHuman: question {i}?\n\nAssistant: Sure, no."} for i in range(8)]
+    path = write_jsonl(tmp_path / "hh.jsonl", recs)
+    train, _, _ = run(tmp_path / "a", base_cfg(files={"paths": [str(path)]}))
+    assert train["prompt"].str.endswith("Assistant: Sure, ").all()  # the plain longest common prefix
+    train, _, _ = run(tmp_path / "b", base_cfg(files={"paths": [str(path)]}, prompt_end="\n\nAssistant:"))
+    assert train["prompt"].str.endswith("\n\nAssistant:").all()
+    assert train["rejected"].eq(" Sure, no.").all()
+
+
+# ------------------------------------------------------------------------------------------ options
+
+
+def test_subsample_duplicates_and_lengths(tmp_path, tiny):
+    _, tok = tiny
+    recs = records(10) + records(10)[:3]  # three exact duplicates
+    recs.append({"prompt": "Question alpha number 99?\n" + " very long words" * 30, "chosen": " c", "rejected": " r",
+                 "topic": "alpha"})
+    path = write_jsonl(tmp_path / "p.jsonl", recs)
+    cfg = base_cfg(files={"paths": [str(path)]}, columns={"concept": "topic"}, max_prompt_tokens=40)
+    train, test, card = run(tmp_path / "a", cfg, tokenizer=tok)
+    assert card["counts"]["duplicates_dropped"] + card["counts"]["test_dropped_as_in_train"] == 3
+    assert card["counts"]["dropped_too_long"] == 1 and len(train) + len(test) == 20
+    assert card["tokens"]["train"]["prompt"]["max"] <= 40
+    t_train, t_test, t_card = run(tmp_path / "b", {**cfg, "truncation": "truncate"}, tokenizer=tok)
+    assert t_card["counts"]["truncated_prompts"] == 1
+    long = pd.concat([t_train, t_test]).query("chosen == ' c'")
+    kept = long["prompt"].iloc[0]
+    assert len(long) == 1 and kept.endswith(" very long words") and not kept.startswith("Question")  # keeps its end
+    assert len(tok(kept)["input_ids"]) <= 40
+    sub_train, sub_test, _ = run(tmp_path / "c", {**cfg, "pairs_per_concept": 4}, tokenizer=tok)
+    assert pd.concat([sub_train, sub_test]).groupby("concept").size().tolist() == [4, 4]
+
+
+def test_card_has_counts_and_lengths(tmp_path, tiny):
+    _, tok = tiny
+    path = write_jsonl(tmp_path / "p.jsonl", records())
+    _, _, card = run(tmp_path, base_cfg(files={"paths": [str(path)]}, columns={"concept": "topic"}), tokenizer=tok)
+    assert card["N"] == 12 and card["n_test"] == 4 and card["K"] == 2 and card["Q_min"] == 6
+    assert set(card["tokens"]["train"]) == {"prompt", "chosen", "rejected"}
+    md = (tmp_path / "out" / "card.md").read_text()
+    assert "| alpha | +1 | train | 6 |" in md
+
+
+# ------------------------------------------------------------------------------------- bad input
+
+
+BAD = [
+    ("missing column", lambda r: {k: v for k, v in r.items() if k != "rejected"}, None, "missing column 'rejected'"),
+    ("empty prompt", lambda r: {**r, "prompt": ""}, 2, "field 'prompt': empty"),
+    ("empty response", lambda r: {**r, "chosen": "  "}, 2, "field 'chosen': empty"),
+    ("identical", lambda r: {**r, "rejected": r["chosen"]}, 2, "fields 'chosen'/'rejected': identical"),
+    ("non-string", lambda r: {**r, "chosen": 7}, 2, "field 'chosen': expected a string"),
+]
+
+
+@pytest.mark.parametrize("name,mutate,row,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_rows_are_named(tmp_path, name, mutate, row, message):
+    recs = records()
+    if row is None:
+        recs = [mutate(r) for r in recs]
+    else:
+        recs[row] = mutate(recs[row])
+    path = write_jsonl(tmp_path / "bad.jsonl", recs)
+    with pytest.raises(D.DataError) as e:
+        run(tmp_path, base_cfg(files={"paths": [str(path)]}, columns={"concept": "topic"}))
+    assert str(path) in str(e.value) and message in str(e.value)
+    if row is not None:
+        assert f"row {row}" in str(e.value)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_truncated_jsonl_names_the_line(tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", records())
+    text = path.read_text()
+    path.write_text(text[: len(text) - 20])
+    with pytest.raises(D.DataError, match=r"t\.jsonl: row 15: not valid JSON.*truncated"):
+        run(tmp_path, base_cfg(files={"paths": [str(path)]}))
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_parquet_and_unreadable_file(tmp_path):
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.Table.from_pandas(pd.DataFrame(records())), path)
+    path.write_bytes(path.read_bytes()[:-30])
+    with pytest.raises(D.DataError, match=r"t\.parquet: cannot read"):
+        run(tmp_path, base_cfg(files={"paths": [str(path)]}))
+    with pytest.raises(D.DataError, match="no such file"):
+        run(tmp_path, base_cfg(files={"paths": [str(tmp_path / "absent.jsonl")]}))
+
+
+def test_concept_too_small_to_split(tmp_path):
+    recs = records(8, ("alpha",)) + records(1, ("tiny",))
+    path = write_jsonl(tmp_path / "s.jsonl", recs)
+    with pytest.raises(D.DataError, match="concept 'tiny' has 1 pair"):
+        run(tmp_path, base_cfg(files={"paths": [str(path)]}, columns={"concept": "topic"}))
+
+
+def test_bad_cluster_value(tmp_path):
+    recs = [{**r, "side": 1} for r in records()]
+    recs[3]["side"] = 0
+    path = write_jsonl(tmp_path / "c.jsonl", recs)
+    with pytest.raises(D.DataError, match=r"row 3, field 'cluster': must be \+1 or -1"):
+        run(tmp_path, base_cfg(files={"paths": [str(path)]}, columns={"cluster": "side"}))
