@@ -3,7 +3,7 @@
 
 def ref_settings(cfg):
     """The DPO settings that change reference log-probs (not β, lr, ...: changing those keeps them)."""
-    return {k: cfg["dpo"][k] for k in ("append_eos", "dtype", "device", "eval_batch_size")}
+    return {k: cfg["dpo"][k] for k in ("append_eos", "dtype", "device", "eval_batch_size", "autocast")}
 
 
 rule ref_logps:
@@ -35,6 +35,7 @@ rule dpo:
     output:
         margins=directory(f"{RUN}/dpo/margins.parquet"),
         metrics=f"{RUN}/dpo/metrics.parquet",
+        info=f"{RUN}/dpo/run.json",
     params:
         dpo=lambda w: rcfg(w)["dpo"],
         seed=config["seed"],

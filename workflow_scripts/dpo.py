@@ -12,4 +12,5 @@ from dpogen.workflow import job  # noqa: E402
 with job(snakemake):
     train_dpo(snakemake.input.ref, pd.read_parquet(snakemake.input.train), pd.read_parquet(snakemake.input.test),
               snakemake.input.ref_logps, snakemake.params.dpo, snakemake.params.seed,
-              snakemake.output.margins, snakemake.output.metrics, snakemake.params.work)
+              snakemake.output.margins, snakemake.output.metrics, snakemake.params.work,
+              out_info=snakemake.output.info)

@@ -65,7 +65,8 @@ def check(cfg: dict) -> None:
     for run in runs(cfg):
         rc = run_config(cfg, run)
         try:
-            eval_schedule(rc["dpo"])
+            if not rc["dpo"].get("epochs"):
+                eval_schedule(rc["dpo"])
         except ValueError as e:
             raise ConfigError(str(e)) from None
         d = rc["data"]

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 from . import model as M
 from . import tables
-from .io import atomic_dir, atomic_path
-from .logprobs import encode_pairs, pair_logps
+from .io import atomic_dir, atomic_path, write_json
+from .logprobs import cache_targets, cached_logps, encode_pairs, pair_logps
 from .training import Progress, log, make_optimizer, make_scheduler
 
 LOSSES = ("sigmoid", "ipo", "hinge")
@@ -53,6 +53,7 @@ def loss_name(cfg: dict) -> str:
 
 
 def eval_schedule(cfg: dict) -> list[int]:
+    """Checkpoint steps: the configured list and every ``eval_every`` steps; step 0 and the last always."""
     steps = set(cfg.get("eval_steps") or [])
     every = cfg.get("eval_every")
     if every:
@@ -73,12 +74,23 @@ def encode(tokenizer, pairs: pd.DataFrame, cfg: dict):
                         append_eos=cfg["append_eos"], source="pairs")
 
 
+def autocast(model, cfg: dict):
+    """bf16/fp16 autocast of the model's matrix products when ``dpo.autocast`` is set; log-probs stay fp32."""
+    import contextlib
+
+    if not cfg.get("autocast"):
+        return contextlib.nullcontext()
+    return torch.autocast(next(model.parameters()).device.type, dtype=M.DTYPES[cfg["autocast"]])
+
+
 @torch.no_grad()
 def eval_logps(model, enc, cfg: dict, features: bool = False):
+    """All pairs, in eval mode (dropout off), no gradients."""
     was = model.training
     model.eval()
     try:
-        return pair_logps(model, enc, batch_rows=cfg["eval_batch_size"], features=features)
+        with autocast(model, cfg):
+            return pair_logps(model, enc, batch_rows=cfg["eval_batch_size"], features=features)
     finally:
         model.train(was)
 
@@ -89,19 +101,19 @@ def compute_reference(ref_path, train: pd.DataFrame, test: pd.DataFrame, cfg: di
     pairs = _pairs(train, test)
     enc = encode(tok, pairs, cfg)
     lp, feats = eval_logps(model, enc, cfg, features=True)
-    lp = lp.cpu().numpy()
+    lp = lp.cpu().numpy().astype(np.float64)
     df = pd.DataFrame({"sample_id": pairs["sample_id"], "split": pairs["split"],
                        "ref_logp_chosen": lp[:, 0], "ref_logp_rejected": lp[:, 1],
                        "n_tokens_chosen": enc.n_tokens[:, 0], "n_tokens_rejected": enc.n_tokens[:, 1]})
     tables.write_ref_logps(df, out_logps)
     with atomic_path(out_features) as tmp:
         with open(tmp, "wb") as f:
-            np.save(f, feats.cpu().numpy())
+            np.save(f, feats.cpu().numpy())  # fp32, or fp64 when the model runs in fp64
 
 
 def margins_frame(step: int, pairs: pd.DataFrame, lp: np.ndarray, ref: np.ndarray, beta: float) -> pd.DataFrame:
-    rc = beta * (lp[:, 0].astype(np.float64) - ref[:, 0].astype(np.float64))
-    rr = beta * (lp[:, 1].astype(np.float64) - ref[:, 1].astype(np.float64))
+    rc = beta * (lp[:, 0] - ref[:, 0])
+    rr = beta * (lp[:, 1] - ref[:, 1])
     return pd.DataFrame({
         "step": step, "split": pairs["split"].to_numpy(), "sample_id": pairs["sample_id"].to_numpy(),
         "concept": pairs["concept"].to_numpy(), "cluster": pairs["cluster"].to_numpy(),
@@ -142,8 +154,74 @@ def _set_rng_state(s: dict) -> None:
     random.setstate(s["python"])
 
 
+class Policy:
+    """The model being trained and how its log-probs are computed in each regime.
+
+    full: every parameter trains, log-probs from forward passes. last_layer: only the LM head trains
+    (untied from the input embeddings first); the frozen backbone's outputs are cached once and every
+    training step and checkpoint is a product with the head. lora: peft adapters on the configured modules.
+    """
+
+    def __init__(self, model, enc, cfg: dict):
+        self.cfg, self.enc, self.regime = cfg, enc, cfg["regime"]
+        self.cache = None
+        if self.regime == "last_layer":
+            untie_head(model)
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for p in model.get_output_embeddings().parameters():
+                p.requires_grad_(True)
+            self.cache = cache_targets(model, enc, cfg["eval_batch_size"])
+        elif self.regime == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            lc = cfg["lora"]
+            model = get_peft_model(model, LoraConfig(r=lc["r"], lora_alpha=lc["alpha"], lora_dropout=lc["dropout"],
+                                                     target_modules=lc["target_modules"], bias="none"))
+        elif self.regime != "full":
+            raise ValueError(f"dpo.regime: unknown {self.regime!r} (full, last_layer, lora)")
+        self.model = model
+
+    def trainable(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def logps(self, idx: np.ndarray) -> torch.Tensor:
+        with autocast(self.model, self.cfg):
+            if self.cache is not None:
+                return cached_logps(self.model, self.cache, idx)
+            return pair_logps(self.model, self.enc, idx)
+
+    @torch.no_grad()
+    def eval_all(self) -> torch.Tensor:
+        if self.cache is None:
+            return eval_logps(self.model, self.enc, self.cfg)
+        with autocast(self.model, self.cfg):
+            return cached_logps(self.model, self.cache, batch_targets=self.cfg["eval_batch_size"])
+
+
+def untie_head(model) -> None:
+    """Give the LM head its own weights if it shares them with the input embeddings."""
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if head.weight.data_ptr() == emb.weight.data_ptr():
+        new = torch.nn.Linear(head.in_features, head.out_features, bias=head.bias is not None,
+                              dtype=head.weight.dtype, device=head.weight.device)
+        with torch.no_grad():
+            new.weight.copy_(head.weight)
+            if head.bias is not None:
+                new.bias.copy_(head.bias)
+        model.set_output_embeddings(new)
+        model.config.tie_word_embeddings = False
+
+
+def total_steps(cfg: dict, n_train: int, bsz: int) -> int:
+    """``dpo.steps``, or enough steps for ``dpo.epochs`` passes over the training pairs when that is set."""
+    if cfg.get("epochs"):
+        return max(1, math.ceil(cfg["epochs"] * n_train / bsz))
+    return cfg["steps"]
+
+
 def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path, cfg: dict, seed: int,
-              out_margins, out_metrics, work_dir) -> dict:
+              out_margins, out_metrics, work_dir, out_info=None) -> dict:
     """DPO from the reference checkpoint ``ref_path``; writes the margins folder and the metrics table."""
     work = Path(work_dir)
     fp = fingerprint({"dpo": cfg, "seed": seed}, ref_logps_path)
@@ -158,30 +236,38 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
     model, tok = M.load(ref_path, cfg["dtype"], cfg["device"])
     pairs = _pairs(train, test)
     ref_df = pd.read_parquet(ref_logps_path).set_index("sample_id").loc[pairs["sample_id"]]
-    ref = ref_df[["ref_logp_chosen", "ref_logp_rejected"]].to_numpy(np.float32)
+    ref = ref_df[["ref_logp_chosen", "ref_logp_rejected"]].to_numpy(np.float64)
     enc = encode(tok, pairs, cfg)
     n_train = len(train)
     bsz = n_train if cfg["batch_size"] in (None, "full") else int(cfg["batch_size"])
+    steps = total_steps(cfg, n_train, bsz)
+    cfg = {**cfg, "steps": steps}
     accum = int(cfg["grad_accum"])
-    device = next(model.parameters()).device
+    policy = Policy(model, enc, cfg)
+    device = next(policy.model.parameters()).device
     ref_t = torch.tensor(ref, device=device)
-    opt = make_optimizer(cfg["optimizer"], model.parameters(), cfg["lr"], cfg["weight_decay"])
-    sched = make_scheduler(opt, cfg["schedule"], cfg["warmup_steps"], cfg["steps"])
+    params = policy.trainable()
+    opt = make_optimizer(cfg["optimizer"], params.values(), cfg["lr"], cfg["weight_decay"])
+    sched = make_scheduler(opt, cfg["schedule"], cfg["warmup_steps"], steps)
     schedule = eval_schedule(cfg)
     margins_work = work / "margins"
     rows: list[dict] = []
     start = 0
     if state_path.exists():
-        st = torch.load(state_path, weights_only=False)
-        model.load_state_dict(st["model"])
+        st = torch.load(state_path, weights_only=False, map_location=device)
+        with torch.no_grad():
+            for name, value in st["params"].items():
+                params[name].copy_(value)
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         _set_rng_state(st["rng"])
         rows, start = st["metrics"], st["step"]
         log.info("resuming from step %d (%s)", start, state_path)
+    log.info("dpo: %s, regime %s, %d trainable parameters, %d train / %d test pairs, batch %d, %d steps, seed %d",
+             loss_name(cfg), cfg["regime"], sum(p.numel() for p in params.values()), n_train, len(test), bsz, steps, seed)
 
     def checkpoint(step: int) -> tuple[float, float]:
-        lp = eval_logps(model, enc, cfg).cpu().numpy()
+        lp = policy.eval_all().cpu().numpy().astype(np.float64)
         df = margins_frame(step, pairs, lp, ref, cfg["beta"])
         tables.write_margins_checkpoint(df, margins_work, step)
         err = (df["margin"] <= 0).groupby(df["split"]).mean()
@@ -191,26 +277,26 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
     if start == 0:
         tr, te = checkpoint(0)
         rows = [{**empty, "step": 0, "epoch": 0.0, "train_error": tr, "test_error": te, "elapsed_s": 0.0}]
-    model.train()
-    prog = Progress(cfg["steps"], "dpo", every=cfg["log_every"], start_step=start)
+    policy.model.train()
+    prog = Progress(steps, "dpo", every=cfg["log_every"], start_step=start)
     elapsed0 = rows[-1]["elapsed_s"] if rows else 0.0
-    for step in range(start, cfg["steps"]):
+    for step in range(start, steps):
         idx = batch_indices(step, n_train, bsz, seed)
         lr = sched.get_last_lr()[0]
         opt.zero_grad(set_to_none=True)
         stats = np.zeros(7)
         for chunk in np.array_split(idx, accum):
-            lp = pair_logps(model, enc, chunk)
-            r = ref_t[torch.as_tensor(chunk, device=device)]
+            lp = policy.logps(chunk)
+            r = ref_t[torch.as_tensor(chunk, device=device)].to(lp.dtype)
             h = (lp[:, 0] - lp[:, 1]) - (r[:, 0] - r[:, 1])
             loss = dpo_loss(h, cfg["beta"], cfg["loss"], cfg["label_smoothing"]).sum() / len(idx)
             loss.backward()
             with torch.no_grad():
                 rc, rr = cfg["beta"] * (lp[:, 0] - r[:, 0]), cfg["beta"] * (lp[:, 1] - r[:, 1])
-                stats += np.array([float(loss) * len(idx), float(rc.sum()), float(rr.sum()), float((rc - rr).sum()),
-                                   float((rc > rr).float().sum()), float(lp[:, 0].sum()), float(lp[:, 1].sum())])
+                stats += np.array([loss.item() * len(idx), rc.sum().item(), rr.sum().item(), (rc - rr).sum().item(),
+                                   (rc > rr).sum().item(), lp[:, 0].sum().item(), lp[:, 1].sum().item()])
         clip = cfg["max_grad_norm"] or float("inf")
-        gn = float(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip))
+        gn = float(torch.nn.utils.clip_grad_norm_(list(params.values()), clip))
         opt.step()
         sched.step()
         s = stats / len(idx)
@@ -224,9 +310,9 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
         if done in schedule:
             row["train_error"], row["test_error"] = checkpoint(done)
         rows.append(row)
-        if cfg["save_every"] and (done % cfg["save_every"] == 0) and done < cfg["steps"]:
+        if cfg["save_every"] and (done % cfg["save_every"] == 0) and done < steps:
             with atomic_path(state_path) as tmp:
-                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                torch.save({"params": {n: p.detach() for n, p in params.items()}, "optimizer": opt.state_dict(),
                             "scheduler": sched.state_dict(), "rng": _rng_state(), "step": done,
                             "metrics": rows}, tmp)
     present = sorted(int(p.name.split("=")[1]) for p in margins_work.glob("step=*"))
@@ -234,10 +320,15 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
     if missing:
         raise RuntimeError(f"margin checkpoints missing for steps {missing} in {margins_work}")
     with atomic_dir(out_margins) as tmp:
-        for s in schedule:
-            shutil.copytree(margins_work / f"step={s}", Path(tmp) / f"step={s}")
+        for s_ in schedule:
+            shutil.copytree(margins_work / f"step={s_}", Path(tmp) / f"step={s_}")
     tables.write_metrics(pd.DataFrame(rows), out_metrics)
+    info = {"seed": seed, "loss": loss_name(cfg), "regime": cfg["regime"], "steps": steps, "batch_size": bsz,
+            "n_train": n_train, "n_test": len(test), "trainable_parameters": int(sum(p.numel() for p in params.values())),
+            "checkpoints": schedule, "torch": torch.__version__, "device": str(device), "dtype": cfg["dtype"]}
+    if out_info:
+        write_json(info, out_info)
     shutil.rmtree(work)
     last = rows[-1]
-    log.info("dpo done: %d steps, train error %.3f, test error %.3f", cfg["steps"], last["train_error"], last["test_error"])
-    return {"steps": cfg["steps"], "loss_name": loss_name(cfg)}
+    log.info("dpo done: %d steps, train error %.3f, test error %.3f", steps, last["train_error"], last["test_error"])
+    return info

@@ -117,8 +117,13 @@ def backbone_and_head(model):
     return inner.base_model, inner.get_output_embeddings(), inner
 
 
-def _head_logits(inner, head, h: torch.Tensor) -> torch.Tensor:
-    logits = head(h).float()
+def compute_dtype(model) -> torch.dtype:
+    """Log-probs and features are fp32 whatever the model's dtype, fp64 when the model is fp64."""
+    return torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
+
+
+def _head_logits(inner, head, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    logits = head(h).to(dtype)
     scale = getattr(inner, "logit_scale", None)
     if isinstance(scale, (int, float)) and scale != 1:
         logits = logits * scale
@@ -128,38 +133,45 @@ def _head_logits(inner, head, h: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def forward_rows(model, enc: EncodedPairs, row_ids, pair_slot: dict[int, int], out: torch.Tensor,
-                 feats: torch.Tensor | None) -> torch.Tensor:
-    """One forward pass over rows ``row_ids``; adds their token log-probs into ``out[pair_slot[pair]]``."""
-    backbone, head, inner = backbone_and_head(model)
-    device = out.device
+def _token_logps(model, h: torch.Tensor, tok: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """log p(tok | h) through the LM head, for hidden states ``h`` (T, d) at target positions."""
+    _, head, inner = backbone_and_head(model)
+    logp = torch.log_softmax(_head_logits(inner, head, h, dtype), dim=-1)
+    return logp.gather(1, tok[:, None]).squeeze(1)
+
+
+def _rows_hidden(model, enc: EncodedPairs, row_ids):
+    """One forward pass of the backbone over ``row_ids``: the hidden states at every target position,
+    with each target's token and (row, slot), and the padded hidden states."""
+    backbone, _, _ = backbone_and_head(model)
+    device = next(model.parameters()).device
     L = max(len(enc.rows[r]) for r in row_ids)
     ids = torch.full((len(row_ids), L), enc.pad_id, dtype=torch.long)
     mask = torch.zeros((len(row_ids), L), dtype=torch.long)
-    b_idx, p_idx, tok, dest = [], [], [], []
     for b, r in enumerate(row_ids):
         n = len(enc.rows[r])
         ids[b, :n] = torch.as_tensor(enc.rows[r])
         mask[b, :n] = 1
-        tg = enc.row_targets[r]
-        b_idx.append(np.full(len(tg), b))
-        p_idx.append(tg[:, 0])
-        tok.append(tg[:, 1])
-        dest.append(pair_slot[int(enc.row_pair[r])] * 2 + tg[:, 2])
+    tg = [enc.row_targets[r] for r in row_ids]
+    b_idx = torch.as_tensor(np.concatenate([np.full(len(t), b) for b, t in enumerate(tg)]), device=device)
+    t = torch.as_tensor(np.concatenate(tg), device=device)
     hidden = backbone(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
-    b_idx = torch.as_tensor(np.concatenate(b_idx), device=device)
-    p_idx = torch.as_tensor(np.concatenate(p_idx), device=device)
-    tok = torch.as_tensor(np.concatenate(tok), device=device)
-    dest = torch.as_tensor(np.concatenate(dest), device=device)
-    logp = torch.log_softmax(_head_logits(inner, head, hidden[b_idx, p_idx]), dim=-1)
-    token_lp = logp.gather(1, tok[:, None]).squeeze(1)
-    out = out.view(-1).index_add(0, dest, token_lp).view(-1, 2)
+    return hidden[b_idx, t[:, 0]], t[:, 1], b_idx, t[:, 2], hidden
+
+
+def forward_rows(model, enc: EncodedPairs, row_ids, pair_slot: dict[int, int], out: torch.Tensor,
+                 feats: torch.Tensor | None) -> torch.Tensor:
+    """One forward pass over rows ``row_ids``; adds their token log-probs into ``out[pair_slot[pair]]``."""
+    h, tok, b_idx, slot, hidden = _rows_hidden(model, enc, row_ids)
+    rows_slot = torch.as_tensor([pair_slot[int(enc.row_pair[r])] for r in row_ids], device=out.device)
+    dest = rows_slot[b_idx] * 2 + slot
+    out = out.view(-1).index_add(0, dest, _token_logps(model, h, tok, out.dtype)).view(-1, 2)
     if feats is not None:
         for b, r in enumerate(row_ids):
             pair = int(enc.row_pair[r])
             fr, fp = enc.feature_at[pair]
             if fr == r:
-                feats[pair_slot[pair]] = hidden[b, fp].detach().float()
+                feats[pair_slot[pair]] = hidden[b, fp].detach().to(feats.dtype)
     return out
 
 
@@ -173,16 +185,77 @@ def pair_logps(model, enc: EncodedPairs, pairs=None, *, batch_rows: int | None =
     """
     pairs = np.arange(enc.n_pairs) if pairs is None else np.asarray(pairs)
     device = next(model.parameters()).device
+    dtype = compute_dtype(model)
     pair_slot = {int(p): j for j, p in enumerate(pairs)}
     row_ids = np.array([r for p in pairs for r in enc.pair_rows[int(p)]], dtype=np.int64)
     if sort:
         row_ids = row_ids[np.argsort(-enc.lengths()[row_ids], kind="stable")]
-    out = torch.zeros((len(pairs), 2), dtype=torch.float32, device=device)
+    out = torch.zeros((len(pairs), 2), dtype=dtype, device=device)
     feats = None
     if features:
         d = backbone_and_head(model)[1].weight.shape[1]
-        feats = torch.zeros((len(pairs), d), dtype=torch.float32, device=device)
+        feats = torch.zeros((len(pairs), d), dtype=dtype, device=device)
     step = batch_rows or len(row_ids)
     for s in range(0, len(row_ids), step):
         out = forward_rows(model, enc, row_ids[s:s + step], pair_slot, out, feats)
     return (out, feats) if features else out
+
+
+# ------------------------------------------------------------------ last-layer regime: cached features
+
+
+@dataclass
+class TargetCache:
+    """Frozen backbone outputs at every target position of every pair, grouped by pair.
+
+    With only the LM head training, log π(y|x) depends on the head alone once these are known, so training
+    and every margin checkpoint run on them: a matrix product instead of a forward pass."""
+
+    hidden: torch.Tensor  # (T, d)
+    token: torch.Tensor  # (T,)
+    slot: torch.Tensor  # (T,) 0 chosen, 1 rejected
+    offsets: np.ndarray  # (n_pairs + 1,): targets of pair p are offsets[p]:offsets[p+1]
+
+    def select(self, pairs: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Target indices of ``pairs`` and the position of each target's pair within ``pairs``."""
+        counts = self.offsets[pairs + 1] - self.offsets[pairs]
+        idx = np.concatenate([np.arange(self.offsets[p], self.offsets[p + 1]) for p in pairs])
+        owner = np.repeat(np.arange(len(pairs)), counts)
+        dev = self.hidden.device
+        return torch.as_tensor(idx, device=dev), torch.as_tensor(owner, device=dev)
+
+
+@torch.no_grad()
+def cache_targets(model, enc: EncodedPairs, batch_rows: int | None = None) -> TargetCache:
+    """One pass of the (frozen) backbone over all pairs, keeping the hidden state at each target."""
+    dtype = compute_dtype(model)
+    order = np.argsort(-enc.lengths(), kind="stable")
+    step = batch_rows or len(order)
+    parts_h, parts_tok, parts_pair, parts_slot = [], [], [], []
+    for s in range(0, len(order), step):
+        rows = order[s:s + step]
+        h, tok, b_idx, slot, _ = _rows_hidden(model, enc, rows)
+        parts_h.append(h.to(dtype))
+        parts_tok.append(tok)
+        parts_pair.append(torch.as_tensor(enc.row_pair[rows], device=h.device)[b_idx])
+        parts_slot.append(slot)
+    pair = torch.cat(parts_pair)
+    perm = torch.sort(pair, stable=True).indices
+    counts = np.bincount(pair.cpu().numpy(), minlength=enc.n_pairs)
+    return TargetCache(torch.cat(parts_h)[perm], torch.cat(parts_tok)[perm], torch.cat(parts_slot)[perm],
+                       np.concatenate([[0], np.cumsum(counts)]))
+
+
+def cached_logps(model, cache: TargetCache, pairs=None, *, batch_targets: int | None = None) -> torch.Tensor:
+    """As ``pair_logps``, from cached backbone outputs through the model's (training) LM head."""
+    n = len(cache.offsets) - 1
+    pairs = np.arange(n) if pairs is None else np.asarray(pairs)
+    idx, owner = cache.select(pairs)
+    dtype = compute_dtype(model)
+    out = torch.zeros(len(pairs) * 2, dtype=dtype, device=cache.hidden.device)
+    step = batch_targets or len(idx)
+    for s in range(0, len(idx), step):
+        i = idx[s:s + step]
+        lp = _token_logps(model, cache.hidden[i], cache.token[i], dtype)
+        out = out.index_add(0, owner[s:s + step] * 2 + cache.slot[i], lp)
+    return out.view(-1, 2)

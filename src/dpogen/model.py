@@ -18,7 +18,7 @@ from .io import atomic_dir
 
 SPECIAL = {"eos": "<|endoftext|>", "pad": "<|pad|>"}
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 def seed_everything(seed: int) -> None:

@@ -25,13 +25,15 @@ PAIRS = pa.schema(
     ]
 )
 
+# Log-probs are computed in fp32 (fp64 when the model runs in fp64) and stored as float64, so the stored
+# values are exactly the computed ones in either case.
 # Reference log-probs (dpo/ref_logps.parquet): one row per pair, computed once from the reference model.
 REF_LOGPS = pa.schema(
     [
         ("sample_id", pa.string()),
         ("split", pa.string()),
-        ("ref_logp_chosen", pa.float32()),
-        ("ref_logp_rejected", pa.float32()),
+        ("ref_logp_chosen", pa.float64()),
+        ("ref_logp_rejected", pa.float64()),
         ("n_tokens_chosen", pa.int32()),
         ("n_tokens_rejected", pa.int32()),
     ]
@@ -45,10 +47,10 @@ MARGINS = pa.schema(
         ("sample_id", pa.string()),
         ("concept", pa.string()),
         ("cluster", pa.int8()),
-        ("logp_chosen", pa.float32()),
-        ("logp_rejected", pa.float32()),
-        ("ref_logp_chosen", pa.float32()),
-        ("ref_logp_rejected", pa.float32()),
+        ("logp_chosen", pa.float64()),
+        ("logp_rejected", pa.float64()),
+        ("ref_logp_chosen", pa.float64()),
+        ("ref_logp_rejected", pa.float64()),
         ("reward_chosen", pa.float64()),
         ("reward_rejected", pa.float64()),
         ("margin", pa.float64()),

@@ -187,3 +187,59 @@ def run_theory(train: pd.DataFrame, card: dict, features: np.ndarray, ref_split:
         "bounds": bounds_table(K, Q, N, conds, cfg["failure_constant_c"]),
         "certificates": certificates(margins, cfg["confidence"]),
     }
+
+
+# ------------------------------------------------------------------------------- predicted dynamics
+
+
+def loss_weight(r: np.ndarray, beta: float, loss: str = "sigmoid", label_smoothing: float = 0.0) -> np.ndarray:
+    """−f′(r) for a per-pair loss f(r) (THEORY.md section 2: σ(−r) for DPO's sigmoid loss)."""
+    from scipy.special import expit
+
+    if loss == "sigmoid":
+        return (1 - label_smoothing) * expit(-r) - label_smoothing * expit(r)
+    if loss == "ipo":  # f = (r/β − 1/(2β))²
+        return -2.0 * (r / beta - 1.0 / (2 * beta)) / beta
+    if loss == "hinge":  # f = max(0, 1 − r)
+        return (r < 1).astype(float)
+    raise ValueError(f"unknown loss {loss!r}")
+
+
+def predicted_margins(g_train, w_train, l_train, g_all, w_all, l_all, *, beta: float, lr: float, steps: int,
+                      checkpoints, loss: str = "sigmoid", label_smoothing: float = 0.0) -> dict[int, np.ndarray]:
+    """Margins of every pair (train or unseen) under full-batch gradient descent on the LM head alone,
+    from the recursion of THEORY.md section 2, in fp64:
+
+        r_j(k+1) = r_j(k) + η (β²/N) Σ_i −f′(r_i(k)) C_ij,   C_ij = (y_w,j − y_l,j)ᵀ(y_w,i − y_l,i) · g_iᵀ g_j.
+
+    C is never formed: Σ_i v_i C_ij = (y_w,j − y_l,j)ᵀ M g_j with M = Σ_i v_i (y_w,i − y_l,i) g_iᵀ, kept
+    only on the rows of tokens that occur, so a step costs O((N + n) d) memory and time.
+    ``w_*``/``l_*`` are the chosen/rejected token ids; the training pairs must be the first N of ``*_all``.
+    """
+    g_train, g_all = np.asarray(g_train, np.float64), np.asarray(g_all, np.float64)
+    toks, inv = np.unique(np.concatenate([w_train, l_train, w_all, l_all]), return_inverse=True)
+    n_tr, n_all = len(w_train), len(w_all)
+    wt, lt = inv[:n_tr], inv[n_tr: 2 * n_tr]
+    wa, la = inv[2 * n_tr: 2 * n_tr + n_all], inv[2 * n_tr + n_all:]
+    r_all = np.zeros(n_all)
+    r_tr = np.zeros(n_tr)
+    out = {0: r_all.copy()} if 0 in checkpoints else {}
+    scale = lr * beta**2 / n_tr
+    for k in range(1, steps + 1):
+        v = loss_weight(r_tr, beta, loss, label_smoothing)
+        Mt = np.zeros((len(toks), g_train.shape[1]))
+        np.add.at(Mt, wt, v[:, None] * g_train)
+        np.add.at(Mt, lt, -v[:, None] * g_train)
+        r_all = r_all + scale * (np.einsum("nd,nd->n", Mt[wa], g_all) - np.einsum("nd,nd->n", Mt[la], g_all))
+        r_tr = r_all[:n_tr]
+        if k in checkpoints:
+            out[k] = r_all.copy()
+    return out
+
+
+def envelope(beta: float, K: int, tau_steps_per_unit: float) -> dict[str, float]:
+    """v3 Theorem 4.1's envelope in steps: r_L = β² t/(8Kτ), r_U = 5β² t/(Kτ) up to τ_1 = Kτ log3/(5β²);
+    with full-batch GD of step η, t/τ = η k, so slopes per step are β²η/(8K) and 5β²η/K."""
+    eta = tau_steps_per_unit
+    return {"r_L_per_step": beta**2 * eta / (8 * K), "r_U_per_step": 5 * beta**2 * eta / K,
+            "tau1_steps": K * math.log(3) / (5 * beta**2 * eta)}

@@ -1,0 +1,104 @@
+"""Training regimes: last_layer (the theorems' regime, checked against the recursion exactly), lora, autocast."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from dpogen import dpo, tables
+from dpogen import model as M
+from dpogen import theory as T
+from dpogen.data import validate_pairs
+from dpogen.logprobs import encode_pairs
+from dpogen.synthetic import generate
+from tests.conftest import REPO
+
+
+def dpo_cfg(**kw):
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["dpo"]
+    cfg.update(save_every=0, log_every=5, **kw)
+    return cfg
+
+
+def train_run(tmp_path, model_dir, spec, cfg, k=2, q=6):
+    train, test = generate(k, q, 3, spec)
+    train, test = validate_pairs(train, "train"), validate_pairs(test, "test")
+    dpo.compute_reference(model_dir, train, test, cfg, tmp_path / "ref.parquet", tmp_path / "feat.npy")
+    dpo.train_dpo(model_dir, train, test, tmp_path / "ref.parquet", cfg, 0, tmp_path / "m", tmp_path / "x.parquet",
+                  tmp_path / "w", out_info=tmp_path / "run.json")
+    return train, test, tables.read_margins(tmp_path / "m")
+
+
+@pytest.mark.parametrize("loss,extra", [("sigmoid", {}), ("sigmoid", {"label_smoothing": 0.1}), ("hinge", {}),
+                                        ("ipo", {})])
+def test_last_layer_margins_equal_the_recursion(tmp_path, tiny_model_dir, spec, loss, extra):
+    """THEORY.md section 2: with the head alone training by full-batch GD, single-token answers and no
+    weight decay, margins follow r_j(k+1) = r_j(k) + η(β²/N) Σ_i −f′(r_i) C_ij exactly, for train and
+    held-out pairs alike."""
+    beta, lr, steps = 0.5, (0.002 if loss == "ipo" else 0.1), 24
+    cfg = dpo_cfg(regime="last_layer", optimizer="sgd", lr=lr, beta=beta, batch_size="full", steps=steps,
+                  eval_every=6, max_grad_norm=None, weight_decay=0.0, append_eos=False, dtype="float64",
+                  loss=loss, **extra)
+    train, test, m = train_run(tmp_path, tiny_model_dir, spec, cfg)
+    _, tok = M.load(tiny_model_dir)
+    pairs = pd.concat([train, test], ignore_index=True)
+    enc = encode_pairs(tok, pairs["prompt"], pairs["chosen"], pairs["rejected"], append_eos=False)
+    assert enc.fused.all()  # single-token responses after the same prompt
+    w = np.array([t[0, 1] for t in enc.row_targets])
+    lo = np.array([t[1, 1] for t in enc.row_targets])
+    g = np.load(tmp_path / "feat.npy")  # g(x) from the reference pass (same row order as pairs)
+    assert g.dtype == np.float64
+    n = len(train)
+    pred = T.predicted_margins(g[:n], w[:n], lo[:n], g, w, lo, beta=beta, lr=lr, steps=steps,
+                               checkpoints=range(0, steps + 1, 6), loss=loss, **{k: v for k, v in extra.items()})
+    order = pd.Series(range(len(pairs)), index=pairs["sample_id"])
+    for step, r_pred in pred.items():
+        got = m[m["step"] == step].set_index("sample_id")["margin"]
+        r_meas = got.loc[pairs["sample_id"]].to_numpy()
+        if step == 0:
+            assert (r_meas == 0).all()
+            continue
+        rel = np.linalg.norm(r_meas - r_pred) / np.linalg.norm(r_pred)
+        assert rel < 1e-6, (step, rel)
+        assert np.abs(r_pred).max() > 1e-3  # the margins really moved
+    assert order.size == len(pairs)
+
+
+def test_last_layer_trains_only_an_untied_head(tmp_path, tiny_gpt2_dir, spec):
+    model, _ = M.load(tiny_gpt2_dir)
+    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    emb = model.get_input_embeddings().weight.detach().clone()
+    dpo.untie_head(model)
+    assert model.get_output_embeddings().weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()
+    torch.testing.assert_close(model.get_output_embeddings().weight, emb)
+    cfg = dpo_cfg(regime="last_layer", steps=4, eval_every=2, optimizer="adam", lr=1e-2)
+    _, _, m = train_run(tmp_path, tiny_gpt2_dir, spec, cfg)
+    assert (m.loc[m["step"] == 0, "margin"] == 0).all()
+    assert (m.loc[m["step"] == 4, "margin"] != 0).all()
+    info = yaml.safe_load((tmp_path / "run.json").read_text())
+    assert info["regime"] == "last_layer" and info["trainable_parameters"] == model.get_output_embeddings().weight.numel()
+
+
+def test_lora_trains_adapters(tmp_path, tiny_model_dir, spec):
+    cfg = dpo_cfg(regime="lora", steps=4, eval_every=2, lr=5e-3,
+                  lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]})
+    _, _, m = train_run(tmp_path, tiny_model_dir, spec, cfg)
+    assert (m.loc[m["step"] == 0, "margin"] == 0).all()
+    assert (m.loc[m["step"] == 4, "margin"].abs() > 0).all()
+    info = yaml.safe_load((tmp_path / "run.json").read_text())
+    base, _ = M.load(tiny_model_dir)
+    assert 0 < info["trainable_parameters"] < sum(p.numel() for p in base.parameters()) / 10
+
+
+def test_autocast_keeps_logps_fp32(tmp_path, tiny_model_dir, spec):
+    cfg = dpo_cfg(autocast="bfloat16", steps=2, eval_every=1)
+    _, _, m = train_run(tmp_path, tiny_model_dir, spec, cfg)
+    assert (m.loc[m["step"] == 0, "margin"] == 0).all()
+    assert np.isfinite(m["margin"]).all()
+
+
+def test_epochs_set_the_number_of_steps(tmp_path, tiny_model_dir, spec):
+    cfg = dpo_cfg(epochs=1.5, batch_size=8, eval_every=None, eval_steps=[])
+    train, _, m = train_run(tmp_path, tiny_model_dir, spec, cfg)  # 24 train pairs: 1.5 epochs = 36 = 4.5 batches
+    assert sorted(m["step"].unique()) == [0, 5]
