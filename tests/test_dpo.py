@@ -12,10 +12,15 @@ from dpogen.synthetic import generate
 from tests.conftest import REPO
 
 
+def L(h, beta, *a, **kw):
+    """dpo_loss for a given log-ratio difference h (chosen ratio h, rejected ratio 0)."""
+    return dpo.dpo_loss(h, torch.zeros_like(h), beta, *a, **kw)
+
+
 def test_sigmoid_loss_is_minus_log_sigmoid_of_margin():
     h = torch.tensor([-2.0, 0.0, 0.5, 3.0])
     beta = 0.1
-    got = dpo.dpo_loss(h, beta)
+    got = L(h, beta)
     want = torch.tensor([math.log1p(math.exp(-beta * x)) for x in h.tolist()])
     assert torch.allclose(got, want, atol=1e-7)
     assert got[1] == pytest.approx(math.log(2))
@@ -25,20 +30,27 @@ def test_loss_variants():
     h = torch.tensor([-1.0, 0.0, 2.0, 30.0])
     beta, eps = 0.5, 0.2
     r = beta * h
-    cdpo = dpo.dpo_loss(h, beta, "sigmoid", eps)
+    cdpo = L(h, beta, "sigmoid", eps)
     want = -(1 - eps) * torch.log(torch.sigmoid(r)) - eps * torch.log(torch.sigmoid(-r))
     assert torch.allclose(cdpo, want, atol=1e-6)
-    assert torch.allclose(dpo.dpo_loss(h, beta, "ipo"), (h - 1 / (2 * beta)) ** 2)
-    assert torch.allclose(dpo.dpo_loss(h, beta, "hinge"), torch.clamp(1 - r, min=0))
+    robust = L(h, beta, "robust", eps)
+    want = (-(1 - eps) * torch.log(torch.sigmoid(r)) + eps * torch.log(torch.sigmoid(-r))) / (1 - 2 * eps)
+    assert torch.allclose(robust, want, atol=1e-6)
+    assert torch.allclose(L(h, beta, "ipo"), (h - 1 / (2 * beta)) ** 2)
+    assert torch.allclose(L(h, beta, "hinge"), torch.clamp(1 - r, min=0))
+    # TRL's IPO: each log-ratio divided by its response's token count
+    rc, rr, n = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 1.0]), torch.tensor([[2.0, 4.0], [1.0, 3.0]])
+    want = (rc / n[:, 0] - rr / n[:, 1] - 1 / (2 * beta)) ** 2
+    assert torch.allclose(dpo.dpo_loss(rc, rr, beta, "ipo_norm", n_tokens=n), want)
     with pytest.raises(ValueError, match="unknown"):
-        dpo.dpo_loss(h, beta, "nope")
+        L(h, beta, "nope")
 
 
 def test_gradient_pushes_margin_up():
     h = torch.zeros(3, requires_grad=True)
-    for loss in ("sigmoid", "ipo", "hinge"):
+    for loss in ("sigmoid", "ipo", "hinge", "robust"):
         h.grad = None
-        dpo.dpo_loss(h, 0.1, loss).sum().backward()
+        L(h, 0.1, loss, 0.1 if loss == "robust" else 0.0).sum().backward()
         assert (h.grad < 0).all(), loss
 
 

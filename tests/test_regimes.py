@@ -31,6 +31,7 @@ def train_run(tmp_path, model_dir, spec, cfg, k=2, q=6):
 
 
 @pytest.mark.parametrize("loss,extra", [("sigmoid", {}), ("sigmoid", {"label_smoothing": 0.1}), ("hinge", {}),
+                                        ("robust", {"label_smoothing": 0.2}),
                                         ("ipo", {})])
 def test_last_layer_margins_equal_the_recursion(tmp_path, tiny_model_dir, spec, loss, extra):
     """THEORY.md section 2: with the head alone training by full-batch GD, single-token answers and no

@@ -28,28 +28,43 @@ from .io import atomic_dir, atomic_path, write_json
 from .logprobs import cache_targets, cached_logps, encode_pairs, pair_logps
 from .training import Progress, log, make_optimizer, make_scheduler
 
-LOSSES = ("sigmoid", "ipo", "hinge")
+LOSSES = ("sigmoid", "ipo", "ipo_norm", "hinge", "robust")
 
 
-def dpo_loss(h: torch.Tensor, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0) -> torch.Tensor:
-    """Per-pair DPO loss from h = (log π(y_w) − log π(y_l)) − (log π_ref(y_w) − log π_ref(y_l)).
+def dpo_loss(ratio_chosen: torch.Tensor, ratio_rejected: torch.Tensor, beta: float, loss_type: str = "sigmoid",
+             label_smoothing: float = 0.0, n_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-pair loss from the log-ratios log π(y|x) − log π_ref(y|x) of chosen and rejected.
 
+    With h = ratio_chosen − ratio_rejected (so the margin is r = βh):
     sigmoid: −(1−ε) log σ(βh) − ε log σ(−βh) (ε = label_smoothing: conservative DPO; ε = 0: DPO);
-    ipo: (h − 1/(2β))² on summed log-probs, as in the original DPO code; hinge: max(0, 1 − βh).
+    ipo: (h − 1/(2β))² on summed log-probs, as in the original DPO code;
+    ipo_norm: the same with each log-ratio divided by its response's token count (TRL's IPO);
+    hinge: max(0, 1 − βh); robust: (−(1−ε) log σ(βh) + ε log σ(−βh)) / (1 − 2ε) (TRL's "robust").
     """
+    h = ratio_chosen - ratio_rejected
     if loss_type == "sigmoid":
         return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
     if loss_type == "ipo":
         return (h - 1 / (2 * beta)) ** 2
+    if loss_type == "ipo_norm":
+        if n_tokens is None:
+            raise ValueError("dpo.loss ipo_norm needs the response token counts")
+        hn = ratio_chosen / n_tokens[:, 0] - ratio_rejected / n_tokens[:, 1]
+        return (hn - 1 / (2 * beta)) ** 2
     if loss_type == "hinge":
         return torch.relu(1 - beta * h)
+    if loss_type == "robust":
+        return (-(1 - label_smoothing) * F.logsigmoid(beta * h) + label_smoothing * F.logsigmoid(-beta * h)) \
+            / (1 - 2 * label_smoothing)
     raise ValueError(f"dpo.loss: unknown {loss_type!r} ({', '.join(LOSSES)})")
 
 
 def loss_name(cfg: dict) -> str:
     if cfg["loss"] == "sigmoid" and cfg["label_smoothing"] > 0:
         return f"cdpo(eps={cfg['label_smoothing']})"
-    return {"sigmoid": "dpo-sigmoid", "ipo": "ipo-summed", "hinge": "hinge"}[cfg["loss"]]
+    if cfg["loss"] == "robust":
+        return f"robust-dpo(eps={cfg['label_smoothing']})"
+    return {"sigmoid": "dpo-sigmoid", "ipo": "ipo-summed", "ipo_norm": "ipo-token-mean", "hinge": "hinge"}[cfg["loss"]]
 
 
 def eval_schedule(cfg: dict) -> list[int]:
@@ -246,6 +261,7 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
     policy = Policy(model, enc, cfg)
     device = next(policy.model.parameters()).device
     ref_t = torch.tensor(ref, device=device)
+    n_tokens = torch.tensor(enc.n_tokens, device=device)
     params = policy.trainable()
     opt = make_optimizer(cfg["optimizer"], params.values(), cfg["lr"], cfg["weight_decay"])
     sched = make_scheduler(opt, cfg["schedule"], cfg["warmup_steps"], steps)
@@ -288,8 +304,9 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
         for chunk in np.array_split(idx, accum):
             lp = policy.logps(chunk)
             r = ref_t[torch.as_tensor(chunk, device=device)].to(lp.dtype)
-            h = (lp[:, 0] - lp[:, 1]) - (r[:, 0] - r[:, 1])
-            loss = dpo_loss(h, cfg["beta"], cfg["loss"], cfg["label_smoothing"]).sum() / len(idx)
+            ntok = n_tokens[torch.as_tensor(chunk, device=device)]
+            loss = dpo_loss(lp[:, 0] - r[:, 0], lp[:, 1] - r[:, 1], cfg["beta"], cfg["loss"], cfg["label_smoothing"],
+                            ntok).sum() / len(idx)
             loss.backward()
             with torch.no_grad():
                 rc, rr = cfg["beta"] * (lp[:, 0] - r[:, 0]), cfg["beta"] * (lp[:, 1] - r[:, 1])

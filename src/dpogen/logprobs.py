@@ -3,8 +3,9 @@
 log π(y|x) is the sum, over the response tokens only, of log p(token | x, earlier tokens), computed in fp32
 whatever the model's dtype. Prompt and padding never count. Sequences are right-padded.
 
-The prompt/response boundary is found as TRL does: the response tokens of prompt+response are those past
-the longest common prefix of tokenize(prompt) and tokenize(prompt + response). An EOS token is appended to
+The prompt/response boundary is found as TRL does: the prompt is the longest common prefix of
+tokenize(prompt) with both tokenize(prompt + chosen) and tokenize(prompt + rejected); the rest of each is
+the response (a token that merges across the boundary counts as response). An EOS token is appended to
 each response unless ``append_eos`` is off (the paper's single-token " Yes"/" No" regime needs it off).
 
 When chosen and rejected are single tokens after the same prompt tokens, one forward pass over the prompt
@@ -80,15 +81,16 @@ def encode_pairs(tokenizer, prompts, chosen, rejected, *, append_eos: bool = Tru
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     rows, row_pair, row_targets, pair_rows, feature_at, n_tokens, fused = [], [], [], [], [], [], []
     for i, (p, c, r) in enumerate(zip(p_ids, c_ids, r_ids)):
-        cs, rs = _common_prefix(p, c), _common_prefix(p, r)
+        # one prompt length for both responses, as TRL: the shorter of the two common prefixes
+        cs = rs = min(_common_prefix(p, c), _common_prefix(p, r))
         c_full = list(c) + ([eos] if append_eos else [])
         r_full = list(r) + ([eos] if append_eos else [])
         nc, nr = len(c_full) - cs, len(r_full) - rs
-        if nc == 0 or nr == 0 or cs == 0 or rs == 0:
-            which = "prompt" if min(cs, rs) == 0 else ("chosen" if nc == 0 else "rejected")
+        if nc == 0 or nr == 0 or cs == 0:
+            which = "prompt" if cs == 0 else ("chosen" if nc == 0 else "rejected")
             raise EncodingError(f"{source}: row {i}, field '{which}': encodes to no tokens")
         n_tokens.append((nc, nr))
-        if fuse and nc == 1 and nr == 1 and cs == rs and c_full[:cs] == r_full[:rs]:
+        if fuse and nc == 1 and nr == 1:  # single tokens after the same prompt tokens
             ids = c_full[:cs]
             pos = cs - 1
             tg = np.array([[pos, c_full[cs], CHOSEN], [pos, r_full[rs], REJECTED]], dtype=np.int64)

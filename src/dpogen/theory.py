@@ -202,6 +202,8 @@ def loss_weight(r: np.ndarray, beta: float, loss: str = "sigmoid", label_smoothi
         return -2.0 * (r / beta - 1.0 / (2 * beta)) / beta
     if loss == "hinge":  # f = max(0, 1 − r)
         return (r < 1).astype(float)
+    if loss == "robust":  # f = (−(1−ε) log σ(r) + ε log σ(−r)) / (1 − 2ε)
+        return ((1 - label_smoothing) * expit(-r) + label_smoothing * expit(r)) / (1 - 2 * label_smoothing)
     raise ValueError(f"unknown loss {loss!r}")
 
 
