@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from . import model as M
 from . import tables
 from .io import atomic_dir, atomic_path, write_json
+from .distributed import Dist
 from .logprobs import cache_targets, cached_logps, encode_pairs, pair_logps
 from .training import Progress, log, make_optimizer, make_scheduler
 
@@ -99,13 +100,13 @@ def autocast(model, cfg: dict):
 
 
 @torch.no_grad()
-def eval_logps(model, enc, cfg: dict, features: bool = False):
-    """All pairs, in eval mode (dropout off), no gradients."""
+def eval_logps(model, enc, cfg: dict, features: bool = False, pairs=None):
+    """All pairs (or ``pairs``), in eval mode (dropout off), no gradients."""
     was = model.training
     model.eval()
     try:
         with autocast(model, cfg):
-            return pair_logps(model, enc, batch_rows=cfg["eval_batch_size"], features=features)
+            return pair_logps(model, enc, pairs, batch_rows=cfg["eval_batch_size"], features=features)
     finally:
         model.train(was)
 
@@ -207,11 +208,12 @@ class Policy:
             return pair_logps(self.model, self.enc, idx)
 
     @torch.no_grad()
-    def eval_all(self) -> torch.Tensor:
+    def eval_pairs(self, idx: np.ndarray) -> torch.Tensor:
+        """Log-probs of pairs ``idx`` in eval mode (dropout off), no gradients."""
         if self.cache is None:
-            return eval_logps(self.model, self.enc, self.cfg)
+            return eval_logps(self.model, self.enc, self.cfg, pairs=idx)
         with autocast(self.model, self.cfg):
-            return cached_logps(self.model, self.cache, batch_targets=self.cfg["eval_batch_size"])
+            return cached_logps(self.model, self.cache, idx, batch_targets=self.cfg["eval_batch_size"])
 
 
 def untie_head(model) -> None:
@@ -238,17 +240,20 @@ def total_steps(cfg: dict, n_train: int, bsz: int) -> int:
 def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path, cfg: dict, seed: int,
               out_margins, out_metrics, work_dir, out_info=None) -> dict:
     """DPO from the reference checkpoint ``ref_path``; writes the margins folder and the metrics table."""
+    dist = Dist(cfg["device"])
     work = Path(work_dir)
-    fp = fingerprint({"dpo": cfg, "seed": seed}, ref_logps_path)
+    fp = fingerprint({k: v for k, v in cfg.items() if k != "processes"} | {"seed": seed}, ref_logps_path)
     state_path = work / "state.pt"
-    if work.exists() and not (work / f"fingerprint-{fp}").exists():
-        log.info("work folder %s belongs to other settings: starting over", work)
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
-    (work / f"fingerprint-{fp}").touch()
+    if dist.main:
+        if work.exists() and not (work / f"fingerprint-{fp}").exists():
+            log.info("work folder %s belongs to other settings: starting over", work)
+            shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
+        (work / f"fingerprint-{fp}").touch()
+    dist.barrier()
 
     M.seed_everything(seed)
-    model, tok = M.load(ref_path, cfg["dtype"], cfg["device"])
+    model, tok = M.load(ref_path, cfg["dtype"], dist.device(cfg["device"]))
     pairs = _pairs(train, test)
     ref_df = pd.read_parquet(ref_logps_path).set_index("sample_id").loc[pairs["sample_id"]]
     ref = ref_df[["ref_logp_chosen", "ref_logp_rejected"]].to_numpy(np.float64)
@@ -283,7 +288,10 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
              loss_name(cfg), cfg["regime"], sum(p.numel() for p in params.values()), n_train, len(test), bsz, steps, seed)
 
     def checkpoint(step: int) -> tuple[float, float]:
-        lp = policy.eval_all().cpu().numpy().astype(np.float64)
+        mine = dist.shard(np.arange(len(pairs)))
+        lp = dist.gather_rows(len(pairs), mine, policy.eval_pairs(mine).cpu().numpy().astype(np.float64))
+        if not dist.main:
+            return math.nan, math.nan
         df = margins_frame(step, pairs, lp, ref, cfg["beta"])
         tables.write_margins_checkpoint(df, margins_work, step)
         err = (df["margin"] <= 0).groupby(df["split"]).mean()
@@ -301,7 +309,9 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
         lr = sched.get_last_lr()[0]
         opt.zero_grad(set_to_none=True)
         stats = np.zeros(7)
-        for chunk in np.array_split(idx, accum):
+        for chunk in np.array_split(dist.shard(idx), accum):
+            if len(chunk) == 0:
+                continue
             lp = policy.logps(chunk)
             r = ref_t[torch.as_tensor(chunk, device=device)].to(lp.dtype)
             ntok = n_tokens[torch.as_tensor(chunk, device=device)]
@@ -312,6 +322,8 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
                 rc, rr = cfg["beta"] * (lp[:, 0] - r[:, 0]), cfg["beta"] * (lp[:, 1] - r[:, 1])
                 stats += np.array([loss.item() * len(idx), rc.sum().item(), rr.sum().item(), (rc - rr).sum().item(),
                                    (rc > rr).sum().item(), lp[:, 0].sum().item(), lp[:, 1].sum().item()])
+        dist.sum_grads(params.values())
+        stats = dist.sum(stats)
         clip = cfg["max_grad_norm"] or float("inf")
         gn = float(torch.nn.utils.clip_grad_norm_(list(params.values()), clip))
         opt.step()
@@ -327,11 +339,19 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
         if done in schedule:
             row["train_error"], row["test_error"] = checkpoint(done)
         rows.append(row)
-        if cfg["save_every"] and (done % cfg["save_every"] == 0) and done < steps:
+        if dist.main and cfg["save_every"] and (done % cfg["save_every"] == 0) and done < steps:
             with atomic_path(state_path) as tmp:
                 torch.save({"params": {n: p.detach() for n, p in params.items()}, "optimizer": opt.state_dict(),
                             "scheduler": sched.state_dict(), "rng": _rng_state(), "step": done,
                             "metrics": rows}, tmp)
+    info = {"seed": seed, "loss": loss_name(cfg), "regime": cfg["regime"], "steps": steps, "batch_size": bsz,
+            "n_train": n_train, "n_test": len(test), "trainable_parameters": int(sum(p.numel() for p in params.values())),
+            "checkpoints": schedule, "processes": dist.world, "torch": torch.__version__, "device": str(device),
+            "dtype": cfg["dtype"]}
+    dist.barrier()
+    if not dist.main:
+        dist.close()
+        return info
     present = sorted(int(p.name.split("=")[1]) for p in margins_work.glob("step=*"))
     missing = sorted(set(schedule) - set(present))
     if missing:
@@ -340,12 +360,10 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
         for s_ in schedule:
             shutil.copytree(margins_work / f"step={s_}", Path(tmp) / f"step={s_}")
     tables.write_metrics(pd.DataFrame(rows), out_metrics)
-    info = {"seed": seed, "loss": loss_name(cfg), "regime": cfg["regime"], "steps": steps, "batch_size": bsz,
-            "n_train": n_train, "n_test": len(test), "trainable_parameters": int(sum(p.numel() for p in params.values())),
-            "checkpoints": schedule, "torch": torch.__version__, "device": str(device), "dtype": cfg["dtype"]}
     if out_info:
         write_json(info, out_info)
     shutil.rmtree(work)
     last = rows[-1]
     log.info("dpo done: %d steps, train error %.3f, test error %.3f", steps, last["train_error"], last["test_error"])
+    dist.close()
     return info
