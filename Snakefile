@@ -31,13 +31,10 @@ wildcard_constraints:
     run="|".join(RUNS),
 
 
-def rcfg(wildcards):
-    return run_config(config, wildcards.run)
-
-
 report: "report/workflow.rst"
 
 
+include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/sft.smk"
 include: "rules/dpo.smk"

@@ -1,11 +1,6 @@
 # Stage 3, dpo: reference log-probs once, then DPO training that records every pair's margin.
 
 
-def ref_settings(cfg):
-    """The DPO settings that change reference log-probs (not β, lr, ...: changing those keeps them)."""
-    return {k: cfg["dpo"][k] for k in ("append_eos", "dtype", "device", "eval_batch_size", "autocast")}
-
-
 rule ref_logps:
     input:
         ref=f"{RUN}/sft",
@@ -32,6 +27,7 @@ rule dpo:
         train=f"{RUN}/data/train.parquet",
         test=f"{RUN}/data/test.parquet",
         ref_logps=f"{RUN}/dpo/ref_logps.parquet",
+        ref_features=f"{RUN}/dpo/ref_features.npy",
     output:
         margins=directory(f"{RUN}/dpo/margins.parquet"),
         metrics=f"{RUN}/dpo/metrics.parquet",

@@ -21,13 +21,26 @@ def dpo_cfg(**kw):
     return cfg
 
 
-def train_run(tmp_path, model_dir, spec, cfg, k=2, q=6):
+def train_run(tmp_path, model_dir, spec, cfg, k=2, q=6, use_features=True):
     train, test = generate(k, q, 3, spec)
     train, test = validate_pairs(train, "train"), validate_pairs(test, "test")
     dpo.compute_reference(model_dir, train, test, cfg, tmp_path / "ref.parquet", tmp_path / "feat.npy")
     dpo.train_dpo(model_dir, train, test, tmp_path / "ref.parquet", cfg, 0, tmp_path / "m", tmp_path / "x.parquet",
-                  tmp_path / "w", out_info=tmp_path / "run.json")
+                  tmp_path / "w", out_info=tmp_path / "run.json",
+                  ref_features_path=tmp_path / "feat.npy" if use_features else None)
     return train, test, tables.read_margins(tmp_path / "m")
+
+
+@pytest.mark.parametrize("append_eos", [False, True])
+def test_last_layer_cache_from_reference_features_or_forward_pass(tmp_path, tiny_model_dir, spec, append_eos):
+    """Single-token pairs reuse the reference pass's g(x); multi-token pairs cache every target by a forward
+    pass. Either way the margins are those of the same head on the same hidden states."""
+    cfg = dpo_cfg(regime="last_layer", steps=6, eval_every=3, optimizer="adam", lr=1e-2, append_eos=append_eos)
+    _, _, a = train_run(tmp_path / "a", tiny_model_dir, spec, cfg, use_features=True)
+    _, _, b = train_run(tmp_path / "b", tiny_model_dir, spec, cfg, use_features=False)
+    assert (a.loc[a["step"] == 0, "margin"] == 0).all() and (b.loc[b["step"] == 0, "margin"] == 0).all()
+    np.testing.assert_allclose(a["margin"], b["margin"], atol=1e-6, rtol=0)
+    assert (a.loc[a["step"] == 6, "margin"] != 0).all()
 
 
 @pytest.mark.parametrize("loss,extra", [("sigmoid", {}), ("sigmoid", {"label_smoothing": 0.1}), ("hinge", {}),

@@ -26,7 +26,7 @@ from . import model as M
 from . import tables
 from .io import atomic_dir, atomic_path, write_json
 from .distributed import Dist
-from .logprobs import cache_targets, cached_logps, encode_pairs, pair_logps
+from .logprobs import TargetCache, cache_targets, cached_logps, encode_pairs, pair_logps
 from .training import Progress, log, make_optimizer, make_scheduler
 
 LOSSES = ("sigmoid", "ipo", "ipo_norm", "hinge", "robust")
@@ -178,7 +178,7 @@ class Policy:
     training step and checkpoint is a product with the head. lora: peft adapters on the configured modules.
     """
 
-    def __init__(self, model, enc, cfg: dict):
+    def __init__(self, model, enc, cfg: dict, features: np.ndarray | None = None):
         self.cfg, self.enc, self.regime = cfg, enc, cfg["regime"]
         self.cache = None
         if self.regime == "last_layer":
@@ -187,7 +187,12 @@ class Policy:
                 p.requires_grad_(False)
             for p in model.get_output_embeddings().parameters():
                 p.requires_grad_(True)
-            self.cache = cache_targets(model, enc, cfg["eval_batch_size"])
+            if features is not None and enc.fused.all():
+                # single-token answers: the reference pass's g(x) is the whole cache, no second forward pass
+                dev = next(model.parameters()).device
+                self.cache = TargetCache.from_features(enc, torch.as_tensor(features, device=dev))
+            else:
+                self.cache = cache_targets(model, enc, cfg["eval_batch_size"])
         elif self.regime == "lora":
             from peft import LoraConfig, get_peft_model
 
@@ -238,7 +243,7 @@ def total_steps(cfg: dict, n_train: int, bsz: int) -> int:
 
 
 def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path, cfg: dict, seed: int,
-              out_margins, out_metrics, work_dir, out_info=None) -> dict:
+              out_margins, out_metrics, work_dir, out_info=None, ref_features_path=None) -> dict:
     """DPO from the reference checkpoint ``ref_path``; writes the margins folder and the metrics table."""
     dist = Dist(cfg["device"])
     work = Path(work_dir)
@@ -263,7 +268,14 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
     steps = total_steps(cfg, n_train, bsz)
     cfg = {**cfg, "steps": steps}
     accum = int(cfg["grad_accum"])
-    policy = Policy(model, enc, cfg)
+    feats = None
+    if cfg["regime"] == "last_layer" and ref_features_path is not None:
+        feats = np.load(ref_features_path)
+        order = pd.read_parquet(ref_logps_path, columns=["sample_id"])["sample_id"].tolist()
+        if feats.shape[0] != len(pairs) or order != pairs["sample_id"].tolist():
+            raise ValueError(f"{ref_features_path}: rows do not match the pairs of this run ({feats.shape[0]} rows, "
+                             f"{len(pairs)} pairs)")
+    policy = Policy(model, enc, cfg, feats)
     device = next(policy.model.parameters()).device
     ref_t = torch.tensor(ref, device=device)
     n_tokens = torch.tensor(enc.n_tokens, device=device)

@@ -211,9 +211,11 @@ class TargetCache:
     """Frozen backbone outputs at every target position of every pair, grouped by pair.
 
     With only the LM head training, log π(y|x) depends on the head alone once these are known, so training
-    and every margin checkpoint run on them: a matrix product instead of a forward pass."""
+    and every margin checkpoint run on them: a matrix product instead of a forward pass. Targets that read
+    the same hidden state (chosen and rejected of a single-token pair) share one row."""
 
-    hidden: torch.Tensor  # (T, d)
+    hidden: torch.Tensor  # (R, d) distinct hidden states
+    row: torch.Tensor  # (T,) the hidden row each target reads
     token: torch.Tensor  # (T,)
     slot: torch.Tensor  # (T,) 0 chosen, 1 rejected
     offsets: np.ndarray  # (n_pairs + 1,): targets of pair p are offsets[p]:offsets[p+1]
@@ -221,10 +223,23 @@ class TargetCache:
     def select(self, pairs: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Target indices of ``pairs`` and the position of each target's pair within ``pairs``."""
         counts = self.offsets[pairs + 1] - self.offsets[pairs]
-        idx = np.concatenate([np.arange(self.offsets[p], self.offsets[p + 1]) for p in pairs])
         owner = np.repeat(np.arange(len(pairs)), counts)
+        first = np.cumsum(counts) - counts  # where each pair's targets start in the result
+        idx = self.offsets[pairs][owner] + np.arange(counts.sum()) - first[owner]
         dev = self.hidden.device
         return torch.as_tensor(idx, device=dev), torch.as_tensor(owner, device=dev)
+
+    @classmethod
+    def from_features(cls, enc: EncodedPairs, features: torch.Tensor) -> "TargetCache":
+        """For pairs that are all single-token (fused), g(x) per pair is the whole cache: no forward pass."""
+        if not enc.fused.all():
+            raise ValueError("features alone describe only single-token pairs")
+        tg = np.stack(enc.row_targets)  # (n, 2, 3): the two targets of each pair's one row
+        n = enc.n_pairs
+        dev = features.device
+        return cls(features, torch.arange(n, device=dev).repeat_interleave(2),
+                   torch.as_tensor(tg[:, :, 1].reshape(-1), device=dev), torch.as_tensor(tg[:, :, 2].reshape(-1), device=dev),
+                   np.arange(0, 2 * n + 1, 2))
 
 
 @torch.no_grad()
@@ -233,19 +248,25 @@ def cache_targets(model, enc: EncodedPairs, batch_rows: int | None = None) -> Ta
     dtype = compute_dtype(model)
     order = np.argsort(-enc.lengths(), kind="stable")
     step = batch_rows or len(order)
-    parts_h, parts_tok, parts_pair, parts_slot = [], [], [], []
+    parts_h, parts_row, parts_tok, parts_pair, parts_slot = [], [], [], [], []
+    n_rows = 0
     for s in range(0, len(order), step):
         rows = order[s:s + step]
-        h, tok, b_idx, slot, _ = _rows_hidden(model, enc, rows)
-        parts_h.append(h.to(dtype))
+        h, tok, b_idx, slot, hidden = _rows_hidden(model, enc, rows)
+        pos = torch.as_tensor(np.concatenate([enc.row_targets[r][:, 0] for r in rows]), device=h.device)
+        uniq, inv = torch.unique(b_idx * hidden.shape[1] + pos, return_inverse=True)
+        first = torch.zeros(len(uniq), dtype=torch.long, device=h.device).scatter_(0, inv, torch.arange(len(inv), device=h.device))
+        parts_h.append(h[first].to(dtype))
+        parts_row.append(inv + n_rows)
+        n_rows += len(uniq)
         parts_tok.append(tok)
         parts_pair.append(torch.as_tensor(enc.row_pair[rows], device=h.device)[b_idx])
         parts_slot.append(slot)
     pair = torch.cat(parts_pair)
     perm = torch.sort(pair, stable=True).indices
     counts = np.bincount(pair.cpu().numpy(), minlength=enc.n_pairs)
-    return TargetCache(torch.cat(parts_h)[perm], torch.cat(parts_tok)[perm], torch.cat(parts_slot)[perm],
-                       np.concatenate([[0], np.cumsum(counts)]))
+    return TargetCache(torch.cat(parts_h), torch.cat(parts_row)[perm], torch.cat(parts_tok)[perm],
+                       torch.cat(parts_slot)[perm], np.concatenate([[0], np.cumsum(counts)]))
 
 
 def cached_logps(model, cache: TargetCache, pairs=None, *, batch_targets: int | None = None) -> torch.Tensor:
@@ -256,8 +277,10 @@ def cached_logps(model, cache: TargetCache, pairs=None, *, batch_targets: int | 
     dtype = compute_dtype(model)
     out = torch.zeros(len(pairs) * 2, dtype=dtype, device=cache.hidden.device)
     step = batch_targets or len(idx)
+    _, head, inner = backbone_and_head(model)
     for s in range(0, len(idx), step):
         i = idx[s:s + step]
-        lp = _token_logps(model, cache.hidden[i], cache.token[i], dtype)
-        out = out.index_add(0, owner[s:s + step] * 2 + cache.slot[i], lp)
+        rows, inv = torch.unique(cache.row[i], return_inverse=True)  # each hidden state through the head once
+        logp = torch.log_softmax(_head_logits(inner, head, cache.hidden[rows], dtype), dim=-1)
+        out = out.index_add(0, owner[s:s + step] * 2 + cache.slot[i], logp[inv, cache.token[i]])
     return out.view(-1, 2)
