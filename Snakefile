@@ -46,6 +46,8 @@ rule all:
     default_target: True
     input:
         f"{OUT}/summary.csv",
+        f"{OUT}/summary.parquet",
+        f"{OUT}/fit.csv",
         f"{OUT}/summary.md",
         f"{OUT}/margins_by_run.png",
         f"{OUT}/error_vs_k.png",

@@ -1,5 +1,17 @@
 # Helpers shared by the stage files.
 
+MODEL = config["model"]
+# the workflow builds the base model (offline default) or converts a GGUF checkpoint once; a hub id or a
+# local folder is used where it is
+BUILDS_BASE = MODEL["source"] == "scratch" or bool(MODEL["pretrained"].get("gguf_file"))
+BASE = f"{OUT}/base_model" if BUILDS_BASE else MODEL["pretrained"]["path"]
+
+
+def base_input(wildcards=None):
+    """The base model as a file input when the workflow makes it, else nothing (it is a param)."""
+    return [BASE] if BUILDS_BASE else []
+
+
 
 def rcfg(wildcards):
     """The full config of the run named by the job's wildcards (the sweep's value filled in)."""

@@ -3,7 +3,7 @@
 
 rule data:
     input:
-        tokenizer=f"{OUT}/base_model",
+        base=base_input,
     output:
         train=f"{RUN}/data/train.parquet",
         test=f"{RUN}/data/test.parquet",
@@ -11,6 +11,7 @@ rule data:
         card_md=f"{RUN}/data/card.md",
     params:
         data=lambda w: rcfg(w)["data"],
+        tokenizer=BASE,
         code=code_hash("data"),
     log:
         f"{LOGS}/data/{{run}}.log",

@@ -1,4 +1,5 @@
-# Stage 2, sft: the base model (built from a config for the offline default) and the reference model.
+# Stage 2, sft: the base model (built from a config for the offline default, or converted from a GGUF
+# file once) and the reference model.
 
 
 rule base_model:
@@ -19,12 +20,13 @@ rule base_model:
 
 rule sft:
     input:
-        base=f"{OUT}/base_model",
+        base=base_input,
         train=f"{RUN}/data/train.parquet",
     output:
         directory(f"{RUN}/sft"),
     params:
-        sft=lambda w: rcfg(w)["sft"],
+        base=BASE,
+        sft=lambda w: {**rcfg(w)["sft"], "dtype": MODEL["dtype"]},
         seed=config["seed"],
         code=code_hash("sft"),
     threads: config["threads"]["train"]

@@ -13,8 +13,11 @@ rule theory:
         conditions=f"{RUN}/theory/conditions.parquet",
         certificates=f"{RUN}/theory/certificates.parquet",
         geometry=f"{RUN}/theory/geometry.parquet",
+        predicted=f"{RUN}/theory/predicted.parquet",
+        dynamics=f"{RUN}/theory/dynamics.parquet",
     params:
         theory=lambda w: rcfg(w)["theory"],
+        dpo=lambda w: rcfg(w)["dpo"],
         code=code_hash("theory"),
     log:
         f"{LOGS}/theory/{{run}}.log",

@@ -116,3 +116,34 @@ def test_epochs_set_the_number_of_steps(tmp_path, tiny_model_dir, spec):
     cfg = dpo_cfg(epochs=1.5, batch_size=8, eval_every=None, eval_steps=[])
     train, _, m = train_run(tmp_path, tiny_model_dir, spec, cfg)  # 24 train pairs: 1.5 epochs = 36 = 4.5 batches
     assert sorted(m["step"].unique()) == [0, 5]
+
+
+def test_theory_stage_predicts_the_measured_margins(tmp_path, tiny_model_dir, spec):
+    """The theory stage's dynamics: exact in the theorems' regime; a fitted time scale for Adam; no
+    prediction (with the reason) for multi-token answers."""
+    exact = dpo_cfg(regime="last_layer", optimizer="sgd", lr=0.1, beta=0.5, batch_size="full", steps=12,
+                    eval_every=4, max_grad_norm=None, weight_decay=0.0, append_eos=False, dtype="float64")
+    train, test, m = train_run(tmp_path / "a", tiny_model_dir, spec, exact)
+    ref = pd.read_parquet(tmp_path / "a" / "ref.parquet")
+    per_pair, dyn = T.dynamics(np.load(tmp_path / "a" / "feat.npy"), ref, m, exact, K=2)
+    assert dyn["method"].str.startswith("exact").all()
+    moved = per_pair[per_pair["step"] > 0]
+    assert np.abs(moved["predicted"] - moved["measured"]).max() < 1e-6 * np.abs(moved["measured"]).max()
+    assert set(dyn["split"]) == {"train", "test"} and len(dyn) == 2 * 4
+    assert (dyn["r_L"] <= dyn["r_U"]).all()
+
+    adam = dpo_cfg(regime="last_layer", optimizer="adam", lr=1e-2, batch_size="full", steps=12, eval_every=4,
+                   append_eos=False)
+    _, _, m2 = train_run(tmp_path / "b", tiny_model_dir, spec, adam)
+    per_pair, dyn = T.dynamics(np.load(tmp_path / "b" / "feat.npy"), pd.read_parquet(tmp_path / "b" / "ref.parquet"),
+                               m2, adam, K=2)
+    assert dyn["method"].str.contains("fitted").all() and np.isfinite(dyn["eta"]).all()
+    first = dyn[(dyn["step"] == 4) & (dyn["split"] == "train")].iloc[0]
+    # the slope at t = 0 is fitted to the first checkpoint, so there the two agree up to the curvature
+    assert first["predicted_margin"] == pytest.approx(first["measured_margin"], rel=0.05)
+
+    eos = dpo_cfg(steps=2, eval_every=1, append_eos=True)
+    _, _, m3 = train_run(tmp_path / "c", tiny_model_dir, spec, eos)
+    none, reason = T.dynamics(np.load(tmp_path / "c" / "feat.npy"), pd.read_parquet(tmp_path / "c" / "ref.parquet"),
+                              m3, eos, K=2)
+    assert none is None and "single tokens" in reason

@@ -1,4 +1,4 @@
-"""Snakemake adapter: rule base_model → tokenizer and model built from the config."""
+"""Snakemake adapter: rule base_model → a model built from the config, or a GGUF checkpoint converted once."""
 import sys
 from pathlib import Path
 
@@ -10,10 +10,14 @@ from dpogen.workflow import job  # noqa: E402
 
 with job(snakemake) as log:
     m = snakemake.params.model
-    arch = m["scratch"]
-    texts = corpus(snakemake.params.data, arch["corpus_per_cluster"])
-    tok = M.train_tokenizer(texts, arch["vocab_size"])
-    model = M.build_scratch(arch, tok, snakemake.params.seed)
-    M.save(model, tok, snakemake.output[0])
-    log.info("base model: %s, %d parameters, vocabulary %d", arch["arch"],
-             sum(p.numel() for p in model.parameters()), len(tok))
+    if m["source"] == "scratch":
+        arch = m["scratch"]
+        tok = M.train_tokenizer(corpus(snakemake.params.data, arch["corpus_per_cluster"]), arch["vocab_size"])
+        model = M.build_scratch(arch, tok, snakemake.params.seed)
+        M.save(model, tok, snakemake.output[0])
+        log.info("base model: %s built from the config, %d parameters, vocabulary %d", arch["arch"],
+                 sum(p.numel() for p in model.parameters()), len(tok))
+    else:
+        p = m["pretrained"]
+        M.convert_gguf(p["path"], p["gguf_file"], snakemake.output[0], m["dtype"])
+        log.info("base model: %s/%s converted to safetensors", p["path"], p["gguf_file"])

@@ -10,5 +10,5 @@ from dpogen.workflow import job  # noqa: E402
 with job(snakemake) as log:
     d = snakemake.params.data
     card = prepare(d, d["k"], snakemake.output.train, snakemake.output.test, snakemake.output.card,
-                   snakemake.output.card_md, tokenizer=load_tokenizer(snakemake.input.tokenizer))
+                   snakemake.output.card_md, tokenizer=load_tokenizer(snakemake.params.tokenizer))
     log.info("data: K=%d N=%d test=%d Z=%d", card["K"], card["N"], card["n_test"], card["Z"])

@@ -18,3 +18,7 @@ with job(snakemake):
                            json.loads(open(i.card).read()))
     report.write_summary_csv(s, snakemake.output.summary)
     report.plot_run(s, f"run {snakemake.wildcards.run}", snakemake.output.figure)
+    report.plot_geometry(pd.read_parquet(i.geometry), f"run {snakemake.wildcards.run}: g(x) of the reference model",
+                         snakemake.output.geometry)
+    report.plot_dynamics(pd.read_parquet(i.dynamics), f"run {snakemake.wildcards.run}: margins, measured and predicted",
+                         snakemake.output.dynamics)

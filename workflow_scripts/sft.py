@@ -10,5 +10,5 @@ from dpogen.sft import train_sft  # noqa: E402
 from dpogen.workflow import job  # noqa: E402
 
 with job(snakemake):
-    train_sft(snakemake.input.base, pd.read_parquet(snakemake.input.train), snakemake.params.sft,
+    train_sft(snakemake.params.base, pd.read_parquet(snakemake.input.train), snakemake.params.sft,
               snakemake.output[0], snakemake.params.seed)

@@ -15,6 +15,8 @@ with job(snakemake):
     meta = dict(snakemake.params.meta)
     meta["loss_name"] = loss_name(meta)
     report.write_summary_csv(s, snakemake.output.csv)
+    report.write_summary_parquet(s, snakemake.output.parquet)
+    report.write_summary_csv(report.fit_table(s), snakemake.output.fit)
     report.write_markdown(report.markdown(snakemake.params.experiment, s, meta), snakemake.output.md)
     report.plot_margins_across(s, snakemake.params.sweep_label, snakemake.output.margins)
     report.plot_error_vs_k(report.final_rows(s), snakemake.output.error)

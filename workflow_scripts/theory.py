@@ -16,9 +16,11 @@ from dpogen.workflow import job  # noqa: E402
 with job(snakemake):
     i, o = snakemake.input, snakemake.output
     ref = pd.read_parquet(i.ref_logps)
-    out = run_theory(pd.read_parquet(i.train), json.loads(open(i.card).read()), np.load(i.features),
-                     ref["split"].to_numpy(), tables.read_margins(i.margins), snakemake.params.theory)
+    out = run_theory(pd.read_parquet(i.train), json.loads(open(i.card).read()), np.load(i.features), ref,
+                     tables.read_margins(i.margins), snakemake.params.theory, snakemake.params.dpo)
     tables.write_bounds(out["bounds"], o.bounds)
     tables.write_conditions(out["conditions"], o.conditions)
     tables.write_certificates(out["certificates"], o.certificates)
     tables.write_geometry(out["geometry"], o.geometry)
+    tables.write_predicted(out["predicted"], o.predicted)
+    tables.write_dynamics(out["dynamics"], o.dynamics)

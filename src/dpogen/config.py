@@ -62,6 +62,8 @@ def check(cfg: dict) -> None:
 
     if cfg.get("sweep"):
         get(cfg, cfg["sweep"]["param"])
+    if cfg["model"]["source"] == "pretrained" and not cfg["model"]["pretrained"].get("path"):
+        raise ConfigError("model.pretrained.path: a pretrained model needs a hub id or a local folder")
     for run in runs(cfg):
         rc = run_config(cfg, run)
         try:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import random
 from collections import Counter
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 
@@ -299,6 +297,6 @@ def corpus(cfg: dict, per_cluster: int) -> list[str]:
 def load_tokenizer(path):
     if path is None:
         return None
-    from transformers import AutoTokenizer
+    from .model import load_tokenizer as load
 
-    return AutoTokenizer.from_pretrained(Path(path))
+    return load(path)

@@ -118,9 +118,13 @@ def compute_reference(ref_path, train: pd.DataFrame, test: pd.DataFrame, cfg: di
     enc = encode(tok, pairs, cfg)
     lp, feats = eval_logps(model, enc, cfg, features=True)
     lp = lp.cpu().numpy().astype(np.float64)
+    tokens = np.full((len(pairs), 2), -1, dtype=np.int64)
+    for i in np.flatnonzero(enc.fused):
+        tokens[i] = enc.row_targets[enc.pair_rows[i][0]][:, 1]
     df = pd.DataFrame({"sample_id": pairs["sample_id"], "split": pairs["split"],
                        "ref_logp_chosen": lp[:, 0], "ref_logp_rejected": lp[:, 1],
-                       "n_tokens_chosen": enc.n_tokens[:, 0], "n_tokens_rejected": enc.n_tokens[:, 1]})
+                       "n_tokens_chosen": enc.n_tokens[:, 0], "n_tokens_rejected": enc.n_tokens[:, 1],
+                       "token_chosen": tokens[:, 0], "token_rejected": tokens[:, 1]})
     tables.write_ref_logps(df, out_logps)
     with atomic_path(out_features) as tmp:
         with open(tmp, "wb") as f:

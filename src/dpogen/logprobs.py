@@ -198,9 +198,32 @@ def pair_logps(model, enc: EncodedPairs, pairs=None, *, batch_rows: int | None =
         d = backbone_and_head(model)[1].weight.shape[1]
         feats = torch.zeros((len(pairs), d), dtype=dtype, device=device)
     step = batch_rows or len(row_ids)
-    for s in range(0, len(row_ids), step):
+    chunks = range(0, len(row_ids), step)
+    tick = _Ticker(len(chunks), len(row_ids)) if len(chunks) >= 20 else None  # long passes log progress
+    for k, s in enumerate(chunks):
         out = forward_rows(model, enc, row_ids[s:s + step], pair_slot, out, feats)
+        if tick:
+            tick(k + 1, min(s + step, len(row_ids)))
     return (out, feats) if features else out
+
+
+class _Ticker:
+    """Logs a long forward pass about every tenth of the way: rows done, rows/s, time left."""
+
+    def __init__(self, n_chunks: int, n_rows: int):
+        import time
+
+        self.n_chunks, self.n_rows, self.t0, self.time = n_chunks, n_rows, time.perf_counter(), time.perf_counter
+        self.every = max(1, n_chunks // 10)
+
+    def __call__(self, k: int, rows: int) -> None:
+        if k % self.every and k != self.n_chunks:
+            return
+        import logging
+
+        dt = self.time() - self.t0
+        logging.getLogger("dpogen").info("log-prob pass: %d/%d rows, %.1f rows/s, elapsed %.0fs, left %.0fs", rows,
+                                         self.n_rows, rows / max(dt, 1e-9), dt, dt * (self.n_rows - rows) / max(rows, 1))
 
 
 # ------------------------------------------------------------------ last-layer regime: cached features

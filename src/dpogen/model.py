@@ -6,6 +6,7 @@ offline default goes through the same loading code as a real checkpoint.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -93,14 +94,67 @@ def save(model, tokenizer, folder, extra_files: dict[str, str] | None = None) ->
             (Path(tmp) / name).write_text(text)
 
 
-def load(path: str | os.PathLike, dtype: str = "float32", device: str = "cpu"):
-    """Load a causal LM and its tokenizer by path (or hub id) through ``from_pretrained``."""
+POINTER = "dpogen-model.json"
+
+# loading options of the run's model (model.attn_implementation, model.trust_remote_code, model.revision);
+# set once per process by the workflow scripts, used by every load
+LOAD_OPTIONS: dict = {}
+
+
+def resolve(path: str | os.PathLike) -> tuple[str, dict]:
+    """A folder written by ``save_pointer`` stands for the model it names (no copy of a large checkpoint)."""
+    p = Path(path)
+    if (p / POINTER).exists():
+        ref = json.loads((p / POINTER).read_text())
+        return ref["path"], ref.get("options", {})
+    return str(path), {}
+
+
+def save_pointer(target: str, folder, options: dict | None = None) -> None:
+    """A folder that ``load`` reads as the model ``target`` (a hub id or a path), e.g. the base model used
+    unchanged as the reference."""
+    with atomic_dir(folder) as tmp:
+        (Path(tmp) / POINTER).write_text(json.dumps({"path": str(target), "options": options or {}}, indent=2))
+
+
+def load(path: str | os.PathLike, dtype: str = "float32", device: str = "cpu", **options):
+    """Load a causal LM and its tokenizer by path or hub id through ``from_pretrained``.
+
+    Options (also taken from LOAD_OPTIONS): attn_implementation, trust_remote_code (off unless asked for),
+    revision, gguf_file.
+    """
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # job logs get our progress lines, not a bar per load
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    path, saved = resolve(path)
+    opts = {**LOAD_OPTIONS, **saved, **options}
+    tok_kw = {k: opts[k] for k in ("trust_remote_code", "revision", "gguf_file") if opts.get(k) is not None}
+    model_kw = dict(tok_kw)
+    if opts.get("attn_implementation"):
+        model_kw["attn_implementation"] = opts["attn_implementation"]
+    tokenizer = AutoTokenizer.from_pretrained(path, **tok_kw)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], **model_kw)
     model.to(device)
     return model, tokenizer
+
+
+def load_tokenizer(path: str | os.PathLike):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    path, saved = resolve(path)
+    opts = {**LOAD_OPTIONS, **saved}
+    return AutoTokenizer.from_pretrained(path, **{k: opts[k] for k in ("trust_remote_code", "revision", "gguf_file")
+                                                  if opts.get(k) is not None})
+
+
+def convert_gguf(folder: str | os.PathLike, gguf_file: str, out, dtype: str = "float32") -> None:
+    """Load a GGUF checkpoint (dequantised by transformers, needs the ``gguf`` package) and save it once as
+    a plain safetensors folder, which every later stage loads without ``gguf``."""
+    model, tok = load(folder, dtype, gguf_file=gguf_file)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:  # the weights are plain tensors now; drop the GGUF marker so it can be saved
+        quantizer.remove_quantization_config(model)
+    save(model, tok, out)

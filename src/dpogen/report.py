@@ -109,7 +109,16 @@ def fit_line(x, y) -> tuple[float, float, float]:
     return float(a), float(b), float(r2)
 
 
+def fit_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """Test error against K at the end of training: the linear fit and its R² (the paper's statistic)."""
+    final = final_rows(summary)
+    a, b, r2 = fit_line(final["K"], final["test_error"])
+    return pd.DataFrame([{"statistic": "test_error ~ K", "intercept": a, "slope": b, "r2": r2, "n_runs": len(final)}])
+
+
 def markdown(experiment: str, summary: pd.DataFrame, meta: dict) -> str:
+    from .paper import comparison_rows
+
     final = final_rows(summary)
     a, b, r2 = fit_line(final["K"], final["test_error"])
     lines = [f"# {experiment}: summary", "",
@@ -124,6 +133,8 @@ def markdown(experiment: str, summary: pd.DataFrame, meta: dict) -> str:
                      f"{'hold' if r['bound_v3_conditions_hold'] else 'violated'}/"
                      f"{'hold' if r['bound_v5_conditions_hold'] else 'violated'} |")
     lines += ["", f"Test error against K: linear fit error = {a:.4f} + {b:.4f} K, R² = {r2:.3f}.", ""]
+    if meta.get("paper_model"):
+        lines += comparison_rows(meta["paper_model"], final)
     order = final.sort_values("K")["train_margin_mean"].to_numpy()
     if len(order) > 1:
         mono = bool(np.all(np.diff(order) < 0))
@@ -136,6 +147,57 @@ def markdown(experiment: str, summary: pd.DataFrame, meta: dict) -> str:
 def write_summary_csv(summary: pd.DataFrame, path) -> None:
     with atomic_path(path) as tmp:
         summary.to_csv(tmp, index=False)
+
+
+def write_summary_parquet(summary: pd.DataFrame, path) -> None:
+    import pyarrow as pa
+
+    from .io import write_table
+
+    write_table(pa.Table.from_pandas(summary, preserve_index=False), path)
+
+
+def plot_dynamics(dyn: pd.DataFrame, title: str, path) -> None:
+    """Measured mean margins against the recursion's prediction (kernel from g(x)) and the envelope
+    [r_L, r_U] of v3 Theorem 4.1 up to τ_1; the method says whether the prediction is exact or fitted."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    if dyn["step"].min() < 0:
+        ax.text(0.5, 0.5, dyn["method"].iloc[0], ha="center", va="center", wrap=True)
+        ax.set_axis_off()
+    else:
+        for split, col in (("train", "C0"), ("test", "C1")):
+            d = dyn[dyn["split"] == split]
+            ax.plot(d["step"], d["measured_margin"], "o-", color=col, ms=3, label=f"{split}: measured")
+            ax.plot(d["step"], d["predicted_margin"], "--", color=col, label=f"{split}: predicted")
+        d = dyn[dyn["split"] == "train"]
+        ax.fill_between(d["step"], d["r_L"], d["r_U"], color="grey", alpha=0.2, label="[r_L, r_U] up to tau_1")
+        ax.set_xlabel("DPO step")
+        ax.set_ylabel("mean reward margin")
+        ax.set_title(dyn["method"].iloc[0], fontsize=8)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    save_fig(fig, path)
+
+
+def plot_geometry(geo: pd.DataFrame, title: str, path) -> None:
+    """The paper's first figure: average cosine similarity between clusters of g(x), raw (a shared component
+    makes everything similar) and with the global mean removed (near 0 between concepts)."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
+    for ax, q, name in zip(axes, ("cluster_cos_raw", "cluster_cos_centered"), ("raw", "mean removed")):
+        g = geo[geo["quantity"] == q]
+        if g.empty:
+            ax.set_axis_off()
+            continue
+        labels = list(dict.fromkeys(g["concept"]))
+        m = g.pivot(index="concept", columns="concept_b", values="value").loc[labels, labels].to_numpy()
+        im = ax.imshow(m, vmin=-1, vmax=1, cmap="RdBu_r")
+        short = [lab if len(lab) < 28 else lab[:12] + "…" + lab[-12:] for lab in labels]
+        ax.set_xticks(range(len(labels)), short, rotation=90, fontsize=6)
+        ax.set_yticks(range(len(labels)), short, fontsize=6)
+        ax.set_title(f"cluster cosine similarity, {name}")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.suptitle(title)
+    save_fig(fig, path)
 
 
 def write_markdown(text: str, path) -> None:

@@ -7,6 +7,8 @@ the base model as the reference.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import torch
@@ -51,10 +53,11 @@ def _collate(items, pad_id):
 
 
 def train_sft(base_path, train: pd.DataFrame, cfg: dict, out_dir, seed: int) -> dict:
-    model, tok = M.load(base_path)
-    if cfg["target"] == "none":
-        M.save(model, tok, out_dir)
+    if cfg["target"] == "none":  # the base model is the reference: point at it, do not copy it
+        target, options = M.resolve(base_path)
+        M.save_pointer(Path(target).resolve() if Path(target).exists() else target, out_dir, options)
         return {"steps": 0}
+    model, tok = M.load(base_path, cfg.get("dtype", "float32"))
     M.seed_everything(seed)
     items = encode_sft(tok, *sft_sequences(train, cfg["target"]), cfg["loss_on"])
     opt = make_optimizer(cfg["optimizer"], model.parameters(), cfg["lr"], cfg["weight_decay"])

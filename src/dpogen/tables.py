@@ -36,6 +36,9 @@ REF_LOGPS = pa.schema(
         ("ref_logp_rejected", pa.float64()),
         ("n_tokens_chosen", pa.int32()),
         ("n_tokens_rejected", pa.int32()),
+        # the response token ids when both answers are single tokens after the same prompt, else -1
+        ("token_chosen", pa.int64()),
+        ("token_rejected", pa.int64()),
     ]
 )
 
@@ -119,6 +122,32 @@ CERTIFICATES = pa.schema(
     ]
 )
 
+PREDICTED = pa.schema(
+    [
+        ("step", pa.int64()),
+        ("split", pa.string()),
+        ("sample_id", pa.string()),
+        ("predicted", pa.float64()),
+        ("measured", pa.float64()),
+    ]
+)
+
+DYNAMICS = pa.schema(
+    [
+        ("step", pa.int64()),
+        ("split", pa.string()),
+        ("measured_margin", pa.float64()),
+        ("predicted_margin", pa.float64()),
+        ("measured_error", pa.float64()),
+        ("predicted_error", pa.float64()),
+        ("r_L", pa.float64()),
+        ("r_U", pa.float64()),
+        ("tau1_steps", pa.float64()),
+        ("eta", pa.float64()),
+        ("method", pa.string()),
+    ]
+)
+
 GEOMETRY = pa.schema(
     [
         ("quantity", pa.string()),
@@ -194,3 +223,11 @@ def write_certificates(df, path) -> None:
 
 def write_geometry(df, path) -> None:
     write(df, GEOMETRY, path)
+
+
+def write_predicted(df, path) -> None:
+    write(df, PREDICTED, path)
+
+
+def write_dynamics(df, path) -> None:
+    write(df, DYNAMICS, path)

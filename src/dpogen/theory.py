@@ -173,19 +173,28 @@ def geometry(features: np.ndarray, concept: np.ndarray, cluster: np.ndarray) -> 
     return summary, pd.DataFrame(rows)
 
 
-def run_theory(train: pd.DataFrame, card: dict, features: np.ndarray, ref_split: np.ndarray,
-               margins: pd.DataFrame, cfg: dict) -> dict[str, pd.DataFrame]:
+def run_theory(train: pd.DataFrame, card: dict, features: np.ndarray, ref: pd.DataFrame,
+               margins: pd.DataFrame, cfg: dict, dpo_cfg: dict) -> dict[str, pd.DataFrame]:
     """Everything the theory stage writes for one run."""
-    tr = ref_split == "train"
+    tr = ref["split"].to_numpy() == "train"
     summary, geo = geometry(features[tr], train["concept"].to_numpy(), train["cluster"].to_numpy())
     K, Q, N, Z = card["K"], card["Q_min"], card["N"], card["Z"]
     conds = pd.DataFrame([c for ver in BOUNDS for c in conditions(ver, K=K, Q=Q, Z=Z, d=summary["d"],
                                                                    l_b=summary["l_b"], v=summary["v"])])
+    per_pair, dyn = dynamics(features, ref, margins, dpo_cfg, K)
+    if per_pair is None:  # the theory does not apply: empty tables, the reason in the dynamics method column
+        per_pair = pd.DataFrame({c: pd.Series(dtype=t) for c, t in
+                                 [("step", "int64"), ("split", str), ("sample_id", str), ("predicted", float), ("measured", float)]})
+        dyn = pd.DataFrame([{"step": -1, "split": "", "measured_margin": np.nan, "predicted_margin": np.nan,
+                             "measured_error": np.nan, "predicted_error": np.nan, "r_L": np.nan, "r_U": np.nan,
+                             "tau1_steps": np.nan, "eta": np.nan, "method": dyn}])
     return {
         "geometry": geo,
         "conditions": conds,
         "bounds": bounds_table(K, Q, N, conds, cfg["failure_constant_c"]),
         "certificates": certificates(margins, cfg["confidence"]),
+        "predicted": per_pair,
+        "dynamics": dyn,
     }
 
 
@@ -245,3 +254,60 @@ def envelope(beta: float, K: int, tau_steps_per_unit: float) -> dict[str, float]
     eta = tau_steps_per_unit
     return {"r_L_per_step": beta**2 * eta / (8 * K), "r_U_per_step": 5 * beta**2 * eta / K,
             "tau1_steps": K * math.log(3) / (5 * beta**2 * eta)}
+
+
+def prediction_method(dpo_cfg: dict) -> str:
+    """How the recursion relates to this run's training (named in every output row)."""
+    exact = (dpo_cfg["regime"] == "last_layer" and dpo_cfg["optimizer"] == "sgd" and dpo_cfg["batch_size"] == "full"
+             and not dpo_cfg["weight_decay"] and not dpo_cfg["max_grad_norm"] and dpo_cfg["schedule"] == "constant"
+             and not dpo_cfg["warmup_steps"])
+    if exact:
+        return "exact recursion (last_layer, full-batch sgd)"
+    if dpo_cfg["optimizer"] == "sgd":
+        return "recursion with t/tau = lr*k (approximate: backbone, minibatch, decay or clipping)"
+    return "recursion with a fitted time scale (adam/adamw: t/tau = c*k, c from the first checkpoint)"
+
+
+def dynamics(features: np.ndarray, ref: pd.DataFrame, margins: pd.DataFrame, dpo_cfg: dict, K: int):
+    """Predicted margins of every pair from the recursion of THEORY.md section 2 with the kernel measured
+    from g(x), next to the measured ones, and the envelope of v3 Theorem 4.1 in steps.
+
+    Returns (per-pair table, per-checkpoint table), or (None, reason) when the theory does not apply.
+    """
+    if (ref["token_chosen"] < 0).any():
+        return None, "no prediction: some responses are not single tokens after the same prompt"
+    beta, steps = dpo_cfg["beta"], int(margins["step"].max())
+    checkpoints = sorted(int(s) for s in margins["step"].unique())
+    tr = (ref["split"] == "train").to_numpy()
+    if not tr[: tr.sum()].all():
+        raise ValueError("reference table: training pairs must come first")
+    g = np.asarray(features, np.float64)
+    w, lo = ref["token_chosen"].to_numpy(), ref["token_rejected"].to_numpy()
+    n = int(tr.sum())
+    kw = dict(loss=dpo_cfg["loss"] if dpo_cfg["loss"] != "ipo_norm" else "ipo", label_smoothing=dpo_cfg["label_smoothing"])
+    method = prediction_method(dpo_cfg)
+    if dpo_cfg["optimizer"] == "sgd":
+        eta = float(dpo_cfg["lr"])
+    else:  # effective step from the early slope: measured mean train margin at the first checkpoint
+        first = next((s for s in checkpoints if s > 0), None)
+        slope = predicted_margins(g[:n], w[:n], lo[:n], g, w, lo, beta=beta, lr=1.0, steps=1, checkpoints=[1], **kw)[1][:n].mean()
+        m1 = margins[(margins["step"] == first) & (margins["split"] == "train")]["margin"].mean() if first else np.nan
+        eta = float(m1 / (first * slope)) if first and slope > 0 and m1 > 0 else float("nan")
+    if not np.isfinite(eta):
+        return None, "no prediction: the time scale could not be fitted (no margin growth at the first checkpoint)"
+    pred = predicted_margins(g[:n], w[:n], lo[:n], g, w, lo, beta=beta, lr=eta, steps=steps, checkpoints=checkpoints, **kw)
+    ids, split = ref["sample_id"].to_numpy(), ref["split"].to_numpy()
+    measured = margins.set_index(["step", "sample_id"])["margin"]
+    per_pair = pd.concat([pd.DataFrame({"step": s, "split": split, "sample_id": ids, "predicted": r,
+                                        "measured": measured.loc[s].reindex(ids).to_numpy()})
+                          for s, r in pred.items()], ignore_index=True)
+    env = envelope(beta, K, eta)
+    rows = []
+    for (s, sp), grp in per_pair.groupby(["step", "split"], sort=True):
+        t = s if s <= env["tau1_steps"] else np.nan
+        rows.append({"step": int(s), "split": sp, "measured_margin": grp["measured"].mean(),
+                     "predicted_margin": grp["predicted"].mean(), "measured_error": float((grp["measured"] <= 0).mean()),
+                     "predicted_error": float((grp["predicted"] <= 0).mean()),
+                     "r_L": env["r_L_per_step"] * t, "r_U": env["r_U_per_step"] * t, "tau1_steps": env["tau1_steps"],
+                     "eta": eta, "method": method})
+    return per_pair, pd.DataFrame(rows)

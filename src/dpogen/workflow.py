@@ -19,6 +19,11 @@ def job(snakemake):
         torch.set_num_threads(max(1, int(snakemake.threads)))
     except ImportError:
         pass
+    from . import model
+
+    m = snakemake.config.get("model", {})
+    model.LOAD_OPTIONS.update({k: m.get(k) for k in ("attn_implementation", "trust_remote_code")})
+    model.LOAD_OPTIONS["revision"] = (m.get("pretrained") or {}).get("revision")
     log.info("rule %s, wildcards %s", snakemake.rule, dict(snakemake.wildcards))
     try:
         yield log
