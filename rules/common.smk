@@ -12,7 +12,6 @@ def base_input(wildcards=None):
     return [BASE] if BUILDS_BASE else []
 
 
-
 def rcfg(wildcards):
     """The full config of the run named by the job's wildcards (the sweep's value filled in)."""
     return run_config(config, wildcards.run)
@@ -20,4 +19,7 @@ def rcfg(wildcards):
 
 def ref_settings(cfg):
     """The DPO settings that change reference log-probs (not β, lr, ...: changing those keeps them)."""
-    return {k: cfg["dpo"][k] for k in ("append_eos", "dtype", "device", "eval_batch_size", "autocast")}
+    return {
+        k: cfg["dpo"][k]
+        for k in ("append_eos", "dtype", "device", "eval_batch_size", "autocast")
+    }

@@ -9,13 +9,13 @@ rule data:
         test=f"{RUN}/data/test.parquet",
         card=f"{RUN}/data/card.json",
         card_md=f"{RUN}/data/card.md",
-    params:
-        data=lambda w: rcfg(w)["data"],
-        tokenizer=BASE,
-        code=code_hash("data"),
     log:
         f"{LOGS}/data/{{run}}.log",
     conda:
         "../envs/dpogen.yaml"
+    params:
+        data=lambda w: rcfg(w)["data"],
+        tokenizer=BASE,
+        code=code_hash("data"),
     script:
         "../workflow_scripts/data.py"

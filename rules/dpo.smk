@@ -9,14 +9,14 @@ rule ref_logps:
     output:
         logps=f"{RUN}/dpo/ref_logps.parquet",
         features=f"{RUN}/dpo/ref_features.npy",
-    params:
-        dpo=lambda w: ref_settings(rcfg(w)),
-        code=code_hash("ref"),
-    threads: config["threads"]["train"]
     log:
         f"{LOGS}/ref_logps/{{run}}.log",
     conda:
         "../envs/dpogen.yaml"
+    threads: config["threads"]["train"]
+    params:
+        dpo=lambda w: ref_settings(rcfg(w)),
+        code=code_hash("ref"),
     script:
         "../workflow_scripts/ref_logps.py"
 
@@ -32,15 +32,15 @@ rule dpo:
         margins=directory(f"{RUN}/dpo/margins.parquet"),
         metrics=f"{RUN}/dpo/metrics.parquet",
         info=f"{RUN}/dpo/run.json",
+    log:
+        f"{LOGS}/dpo/{{run}}.log",
+    conda:
+        "../envs/dpogen.yaml"
+    threads: config["threads"]["train"]
     params:
         dpo=lambda w: rcfg(w)["dpo"],
         seed=config["seed"],
         work=f"{RUN}/dpo/resume",
         code=code_hash("dpo"),
-    threads: config["threads"]["train"]
-    log:
-        f"{LOGS}/dpo/{{run}}.log",
-    conda:
-        "../envs/dpogen.yaml"
     script:
         "../workflow_scripts/dpo.py"

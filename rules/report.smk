@@ -32,13 +32,13 @@ rule run_report:
             subcategory="{run}",
             labels={"run": "{run}", "figure": "predicted margin dynamics"},
         ),
-    params:
-        sweep_value=lambda w: RUNS[w.run],
-        code=code_hash("report"),
     log:
         f"{LOGS}/run_report/{{run}}.log",
     conda:
         "../envs/dpogen.yaml"
+    params:
+        sweep_value=lambda w: RUNS[w.run],
+        code=code_hash("report"),
     script:
         "../workflow_scripts/run_report.py"
 
@@ -48,25 +48,42 @@ rule summary:
         runs=expand(f"{RUN}/report/summary.csv", run=RUNS),
         metrics=expand(f"{RUN}/dpo/metrics.parquet", run=RUNS),
     output:
-        csv=report(f"{OUT}/summary.csv", caption="../report/summary.rst", category="sweep",
-                   labels={"figure": "summary table"}),
+        csv=report(
+            f"{OUT}/summary.csv",
+            caption="../report/summary.rst",
+            category="sweep",
+            labels={"figure": "summary table"},
+        ),
         parquet=f"{OUT}/summary.parquet",
         fit=f"{OUT}/fit.csv",
         md=f"{OUT}/summary.md",
-        margins=report(f"{OUT}/margins_by_run.png", caption="../report/margins_by_run.rst", category="sweep",
-                       labels={"figure": "margins by run"}),
-        error=report(f"{OUT}/error_vs_k.png", caption="../report/error_vs_k.rst", category="sweep",
-                     labels={"figure": "test error vs K"}),
-    params:
-        sweep_label=(config.get("sweep") or {}).get("prefix", "run"),
-        experiment=EXP,
-        meta={"beta": config["dpo"]["beta"], "steps": config["dpo"]["steps"],
-              "confidence": config["theory"]["confidence"], "loss": config["dpo"]["loss"],
-              "label_smoothing": config["dpo"]["label_smoothing"], "paper_model": config["report"]["paper_model"]},
-        code=code_hash("report"),
+        margins=report(
+            f"{OUT}/margins_by_run.png",
+            caption="../report/margins_by_run.rst",
+            category="sweep",
+            labels={"figure": "margins by run"},
+        ),
+        error=report(
+            f"{OUT}/error_vs_k.png",
+            caption="../report/error_vs_k.rst",
+            category="sweep",
+            labels={"figure": "test error vs K"},
+        ),
     log:
         f"{LOGS}/summary.log",
     conda:
         "../envs/dpogen.yaml"
+    params:
+        sweep_label=(config.get("sweep") or {}).get("prefix", "run"),
+        experiment=EXP,
+        meta={
+            "beta": config["dpo"]["beta"],
+            "steps": config["dpo"]["steps"],
+            "confidence": config["theory"]["confidence"],
+            "loss": config["dpo"]["loss"],
+            "label_smoothing": config["dpo"]["label_smoothing"],
+            "paper_model": config["report"]["paper_model"],
+        },
+        code=code_hash("report"),
     script:
         "../workflow_scripts/summary.py"

@@ -5,15 +5,15 @@
 rule base_model:
     output:
         directory(f"{OUT}/base_model"),
+    log:
+        f"{LOGS}/base_model.log",
+    conda:
+        "../envs/dpogen.yaml"
     params:
         model=config["model"],
         data={k: v for k, v in config["data"].items() if k != "k"},  # the tokenizer's corpus: all concepts
         seed=config["seed"],
         code=code_hash("base"),  # includes the data modules that read the corpus
-    log:
-        f"{LOGS}/base_model.log",
-    conda:
-        "../envs/dpogen.yaml"
     script:
         "../workflow_scripts/base_model.py"
 
@@ -24,15 +24,15 @@ rule sft:
         train=f"{RUN}/data/train.parquet",
     output:
         directory(f"{RUN}/sft"),
+    log:
+        f"{LOGS}/sft/{{run}}.log",
+    conda:
+        "../envs/dpogen.yaml"
+    threads: config["threads"]["train"]
     params:
         base=BASE,
         sft=lambda w: {**rcfg(w)["sft"], "dtype": MODEL["dtype"]},
         seed=config["seed"],
         code=code_hash("sft"),
-    threads: config["threads"]["train"]
-    log:
-        f"{LOGS}/sft/{{run}}.log",
-    conda:
-        "../envs/dpogen.yaml"
     script:
         "../workflow_scripts/sft.py"

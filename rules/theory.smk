@@ -15,13 +15,13 @@ rule theory:
         geometry=f"{RUN}/theory/geometry.parquet",
         predicted=f"{RUN}/theory/predicted.parquet",
         dynamics=f"{RUN}/theory/dynamics.parquet",
-    params:
-        theory=lambda w: rcfg(w)["theory"],
-        dpo=lambda w: rcfg(w)["dpo"],
-        code=code_hash("theory"),
     log:
         f"{LOGS}/theory/{{run}}.log",
     conda:
         "../envs/dpogen.yaml"
+    params:
+        theory=lambda w: rcfg(w)["theory"],
+        dpo=lambda w: rcfg(w)["dpo"],
+        code=code_hash("theory"),
     script:
         "../workflow_scripts/theory.py"
