@@ -27,6 +27,13 @@ RUN = f"{OUT}/{{run}}"
 LOGS = f"{OUT}/logs"
 
 
+# cheap aggregation runs in the main process, not as cluster jobs
+localrules:
+    all,
+    run_report,
+    summary,
+
+
 wildcard_constraints:
     run="|".join(RUNS),
 

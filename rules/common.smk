@@ -7,6 +7,12 @@ BUILDS_BASE = MODEL["source"] == "scratch" or bool(MODEL["pretrained"].get("gguf
 BASE = f"{OUT}/base_model" if BUILDS_BASE else MODEL["pretrained"]["path"]
 
 
+# GPUs a model job asks the scheduler for: one per data-parallel process when the device is CUDA
+GPUS = (
+    config["dpo"]["processes"] if str(config["dpo"]["device"]).startswith("cuda") else 0
+)
+
+
 def base_input(wildcards=None):
     """The base model as a file input when the workflow makes it, else nothing (it is a param)."""
     return [BASE] if BUILDS_BASE else []

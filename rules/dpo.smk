@@ -14,6 +14,8 @@ rule ref_logps:
     conda:
         "../envs/dpogen.yaml"
     threads: config["threads"]["train"]
+    resources:
+        gpu=GPUS,
     params:
         dpo=lambda w: ref_settings(rcfg(w)),
         code=code_hash("ref"),
@@ -37,6 +39,8 @@ rule dpo:
     conda:
         "../envs/dpogen.yaml"
     threads: config["threads"]["train"]
+    resources:
+        gpu=GPUS,
     params:
         dpo=lambda w: rcfg(w)["dpo"],
         seed=config["seed"],

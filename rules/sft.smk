@@ -29,6 +29,8 @@ rule sft:
     conda:
         "../envs/dpogen.yaml"
     threads: config["threads"]["train"]
+    resources:
+        gpu=GPUS,
     params:
         base=BASE,
         sft=lambda w: {**rcfg(w)["sft"], "dtype": MODEL["dtype"]},
