@@ -43,3 +43,26 @@ def test_run_config_rejects_unknown_key():
 def test_code_hash_follows_module_text():
     assert code_hash("theory") == code_hash("theory")
     assert code_hash("theory") != code_hash("dpo")
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "config" / "experiments").glob("*.yaml")), ids=lambda p: p.stem)
+def test_experiment_configs_are_valid(path):
+    """Every experiment file, merged over config.yaml as --configfile does, passes the schema and checks,
+    and names the compute it needs at its top."""
+    from snakemake.utils import validate
+
+    from dpogen.config import check
+
+    text = path.read_text()
+    assert text.startswith("# Compute:"), path
+    cfg = _merge(yaml.safe_load((REPO / "config" / "config.yaml").read_text()), yaml.safe_load(text))
+    validate(cfg, str(REPO / "config" / "schema.yaml"))
+    check(cfg)
+    assert cfg["experiment"] == path.stem
