@@ -30,12 +30,11 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from dpogen import dpo, tables  # noqa: E402
+from dpogen import dpo  # noqa: E402
 from dpogen import model as M  # noqa: E402
 from dpogen.data import validate_pairs  # noqa: E402
 from dpogen.logprobs import cache_targets, cached_logps, encode_pairs, pair_logps  # noqa: E402

@@ -31,6 +31,31 @@ def train_run(tmp_path, model_dir, spec, cfg, k=2, q=6, use_features=True):
     return train, test, tables.read_margins(tmp_path / "m")
 
 
+def test_margin_only_training_equals_the_full_softmax(tmp_path, tiny_model_dir, spec, monkeypatch):
+    """Single-token pairs in the last layer train on the two answer logits alone (the log-partition cancels):
+    the same margins as through the full softmax, under Adam and weight decay too."""
+    cfg = dpo_cfg(regime="last_layer", steps=8, eval_every=4, optimizer="adamw", lr=1e-2, weight_decay=0.01,
+                  append_eos=False, batch_size=8)
+    _, _, fast = train_run(tmp_path / "fast", tiny_model_dir, spec, cfg)
+    info = yaml.safe_load((tmp_path / "fast" / "run.json").read_text())
+    metrics = pd.read_parquet(tmp_path / "fast" / "x.parquet")
+    real_init = dpo.Policy.__init__
+
+    def full_softmax(self, *a, **kw):
+        real_init(self, *a, **kw)
+        self.margin_only = False
+
+    monkeypatch.setattr(dpo.Policy, "__init__", full_softmax)
+    _, _, slow = train_run(tmp_path / "slow", tiny_model_dir, spec, cfg)
+    np.testing.assert_allclose(fast["margin"], slow["margin"], atol=1e-6, rtol=1e-5)
+    np.testing.assert_allclose(fast["logp_chosen"], slow["logp_chosen"], atol=1e-5)
+    assert (fast.loc[fast["step"] == 8, "margin"] != 0).all() and info["regime"] == "last_layer"
+    slow_metrics = pd.read_parquet(tmp_path / "slow" / "x.parquet")
+    np.testing.assert_allclose(metrics["loss"], slow_metrics["loss"], rtol=1e-5)
+    np.testing.assert_allclose(metrics["rewards/margins"], slow_metrics["rewards/margins"], atol=1e-6)
+    assert metrics.loc[metrics["step"] == 4, "rewards/chosen"].notna().all()  # filled at checkpoints
+
+
 @pytest.mark.parametrize("append_eos", [False, True])
 def test_last_layer_cache_from_reference_features_or_forward_pass(tmp_path, tiny_model_dir, spec, append_eos):
     """Single-token pairs reuse the reference pass's g(x); multi-token pairs cache every target by a forward

@@ -1,4 +1,4 @@
-"""Snakemake adapter: rule ref_logps → dpogen.dpo.compute_reference."""
+"""Snakemake adapter: rule ref_logps → dpogen.reference.compute_reference."""
 import sys
 from pathlib import Path
 
@@ -6,7 +6,7 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).parent / "src"))  # the tracked
 
 import pandas as pd  # noqa: E402
 
-from dpogen.dpo import compute_reference  # noqa: E402
+from dpogen.reference import compute_reference  # noqa: E402
 from dpogen.workflow import job  # noqa: E402
 
 with job(snakemake):

@@ -92,13 +92,13 @@ def check(cfg: dict) -> None:
 
 
 STAGE_MODULES = {
-    "data": ["data.py", "sources.py", "synthetic.py", "logprobs.py"],
+    "data": ["data.py", "sources.py", "synthetic.py", "logprobs.py", "model.py"],
     "base": ["model.py", "data.py", "sources.py", "synthetic.py", "logprobs.py"],
     "sft": ["sft.py", "model.py", "training.py"],
-    "ref": ["dpo.py", "logprobs.py", "model.py"],
-    "dpo": ["dpo.py", "logprobs.py", "model.py", "training.py"],
+    "ref": ["reference.py", "logprobs.py", "model.py"],
+    "dpo": ["dpo.py", "reference.py", "logprobs.py", "model.py", "training.py", "distributed.py", "launch.py"],
     "theory": ["theory.py"],
-    "report": ["report.py"],
+    "report": ["report.py", "paper.py"],
 }
 COMMON_MODULES = ["io.py", "tables.py"]
 

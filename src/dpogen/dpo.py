@@ -26,7 +26,8 @@ from . import model as M
 from . import tables
 from .io import atomic_dir, atomic_path, write_json
 from .distributed import Dist
-from .logprobs import TargetCache, cache_targets, cached_logps, encode_pairs, pair_logps
+from .logprobs import TargetCache, cache_targets, cached_logps, cached_logratio, pair_logps
+from .reference import autocast, compute_reference, encode, eval_logps, pairs_frame  # noqa: F401
 from .training import Progress, log, make_optimizer, make_scheduler
 
 LOSSES = ("sigmoid", "ipo", "ipo_norm", "hinge", "robust")
@@ -79,56 +80,6 @@ def eval_schedule(cfg: dict) -> list[int]:
     if bad:
         raise ValueError(f"dpo.eval_steps: {sorted(bad)} outside 0..dpo.steps={cfg['steps']}")
     return sorted(steps)
-
-
-def _pairs(train: pd.DataFrame, test: pd.DataFrame) -> pd.DataFrame:
-    return pd.concat([train.assign(split="train"), test.assign(split="test")], ignore_index=True)
-
-
-def encode(tokenizer, pairs: pd.DataFrame, cfg: dict):
-    return encode_pairs(tokenizer, pairs["prompt"], pairs["chosen"], pairs["rejected"],
-                        append_eos=cfg["append_eos"], source="pairs")
-
-
-def autocast(model, cfg: dict):
-    """bf16/fp16 autocast of the model's matrix products when ``dpo.autocast`` is set; log-probs stay fp32."""
-    import contextlib
-
-    if not cfg.get("autocast"):
-        return contextlib.nullcontext()
-    return torch.autocast(next(model.parameters()).device.type, dtype=M.DTYPES[cfg["autocast"]])
-
-
-@torch.no_grad()
-def eval_logps(model, enc, cfg: dict, features: bool = False, pairs=None):
-    """All pairs (or ``pairs``), in eval mode (dropout off), no gradients."""
-    was = model.training
-    model.eval()
-    try:
-        with autocast(model, cfg):
-            return pair_logps(model, enc, pairs, batch_rows=cfg["eval_batch_size"], features=features)
-    finally:
-        model.train(was)
-
-
-def compute_reference(ref_path, train: pd.DataFrame, test: pd.DataFrame, cfg: dict, out_logps, out_features) -> None:
-    """One pass of the reference model over all pairs → ref_logps.parquet, and g(x) per pair (.npy)."""
-    model, tok = M.load(ref_path, cfg["dtype"], cfg["device"])
-    pairs = _pairs(train, test)
-    enc = encode(tok, pairs, cfg)
-    lp, feats = eval_logps(model, enc, cfg, features=True)
-    lp = lp.cpu().numpy().astype(np.float64)
-    tokens = np.full((len(pairs), 2), -1, dtype=np.int64)
-    for i in np.flatnonzero(enc.fused):
-        tokens[i] = enc.row_targets[enc.pair_rows[i][0]][:, 1]
-    df = pd.DataFrame({"sample_id": pairs["sample_id"], "split": pairs["split"],
-                       "ref_logp_chosen": lp[:, 0], "ref_logp_rejected": lp[:, 1],
-                       "n_tokens_chosen": enc.n_tokens[:, 0], "n_tokens_rejected": enc.n_tokens[:, 1],
-                       "token_chosen": tokens[:, 0], "token_rejected": tokens[:, 1]})
-    tables.write_ref_logps(df, out_logps)
-    with atomic_path(out_features) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, feats.cpu().numpy())  # fp32, or fp64 when the model runs in fp64
 
 
 def margins_frame(step: int, pairs: pd.DataFrame, lp: np.ndarray, ref: np.ndarray, beta: float) -> pd.DataFrame:
@@ -206,9 +157,17 @@ class Policy:
         elif self.regime != "full":
             raise ValueError(f"dpo.regime: unknown {self.regime!r} (full, last_layer, lora)")
         self.model = model
+        # single-token answers in the last layer: training needs only the two answer logits (the
+        # log-partition cancels in the loss); absolute log-probs are computed at checkpoints
+        self.margin_only = self.cache is not None and bool(enc.fused.all())
 
     def trainable(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def logratio(self, idx: np.ndarray) -> torch.Tensor:
+        """log π(y_w|x) − log π(y_l|x) of pairs ``idx``, with gradients (margin-only path)."""
+        with autocast(self.model, self.cfg):
+            return cached_logratio(self.model, self.cache, idx)
 
     def logps(self, idx: np.ndarray) -> torch.Tensor:
         with autocast(self.model, self.cfg):
@@ -263,7 +222,7 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
 
     M.seed_everything(seed)
     model, tok = M.load(ref_path, cfg["dtype"], dist.device(cfg["device"]))
-    pairs = _pairs(train, test)
+    pairs = pairs_frame(train, test)
     ref_df = pd.read_parquet(ref_logps_path).set_index("sample_id").loc[pairs["sample_id"]]
     ref = ref_df[["ref_logp_chosen", "ref_logp_rejected"]].to_numpy(np.float64)
     enc = encode(tok, pairs, cfg)
@@ -311,6 +270,9 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
         df = margins_frame(step, pairs, lp, ref, cfg["beta"])
         tables.write_margins_checkpoint(df, margins_work, step)
         err = (df["margin"] <= 0).groupby(df["split"]).mean()
+        tr = df[df["split"] == "train"]
+        checkpoint.train_means = {"rewards/chosen": tr["reward_chosen"].mean(), "rewards/rejected": tr["reward_rejected"].mean(),
+                                  "logps/chosen": tr["logp_chosen"].mean(), "logps/rejected": tr["logp_rejected"].mean()}
         return float(err.get("train", np.nan)), float(err.get("test", np.nan))
 
     empty = {k: math.nan for k in tables.METRICS.names}
@@ -328,9 +290,21 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
         for chunk in np.array_split(dist.shard(idx), accum):
             if len(chunk) == 0:
                 continue
+            t_chunk = torch.as_tensor(chunk, device=device)
+            ntok = n_tokens[t_chunk]
+            if policy.margin_only:
+                d = policy.logratio(chunk)
+                r = ref_t[t_chunk].to(d.dtype)
+                h = d - (r[:, 0] - r[:, 1])
+                loss = dpo_loss(h, torch.zeros_like(h), cfg["beta"], cfg["loss"], cfg["label_smoothing"],
+                                ntok).sum() / len(idx)
+                loss.backward()
+                m = (cfg["beta"] * h).detach()
+                stats += np.array([loss.item() * len(idx), np.nan, np.nan, m.sum().item(), (m > 0).sum().item(),
+                                   np.nan, np.nan])
+                continue
             lp = policy.logps(chunk)
-            r = ref_t[torch.as_tensor(chunk, device=device)].to(lp.dtype)
-            ntok = n_tokens[torch.as_tensor(chunk, device=device)]
+            r = ref_t[t_chunk].to(lp.dtype)
             loss = dpo_loss(lp[:, 0] - r[:, 0], lp[:, 1] - r[:, 1], cfg["beta"], cfg["loss"], cfg["label_smoothing"],
                             ntok).sum() / len(idx)
             loss.backward()
@@ -354,6 +328,8 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
         row["elapsed_s"] = elapsed0 + prog.elapsed()
         if done in schedule:
             row["train_error"], row["test_error"] = checkpoint(done)
+            if policy.margin_only and dist.main:  # absolute rewards and log-probs: all training pairs, here
+                row.update(checkpoint.train_means)
         rows.append(row)
         if dist.main and cfg["save_every"] and (done % cfg["save_every"] == 0) and done < steps:
             with atomic_path(state_path) as tmp:

@@ -292,6 +292,30 @@ def cache_targets(model, enc: EncodedPairs, batch_rows: int | None = None) -> Ta
                        torch.cat(parts_slot)[perm], np.concatenate([[0], np.cumsum(counts)]))
 
 
+def cached_logratio(model, cache: TargetCache, pairs) -> torch.Tensor:
+    """log π(y_w|x) − log π(y_l|x) for single-token pairs from cached features, through the two answer rows
+    of the head only: the log-partition is the same for both answers and cancels exactly (THEORY.md
+    section 2), so this costs O(d) per pair instead of O(|V| d), and so does its gradient, which is exactly
+    the full softmax's (rows other than the two answers get none)."""
+    pairs = np.asarray(pairs)
+    _, head, inner = backbone_and_head(model)
+    dtype = compute_dtype(model)
+    dev = cache.hidden.device
+    i_w = torch.as_tensor(cache.offsets[pairs], device=dev)  # a fused pair's targets: chosen, then rejected
+    rows = cache.row[i_w]
+    tok = torch.stack([cache.token[i_w], cache.token[i_w + 1]], 1)  # (n, 2)
+    w = head.weight[tok]  # (n, 2, d): only these rows enter the graph
+    logits = torch.einsum("nkd,nd->nk", w, cache.hidden[rows].to(w.dtype))
+    if head.bias is not None:
+        logits = logits + head.bias[tok]
+    scale = getattr(inner, "logit_scale", None)
+    logits = logits.to(dtype) * (scale if isinstance(scale, (int, float)) else 1)
+    cap = getattr(inner.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits[:, 0] - logits[:, 1]
+
+
 def cached_logps(model, cache: TargetCache, pairs=None, *, batch_targets: int | None = None) -> torch.Tensor:
     """As ``pair_logps``, from cached backbone outputs through the model's (training) LM head."""
     n = len(cache.offsets) - 1
