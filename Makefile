@@ -2,7 +2,7 @@
 PY ?= $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV)/bin,.venv/bin)
 CORES ?= 2
 
-.PHONY: setup run test report
+.PHONY: setup run test report lint
 setup:
 	./scripts/setup.sh
 
@@ -14,3 +14,7 @@ report: setup
 
 test: setup
 	$(PY)/python -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(PY)/snakemake --lint
+	$(PY)/snakefmt --check .

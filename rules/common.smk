@@ -7,6 +7,19 @@ BUILDS_BASE = MODEL["source"] == "scratch" or bool(MODEL["pretrained"].get("gguf
 BASE = f"{OUT}/base_model" if BUILDS_BASE else MODEL["pretrained"]["path"]
 
 
+# loading options that change what a model job computes; in params only when set, so runs made without
+# them keep their outputs
+LOAD = {
+    k: v
+    for k, v in {
+        "attn_implementation": MODEL.get("attn_implementation"),
+        "trust_remote_code": MODEL.get("trust_remote_code") or None,
+        "revision": MODEL["pretrained"].get("revision"),
+    }.items()
+    if v
+}
+WITH_LOAD = {"load": LOAD} if LOAD else {}
+
 # GPUs a model job asks the scheduler for: one per data-parallel process when the device is CUDA
 GPUS = (
     config["dpo"]["processes"] if str(config["dpo"]["device"]).startswith("cuda") else 0

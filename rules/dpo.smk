@@ -42,7 +42,7 @@ rule dpo:
     resources:
         gpu=GPUS,
     params:
-        dpo=lambda w: rcfg(w)["dpo"],
+        dpo=lambda w: {**rcfg(w)["dpo"], **WITH_LOAD},
         seed=config["seed"],
         work=f"{RUN}/dpo/resume",
         code=code_hash("dpo"),

@@ -33,7 +33,7 @@ rule sft:
         gpu=GPUS,
     params:
         base=BASE,
-        sft=lambda w: {**rcfg(w)["sft"], "dtype": MODEL["dtype"]},
+        sft=lambda w: {**rcfg(w)["sft"], "dtype": MODEL["dtype"], **WITH_LOAD},
         seed=config["seed"],
         code=code_hash("sft"),
     script:

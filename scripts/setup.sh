@@ -12,14 +12,14 @@ else
   [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
   PY=.venv/bin/python
 fi
-stamp=.venv/.dpogen-setup
+stamp="$(dirname "$(dirname "$PY")")/.dpogen-setup"
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
-if [ -z "${VIRTUAL_ENV:-}" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
-  exit 0  # already set up for this pyproject.toml
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0  # already set up for this pyproject.toml (works offline from here on)
 fi
 "$PY" -m pip install -q --upgrade pip
 if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "torch==${DPOGEN_TORCH:-2.13.0}"
 fi
 "$PY" -m pip install -q -e ".[test]"
-[ -n "${VIRTUAL_ENV:-}" ] || echo "$want" > "$stamp"
+echo "$want" > "$stamp"

@@ -273,3 +273,13 @@ def test_bad_cluster_value(tmp_path):
     path = write_jsonl(tmp_path / "c.jsonl", recs)
     with pytest.raises(D.DataError, match=r"row 3, field 'cluster': must be \+1 or -1"):
         run(tmp_path, base_cfg(files={"paths": [str(path)]}, columns={"cluster": "side"}))
+
+
+def test_truncation_that_makes_responses_identical_is_refused(tmp_path, tiny):
+    _, tok = tiny
+    recs = [{"prompt": f"Question {i}?\n", "chosen": f" good answer {i}", "rejected": f" good reply {i}"}
+            for i in range(8)]
+    path = write_jsonl(tmp_path / "r.jsonl", recs)
+    cfg = base_cfg(files={"paths": [str(path)]}, max_response_tokens=1, truncation="truncate")
+    with pytest.raises(D.DataError, match="after truncation.*identical"):
+        run(tmp_path, cfg, tokenizer=tok)

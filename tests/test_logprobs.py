@@ -115,3 +115,14 @@ def test_response_that_encodes_to_nothing_is_named(tiny):
     _, tok = tiny
     with pytest.raises(ValueError, match="row 1, field 'chosen'"):
         encode_pairs(tok, PROMPTS[:2], [" Yes", ""], [" No", " Yes"], append_eos=False)
+
+
+def test_a_pair_twice_in_a_batch(tiny):
+    """A batch that crosses an epoch boundary may hold a pair twice: each copy gets the pair's log-probs."""
+    model, tok = tiny
+    model.eval()
+    enc = encode_pairs(tok, PROMPTS, CHOSEN, REJECTED)
+    with torch.no_grad():
+        once = pair_logps(model, enc, [0, 1, 2])
+        twice = pair_logps(model, enc, [0, 1, 0, 2, 2])
+    torch.testing.assert_close(twice, once[[0, 1, 0, 2, 2]])

@@ -97,3 +97,29 @@ def test_certificates_bonferroni():
     assert c.loc["all", "errors"] == 2 and c.loc["all", "n"] == 6
     assert c.loc["a", "confidence"] == pytest.approx(0.95)
     assert c.loc["a", "upper"] == pytest.approx(T.clopper_pearson_upper(1, 3, 0.95))
+
+
+def test_data_dependent_bound_takes_the_largest_allowed_eps():
+    K, Q, Z, d, lb, v = 2, 100, 4, 8, 0.3, 0.01
+    value, eps = T.data_dependent_bound(K, Q, Z, d, lb, v)
+    assert eps == pytest.approx(1 / (16 * v * (Z + 2)))
+    f = lambda e: 2 * K * Q**2 * math.exp(-e**2 / (2 * (1 + lb**2 + d * v**2 + 2 * e * v)))  # noqa: E731
+    assert value == pytest.approx(f(eps))
+    assert f(eps) < f(0.9 * eps)  # smaller ε gives a looser bound
+
+
+def test_geometry_cluster_cosines_and_gram_blocks_match_brute_force():
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(40, 6)) + 0.5
+    concept = np.array(["a"] * 20 + ["b"] * 20)
+    cluster = np.array(([1] * 10 + [-1] * 10) * 2)
+    summary, geo = T.geometry(X, concept, cluster)
+    Xs = X / summary["scale"]
+    U = Xs / np.linalg.norm(Xs, axis=1, keepdims=True)
+    mask = (concept == "a") & (cluster == 1), (concept == "b") & (cluster == -1)
+    brute = (U[mask[0]] @ U[mask[1]].T).mean()
+    got = geo[(geo["quantity"] == "cluster_cos_raw") & (geo["concept"] == "a:+1") & (geo["concept_b"] == "b:-1")]
+    assert got["value"].item() == pytest.approx(brute)
+    gm = geo[geo["quantity"] == "gram_mean"].set_index("concept")["value"]
+    assert gm["diagonal"] == pytest.approx((Xs**2).sum(1).mean())
+    assert set(gm.index) == {"diagonal", "same cluster", "opposite cluster", "different concepts"}

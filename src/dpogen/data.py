@@ -125,9 +125,10 @@ def apply_length_limits(df: pd.DataFrame, tokenizer, cfg: dict, counts: Counter)
         counts["dropped_too_long"] += int(drop.sum())
         return df[~drop]
     df = df.copy()
+    special = len(tokenizer("")["input_ids"])  # tokens the tokenizer adds around a prompt (a BOS, say)
     for i in df.index[too_long_p]:
         offs = tokenizer(df.at[i, "prompt"], return_offsets_mapping=True, add_special_tokens=False)["offset_mapping"]
-        df.at[i, "prompt"] = df.at[i, "prompt"][offs[-mp][0]:]
+        df.at[i, "prompt"] = df.at[i, "prompt"][offs[-max(1, mp - special)][0]:]
     for i in df.index[too_long_r]:
         for col in ("chosen", "rejected"):
             offs = tokenizer(df.at[i, col], return_offsets_mapping=True, add_special_tokens=False)["offset_mapping"]
@@ -261,9 +262,10 @@ def prepare(cfg: dict, k: int | None, out_train, out_test, out_card_json, out_ca
             raise DataError("data.max_prompt_tokens/max_response_tokens need the run's tokenizer")
         train = apply_length_limits(train, tokenizer, cfg, counts)
         test = apply_length_limits(test, tokenizer, cfg, counts)
-        # truncation changes the texts, so the ids follow the texts
-        for df in (train, test):
-            df["sample_id"] = [sample_id(*r) for r in df[["concept", "prompt", "chosen", "rejected"]].itertuples(index=False)]
+        # truncated texts are checked again (two responses cut to the same start are identical) and get
+        # the ids of their new texts
+        train = validate_pairs(train.drop(columns="sample_id"), f"{cfg['source']} (train, after truncation)")
+        test = validate_pairs(test.drop(columns="sample_id"), f"{cfg['source']} (test, after truncation)")
     before = len(train), len(test)
     train = train.drop_duplicates("sample_id").reset_index(drop=True)
     test = test.drop_duplicates("sample_id").reset_index(drop=True)

@@ -22,9 +22,11 @@ class Dist:
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.enabled = self.world > 1
         if self.enabled and not torch.distributed.is_initialized():
-            backend = "nccl" if device.startswith("cuda") else "gloo"
-            if backend == "nccl":
+            if device.startswith("cuda"):
                 torch.cuda.set_device(self.local_rank)
+                backend = "cpu:gloo,cuda:nccl"  # gradients on the GPUs, small CPU reductions through gloo
+            else:
+                backend = "gloo"
             torch.distributed.init_process_group(backend)
 
     @property

@@ -115,7 +115,8 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:
 
 def _rng_state() -> dict:
     import random
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(), "cuda": cuda}
 
 
 def _set_rng_state(s: dict) -> None:
@@ -123,6 +124,8 @@ def _set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
     np.random.set_state(s["numpy"])
     random.setstate(s["python"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
 
 
 class Policy:
@@ -210,7 +213,12 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
     """DPO from the reference checkpoint ``ref_path``; writes the margins folder and the metrics table."""
     dist = Dist(cfg["device"])
     work = Path(work_dir)
-    fp = fingerprint({k: v for k, v in cfg.items() if k != "processes"} | {"seed": seed}, ref_logps_path)
+    from .config import code_hash
+
+    # what the saved state depends on: settings that change the numbers, the seed, the reference and the code
+    ignore = {"processes", "log_every", "save_every", "eval_batch_size"}
+    fp = fingerprint({k: v for k, v in cfg.items() if k not in ignore} | {"seed": seed, "code": code_hash("dpo")},
+                     ref_logps_path)
     state_path = work / "state.pt"
     if dist.main:
         if work.exists() and not (work / f"fingerprint-{fp}").exists():
@@ -270,9 +278,6 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
         df = margins_frame(step, pairs, lp, ref, cfg["beta"])
         tables.write_margins_checkpoint(df, margins_work, step)
         err = (df["margin"] <= 0).groupby(df["split"]).mean()
-        tr = df[df["split"] == "train"]
-        checkpoint.train_means = {"rewards/chosen": tr["reward_chosen"].mean(), "rewards/rejected": tr["reward_rejected"].mean(),
-                                  "logps/chosen": tr["logp_chosen"].mean(), "logps/rejected": tr["logp_rejected"].mean()}
         return float(err.get("train", np.nan)), float(err.get("test", np.nan))
 
     empty = {k: math.nan for k in tables.METRICS.names}
@@ -328,8 +333,7 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
         row["elapsed_s"] = elapsed0 + prog.elapsed()
         if done in schedule:
             row["train_error"], row["test_error"] = checkpoint(done)
-            if policy.margin_only and dist.main:  # absolute rewards and log-probs: all training pairs, here
-                row.update(checkpoint.train_means)
+
         rows.append(row)
         if dist.main and cfg["save_every"] and (done % cfg["save_every"] == 0) and done < steps:
             with atomic_path(state_path) as tmp:

@@ -21,8 +21,10 @@ SRC = Path(__file__).resolve().parents[1]
 
 def launch_dpo(job: dict, processes: int, log_path: str | None = None) -> None:
     """Run ``train_dpo(**job)`` in ``processes`` processes through ``accelerate launch``; raise if any fails."""
+    from .model import LOAD_OPTIONS
+
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(job, f)
+        json.dump({**job, "load_options": dict(LOAD_OPTIONS)}, f)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
@@ -42,7 +44,10 @@ def main(job_file: str) -> None:
     from .dpo import train_dpo
     from .training import setup_logging
 
+    from . import model
+
     job = json.loads(Path(job_file).read_text())
+    model.LOAD_OPTIONS.update(job.pop("load_options", {}))  # as in the parent job: same revision, attention
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(None)
     if rank != 0:

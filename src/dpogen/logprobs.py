@@ -186,6 +186,11 @@ def pair_logps(model, enc: EncodedPairs, pairs=None, *, batch_rows: int | None =
     pass pads little. With ``features``, also returns g(x) per pair, shape (n, d), fp32.
     """
     pairs = np.arange(enc.n_pairs) if pairs is None else np.asarray(pairs)
+    uniq, inv = np.unique(pairs, return_inverse=True)
+    if len(uniq) < len(pairs):  # a pair twice (a batch across an epoch boundary): compute once, repeat rows
+        res = pair_logps(model, enc, uniq, batch_rows=batch_rows, features=features, sort=sort)
+        t_inv = torch.as_tensor(inv, device=next(model.parameters()).device)
+        return (res[0][t_inv], res[1][t_inv]) if features else res[t_inv]
     device = next(model.parameters()).device
     dtype = compute_dtype(model)
     pair_slot = {int(p): j for j, p in enumerate(pairs)}
@@ -328,6 +333,7 @@ def cached_logps(model, cache: TargetCache, pairs=None, *, batch_targets: int | 
     for s in range(0, len(idx), step):
         i = idx[s:s + step]
         rows, inv = torch.unique(cache.row[i], return_inverse=True)  # each hidden state through the head once
-        logp = torch.log_softmax(_head_logits(inner, head, cache.hidden[rows], dtype), dim=-1)
+        h = cache.hidden[rows].to(head.weight.dtype)  # as in the forward pass (exact for a bf16 model)
+        logp = torch.log_softmax(_head_logits(inner, head, h, dtype), dim=-1)
         out = out.index_add(0, owner[s:s + step] * 2 + cache.slot[i], logp[inv, cache.token[i]])
     return out.view(-1, 2)

@@ -32,7 +32,7 @@ def read_jsonl(path: Path) -> pd.DataFrame:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read ({e})") from None
-    for i, line in enumerate(text.splitlines()):
+    for i, line in enumerate(text.split("\n")):  # not splitlines(): U+2028 may sit inside a JSON string
         if not line.strip():
             continue
         try:
@@ -214,7 +214,11 @@ def render_messages(messages, tokenizer, chat_template: bool) -> str:
     if chat_template:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise DataError("data.chat_template: the run's tokenizer has no chat template")
-        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        bos = tokenizer.bos_token
+        if bos and text.startswith(bos) and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]:
+            text = text[len(bos):]  # the tokenizer adds the BOS itself when the prompt is encoded
+        return text
     return "".join(f"\n\n{m['role'].capitalize()}: {m['content']}" for m in messages) + "\n\nAssistant:"
 
 

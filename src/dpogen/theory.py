@@ -76,7 +76,18 @@ def conditions(version: str, *, K: int, Q: int, Z: int, d: int, l_b: float, v: f
              "source": s} for c, a, b, s in out]
 
 
-def bounds_table(K: int, Q: int, N: int, conds: pd.DataFrame, c: float) -> pd.DataFrame:
+def data_dependent_bound(K: int, Q: int, Z: int, d: int, l_b: float, v: float) -> tuple[float, float]:
+    """The appendix's form behind both bounds, R(P) ≤ 2KQ² exp(−ε²/(2(1 + l_b² + d v² + 2εv))) for
+    ε ≤ 1/(16 v (Z+2)) (a reading of a garbled source). The exponent grows with ε, so ε takes the top of its
+    range. Returns (bound, ε)."""
+    if v <= 0:
+        return 0.0, math.inf
+    eps = 1.0 / (16.0 * v * (Z + 2))
+    return min(1e300, 2.0 * K * Q**2 * math.exp(-(eps**2) / (2 * (1 + l_b**2 + d * v**2 + 2 * eps * v)))), eps
+
+
+def bounds_table(K: int, Q: int, N: int, conds: pd.DataFrame, c: float, geometry_summary: dict | None = None,
+                 Z: int = 0) -> pd.DataFrame:
     rows = []
     for version, f in BOUNDS.items():
         value = f(K, Q)
@@ -85,6 +96,15 @@ def bounds_table(K: int, Q: int, N: int, conds: pd.DataFrame, c: float) -> pd.Da
                      "K": K, "Q": Q, "N": N, "value": value, "vacuous": value >= 1.0, "conditions_hold": holds,
                      "failure_probability": failure_probability(K, Q, c),
                      "note": f"at tau_1; failure probability uses c={c:g} (unspecified constant, illustrative)"})
+    if geometry_summary is not None:
+        g = geometry_summary
+        value, eps = data_dependent_bound(K, Q, Z, g["d"], g["l_b"], g["v"])
+        rows.append({"version": "appendix", "bound": "R(P) <= 2KQ^2 exp(-eps^2/(2(1+l_b^2+d v^2+2 eps v)))",
+                     "K": K, "Q": Q, "N": N, "value": value, "vacuous": value >= 1.0,
+                     "conditions_hold": bool(conds.loc[conds["version"] == "v5", "holds"].all()),
+                     "failure_probability": failure_probability(K, Q, c),
+                     "note": f"data-dependent form, a reading of the appendix's garbled source; eps={eps:.4g} "
+                             f"= 1/(16 v (Z+2)), the top of its range; l_b, v, d measured"})
     return pd.DataFrame(rows)
 
 
@@ -144,8 +164,10 @@ def geometry(features: np.ndarray, concept: np.ndarray, cluster: np.ndarray) -> 
     resid = np.concatenate([X[(concept == c) & (cluster == s)] - mu[(c, s)] for (c, s) in mu
                             if ((concept == c) & (cluster == s)).any()])
     v2 = float((resid**2).sum() / max(len(resid) - len(mu), 1) / d)
-    sv = np.linalg.svd(X - b, compute_uv=False)
-    p = sv**2 / (sv**2).sum()
+    Xc = X - b
+    ev = np.linalg.eigvalsh(Xc @ Xc.T if n < d else Xc.T @ Xc)  # the smaller Gram side: same spectrum
+    ev = np.clip(ev, 0, None)
+    p = ev / ev.sum()
     eff_rank = float(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum()))
     summary = {"d": d, "n": n, "scale": scale, "l_b": float(np.linalg.norm(b)), "v": math.sqrt(v2), "v2": v2,
                "effective_rank": eff_rank}
@@ -161,15 +183,44 @@ def geometry(features: np.ndarray, concept: np.ndarray, cluster: np.ndarray) -> 
     for i, c in enumerate(names):
         for c2 in names[i + 1:]:
             rows.append({"quantity": "cos_concepts", "concept": c, "concept_b": c2, "value": cos(cvec[c], cvec[c2])})
-    # average cosine similarity between clusters, raw and with the global mean removed (the paper's figure 1)
+    # average cosine similarity between clusters, raw and with the global mean removed (the paper's figure 1):
+    # the mean of u_i·u_j over i in A, j in B is (mean of u over A)·(mean of u over B), exactly, so no
+    # n×n matrix is formed
     keys = [k for k in mu if not np.isnan(mu[k]).any()]
+    masks = {k: (concept == k[0]) & (cluster == k[1]) for k in keys}
     for label, Y in (("cluster_cos_raw", X), ("cluster_cos_centered", X - b)):
         U = Y / np.maximum(np.linalg.norm(Y, axis=1, keepdims=True), 1e-12)
-        groups = {k: U[(concept == k[0]) & (cluster == k[1])] for k in keys}
-        for k1 in keys:
-            for k2 in keys:
+        means = np.stack([U[masks[k]].mean(0) for k in keys])
+        cosm = means @ means.T
+        for a, k1 in enumerate(keys):
+            for c, k2 in enumerate(keys):
                 rows.append({"quantity": label, "concept": f"{k1[0]}:{k1[1]:+d}", "concept_b": f"{k2[0]}:{k2[1]:+d}",
-                             "value": float((groups[k1] @ groups[k2].T).mean())})
+                             "value": float(cosm[a, c])})
+    # Gram-matrix blocks g_i·g_j (i != j): exact means from cluster means; spreads from a seeded sample
+    rng = np.random.default_rng(0)
+    blocks = {"diagonal": [], "same cluster": [], "opposite cluster": [], "different concepts": []}
+    for k1 in keys:
+        for k2 in keys:
+            kind = ("same cluster" if k1 == k2 else "opposite cluster" if k1[0] == k2[0] else "different concepts")
+            ia, ib = np.flatnonzero(masks[k1]), np.flatnonzero(masks[k2])
+            i, j = rng.choice(ia, 64), rng.choice(ib, 64)
+            keep = i != j
+            if k1 == k2:  # mean over i != j: remove the diagonal from |A|² μ·μ
+                na = len(ia)
+                mean = (na**2 * float(mu[k1] @ mu[k1]) - float((X[ia] ** 2).sum())) / max(na * (na - 1), 1)
+            else:
+                mean = float(mu[k1] @ mu[k2])
+            blocks[kind].append((mean, np.einsum("nd,nd->n", X[i[keep]], X[j[keep]])))
+    diag = np.einsum("nd,nd->n", X, X)
+    rows.append({"quantity": "gram_mean", "concept": "diagonal", "concept_b": "", "value": float(diag.mean())})
+    rows.append({"quantity": "gram_std", "concept": "diagonal", "concept_b": "", "value": float(diag.std())})
+    for kind, vals in blocks.items():
+        if kind == "diagonal" or not vals:
+            continue
+        rows.append({"quantity": "gram_mean", "concept": kind, "concept_b": "",
+                     "value": float(np.mean([m for m, _ in vals]))})
+        rows.append({"quantity": "gram_std", "concept": kind, "concept_b": "sampled",
+                     "value": float(np.concatenate([v for _, v in vals]).std())})
     return summary, pd.DataFrame(rows)
 
 
@@ -181,7 +232,7 @@ def run_theory(train: pd.DataFrame, card: dict, features: np.ndarray, ref: pd.Da
     K, Q, N, Z = card["K"], card["Q_min"], card["N"], card["Z"]
     conds = pd.DataFrame([c for ver in BOUNDS for c in conditions(ver, K=K, Q=Q, Z=Z, d=summary["d"],
                                                                    l_b=summary["l_b"], v=summary["v"])])
-    per_pair, dyn = dynamics(features, ref, margins, dpo_cfg, K)
+    per_pair, dyn = dynamics(features, ref, margins, dpo_cfg, K, summary["scale"])
     if per_pair is None:  # the theory does not apply: empty tables, the reason in the dynamics method column
         per_pair = pd.DataFrame({c: pd.Series(dtype=t) for c, t in
                                  [("step", "int64"), ("split", str), ("sample_id", str), ("predicted", float), ("measured", float)]})
@@ -191,7 +242,7 @@ def run_theory(train: pd.DataFrame, card: dict, features: np.ndarray, ref: pd.Da
     return {
         "geometry": geo,
         "conditions": conds,
-        "bounds": bounds_table(K, Q, N, conds, cfg["failure_constant_c"]),
+        "bounds": bounds_table(K, Q, N, conds, cfg["failure_constant_c"], summary, Z),
         "certificates": certificates(margins, cfg["confidence"]),
         "predicted": per_pair,
         "dynamics": dyn,
@@ -236,12 +287,14 @@ def predicted_margins(g_train, w_train, l_train, g_all, w_all, l_all, *, beta: f
     r_tr = np.zeros(n_tr)
     out = {0: r_all.copy()} if 0 in checkpoints else {}
     scale = lr * beta**2 / n_tr
+    D = np.zeros((n_tr, len(toks)))  # y_w,i − y_l,i on the tokens that occur
+    D[np.arange(n_tr), wt] += 1.0
+    D[np.arange(n_tr), lt] -= 1.0
     for k in range(1, steps + 1):
         v = loss_weight(r_tr, beta, loss, label_smoothing)
-        Mt = np.zeros((len(toks), g_train.shape[1]))
-        np.add.at(Mt, wt, v[:, None] * g_train)
-        np.add.at(Mt, lt, -v[:, None] * g_train)
-        r_all = r_all + scale * (np.einsum("nd,nd->n", Mt[wa], g_all) - np.einsum("nd,nd->n", Mt[la], g_all))
+        Mt = (D * v[:, None]).T @ g_train  # Σ_i v_i (y_w,i − y_l,i) g_iᵀ, one row per token
+        P = g_all @ Mt.T  # (n, tokens): every pair's g against every token's row
+        r_all = r_all + scale * (P[np.arange(n_all), wa] - P[np.arange(n_all), la])
         r_tr = r_all[:n_tr]
         if k in checkpoints:
             out[k] = r_all.copy()
@@ -268,7 +321,8 @@ def prediction_method(dpo_cfg: dict) -> str:
     return "recursion with a fitted time scale (adam/adamw: t/tau = c*k, c from the first checkpoint)"
 
 
-def dynamics(features: np.ndarray, ref: pd.DataFrame, margins: pd.DataFrame, dpo_cfg: dict, K: int):
+def dynamics(features: np.ndarray, ref: pd.DataFrame, margins: pd.DataFrame, dpo_cfg: dict, K: int,
+             scale: float = 1.0):
     """Predicted margins of every pair from the recursion of THEORY.md section 2 with the kernel measured
     from g(x), next to the measured ones, and the envelope of v3 Theorem 4.1 in steps.
 
@@ -301,7 +355,8 @@ def dynamics(features: np.ndarray, ref: pd.DataFrame, margins: pd.DataFrame, dpo
     per_pair = pd.concat([pd.DataFrame({"step": s, "split": split, "sample_id": ids, "predicted": r,
                                         "measured": measured.loc[s].reindex(ids).to_numpy()})
                           for s, r in pred.items()], ignore_index=True)
-    env = envelope(beta, K, eta)
+    # the theorem's units: g rescaled by 1/scale (mean concept norm 1), so its time runs scale² faster
+    env = envelope(beta, K, eta * scale**2)
     rows = []
     for (s, sp), grp in per_pair.groupby(["step", "split"], sort=True):
         t = s if s <= env["tau1_steps"] else np.nan
