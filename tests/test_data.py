@@ -281,5 +281,5 @@ def test_truncation_that_makes_responses_identical_is_refused(tmp_path, tiny):
             for i in range(8)]
     path = write_jsonl(tmp_path / "r.jsonl", recs)
     cfg = base_cfg(files={"paths": [str(path)]}, max_response_tokens=1, truncation="truncate")
-    with pytest.raises(D.DataError, match="after truncation.*identical"):
+    with pytest.raises(D.DataError, match=r"r\.jsonl: row \d+, fields .chosen./.rejected.: identical"):
         run(tmp_path, cfg, tokenizer=tok)
