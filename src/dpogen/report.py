@@ -182,7 +182,7 @@ def plot_dynamics(dyn: pd.DataFrame, title: str, path) -> None:
 def plot_geometry(geo: pd.DataFrame, title: str, path) -> None:
     """The paper's first figure: average cosine similarity between clusters of g(x), raw (a shared component
     makes everything similar) and with the global mean removed (near 0 between concepts)."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.4), layout="constrained")
     for ax, q, name in zip(axes, ("cluster_cos_raw", "cluster_cos_centered"), ("raw", "mean removed")):
         g = geo[geo["quantity"] == q]
         if g.empty:
