@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from dpogen import dpo, tables
+from dpogen import dpo, reference, tables
 from dpogen.data import validate_pairs
 from dpogen.synthetic import generate
 from tests.conftest import REPO
@@ -76,7 +76,7 @@ def small_run(tmp_path, tiny_model_dir, spec):
     train, test = validate_pairs(train, "train"), validate_pairs(test, "test")
     cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["dpo"]
     cfg.update(steps=6, batch_size=4, eval_every=3, save_every=2, log_every=2)
-    dpo.compute_reference(tiny_model_dir, train, test, cfg, tmp_path / "ref.parquet", tmp_path / "feat.npy")
+    reference.compute_reference(tiny_model_dir, train, test, cfg, tmp_path / "ref.parquet", tmp_path / "feat.npy")
     return train, test, cfg
 
 

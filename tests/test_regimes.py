@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from dpogen import dpo, tables
+from dpogen import dpo, reference, tables
 from dpogen import model as M
 from dpogen import theory as T
 from dpogen.data import validate_pairs
@@ -24,7 +24,7 @@ def dpo_cfg(**kw):
 def train_run(tmp_path, model_dir, spec, cfg, k=2, q=6, use_features=True):
     train, test = generate(k, q, 3, spec)
     train, test = validate_pairs(train, "train"), validate_pairs(test, "test")
-    dpo.compute_reference(model_dir, train, test, cfg, tmp_path / "ref.parquet", tmp_path / "feat.npy")
+    reference.compute_reference(model_dir, train, test, cfg, tmp_path / "ref.parquet", tmp_path / "feat.npy")
     dpo.train_dpo(model_dir, train, test, tmp_path / "ref.parquet", cfg, 0, tmp_path / "m", tmp_path / "x.parquet",
                   tmp_path / "w", out_info=tmp_path / "run.json",
                   ref_features_path=tmp_path / "feat.npy" if use_features else None)

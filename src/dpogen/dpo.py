@@ -27,7 +27,7 @@ from . import tables
 from .io import atomic_dir, atomic_path, write_json
 from .distributed import Dist
 from .logprobs import TargetCache, cache_targets, cached_logps, cached_logratio, pair_logps
-from .reference import autocast, compute_reference, encode, eval_logps, pairs_frame  # noqa: F401
+from .reference import autocast, encode, eval_logps, pairs_frame
 from .training import Progress, log, make_optimizer, make_scheduler
 
 LOSSES = ("sigmoid", "ipo", "ipo_norm", "hinge", "robust")

@@ -120,7 +120,8 @@ def markdown(experiment: str, summary: pd.DataFrame, meta: dict) -> str:
     from .paper import comparison_rows
 
     final = final_rows(summary)
-    a, b, r2 = fit_line(final["K"], final["test_error"])
+    fit = fit_table(summary).iloc[0]
+    a, b, r2 = fit["intercept"], fit["slope"], fit["r2"]
     lines = [f"# {experiment}: summary", "",
              f"Loss: {meta.get('loss_name', '?')}, beta = {meta.get('beta')}, {meta.get('steps')} DPO steps; "
              f"certificates at {meta.get('confidence')} confidence.", "",
