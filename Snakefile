@@ -9,11 +9,23 @@ min_version("9.0")
 
 REPO = Path(workflow.basedir)
 sys.path.insert(0, str(REPO / "src"))
-from dpogen.config import check, code_hash, run_config, runs  # noqa: E402
+from dpogen.config import (  # noqa: E402
+    axes,
+    check,
+    code_hash,
+    normalize,
+    run_config,
+    runs,
+    sweep_label,
+)
 
 
 configfile: str(REPO / "config" / "config.yaml")
 
+
+normalize(
+    config
+)  # a grid sweep replaces the default's single axis (config files merge key by key)
 
 # Types, ranges and unknown keys first, then what the schema cannot say (eval steps, K); both stop the
 # run before any job with a message naming the key.
@@ -22,6 +34,7 @@ check(config)
 
 EXP = config["experiment"]
 RUNS = runs(config)
+SCALING = {"data.k", "data.gaussian.q"} <= {a["param"] for a in axes(config)}
 OUT = f"results/{EXP}"
 RUN = f"{OUT}/{{run}}"
 LOGS = f"{OUT}/logs"
@@ -32,6 +45,7 @@ localrules:
     all,
     run_report,
     summary,
+    scaling,
 
 
 wildcard_constraints:
@@ -58,3 +72,5 @@ rule all:
         f"{OUT}/summary.md",
         f"{OUT}/margins_by_run.png",
         f"{OUT}/error_vs_k.png",
+        # a K x Q grid: the scaling study (smallest Q per K at the target test error, beside the v5 bound)
+        [f"{OUT}/scaling.csv", f"{OUT}/scaling.png"] if SCALING else [],

@@ -2,7 +2,10 @@
 hidden state), against a baseline in the same process: one pass of numpy over the features (their mean),
 the least any geometry estimate must read.
 
-    python bench/bench_theory.py [--pairs 10000] [--d 4096] [--concepts 10] [--checkpoints 11]
+    python bench/bench_theory.py [--pairs 10000] [--d 4096] [--concepts 10] [--checkpoints 11] [--policy-steps 1]
+
+--policy-steps: checkpoints at which the backbone's g(x) is analysed again (dpo.geometry_steps, default the
+last step), as when the backbone trains.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ def main():
     ap.add_argument("--d", type=int, default=4096)
     ap.add_argument("--concepts", type=int, default=10)
     ap.add_argument("--checkpoints", type=int, default=11)
+    ap.add_argument("--policy-steps", type=int, default=1)
     a = ap.parse_args()
     rng = np.random.default_rng(0)
     n, K, d = a.pairs, a.concepts, a.d
@@ -51,11 +55,15 @@ def main():
     feats.mean(0)
     t_base = time.perf_counter() - t
     t = time.perf_counter()
-    out = run_theory(train, card, feats, ref, margins, {"confidence": 0.95, "failure_constant_c": 1.0}, dpo_cfg)
+    ntr = int((split == "train").sum())
+    policy = {int(s): feats[:ntr] + np.float32(0.01 * i) for i, s in enumerate(steps[::-1][: a.policy_steps], 1)}
+    out = run_theory(train, card, feats, ref, margins, {"confidence": 0.95, "failure_constant_c": 1.0}, dpo_cfg,
+                     policy)
     t_theory = time.perf_counter() - t
     print(f"{n} pairs, d = {d}, K = {K}, {len(steps)} checkpoints ({len(margins)} margin rows)")
     print(f"baseline, one numpy pass over the features   {t_base:8.3f} s")
-    print(f"theory stage (geometry, bounds, certificates, predicted dynamics)  {t_theory:8.2f} s  "
+    print(f"theory stage (geometry at {1 + len(policy)} steps, bounds, certificates, claims, predicted dynamics)  "
+          f"{t_theory:8.2f} s  "
           f"({t_theory / t_base:.0f}x the baseline)")
     print("tables:", {k: len(v) for k, v in out.items()})
 

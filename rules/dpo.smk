@@ -34,6 +34,7 @@ rule dpo:
         margins=directory(f"{RUN}/dpo/margins.parquet"),
         metrics=f"{RUN}/dpo/metrics.parquet",
         info=f"{RUN}/dpo/run.json",
+        features=directory(f"{RUN}/dpo/features"),
     log:
         f"{LOGS}/dpo/{{run}}.log",
     conda:

@@ -7,6 +7,7 @@ rule run_report:
         margins=f"{RUN}/dpo/margins.parquet",
         certificates=f"{RUN}/theory/certificates.parquet",
         bounds=f"{RUN}/theory/bounds.parquet",
+        claims=f"{RUN}/theory/claims.parquet",
         geometry=f"{RUN}/theory/geometry.parquet",
         dynamics=f"{RUN}/theory/dynamics.parquet",
     output:
@@ -37,7 +38,7 @@ rule run_report:
     conda:
         "../envs/dpogen.yaml"
     params:
-        sweep_value=lambda w: RUNS[w.run],
+        sweep_value=lambda w: sweep_label(config, RUNS[w.run]),
         code=code_hash("report"),
     script:
         "../workflow_scripts/run_report.py"
@@ -47,6 +48,7 @@ rule summary:
     input:
         runs=expand(f"{RUN}/report/summary.csv", run=RUNS),
         metrics=expand(f"{RUN}/dpo/metrics.parquet", run=RUNS),
+        claims=expand(f"{RUN}/theory/claims.parquet", run=RUNS),
     output:
         csv=report(
             f"{OUT}/summary.csv",
@@ -74,8 +76,12 @@ rule summary:
     conda:
         "../envs/dpogen.yaml"
     params:
-        sweep_label=(config.get("sweep") or {}).get("prefix", "run"),
+        sweep_label="-".join(
+            a.get("prefix") or a["param"].split(".")[-1] for a in axes(config)
+        )
+        or "run",
         experiment=EXP,
+        runs=list(RUNS),
         meta={
             "beta": config["dpo"]["beta"],
             "steps": config["dpo"]["steps"],
@@ -87,3 +93,30 @@ rule summary:
         code=code_hash("report"),
     script:
         "../workflow_scripts/summary.py"
+
+
+rule scaling:
+    input:
+        summary=f"{OUT}/summary.parquet",
+    output:
+        csv=report(
+            f"{OUT}/scaling.csv",
+            caption="../report/scaling.rst",
+            category="sweep",
+            labels={"figure": "scaling table"},
+        ),
+        figure=report(
+            f"{OUT}/scaling.png",
+            caption="../report/scaling.rst",
+            category="sweep",
+            labels={"figure": "smallest Q per K"},
+        ),
+    log:
+        f"{LOGS}/scaling.log",
+    conda:
+        "../envs/dpogen.yaml"
+    params:
+        target=config["report"]["scaling_target"],
+        code=code_hash("report"),
+    script:
+        "../workflow_scripts/scaling.py"

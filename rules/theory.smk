@@ -8,7 +8,9 @@ rule theory:
         ref_logps=f"{RUN}/dpo/ref_logps.parquet",
         features=f"{RUN}/dpo/ref_features.npy",
         margins=f"{RUN}/dpo/margins.parquet",
+        policy_features=f"{RUN}/dpo/features",
     output:
+        claims=f"{RUN}/theory/claims.parquet",
         bounds=f"{RUN}/theory/bounds.parquet",
         conditions=f"{RUN}/theory/conditions.parquet",
         certificates=f"{RUN}/theory/certificates.parquet",

@@ -58,11 +58,11 @@ def test_experiment_configs_are_valid(path):
     and names the compute it needs at its top."""
     from snakemake.utils import validate
 
-    from dpogen.config import check
+    from dpogen.config import check, normalize
 
     text = path.read_text()
     assert text.startswith("# Compute:"), path
-    cfg = _merge(yaml.safe_load((REPO / "config" / "config.yaml").read_text()), yaml.safe_load(text))
+    cfg = normalize(_merge(yaml.safe_load((REPO / "config" / "config.yaml").read_text()), yaml.safe_load(text)))
     validate(cfg, str(REPO / "config" / "schema.yaml"))
     check(cfg)
     assert cfg["experiment"] == path.stem

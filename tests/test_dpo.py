@@ -149,3 +149,23 @@ def test_two_processes_give_the_same_margins(tmp_path, tiny_model_dir, small_run
     np.testing.assert_allclose(two["margin"], one["margin"], atol=1e-5, rtol=0)
     np.testing.assert_allclose(two["logp_chosen"], one["logp_chosen"], atol=1e-5, rtol=0)
     assert (two.loc[two["step"] == 6, "margin"] != 0).all()
+
+
+def test_policy_features_are_saved_at_the_chosen_checkpoints(tmp_path, tiny_model_dir, small_run):
+    """When the backbone trains, g(x) of the training pairs is saved at dpo.geometry_steps: the reference's
+    g(x) to rounding when the weights barely move, and visibly different once they train."""
+    train, test, cfg = small_run
+    ref_feats = np.load(tmp_path / "feat.npy")
+    for name, lr, close in (("still", 1e-12, True), ("moved", 1e-2, False)):
+        c = {**cfg, "geometry_steps": [3, "last"], "optimizer": "sgd", "lr": lr}
+        out = tmp_path / name
+        dpo.train_dpo(tiny_model_dir, train, test, tmp_path / "ref.parquet", c, 7, out / "margins",
+                      out / "metrics.parquet", out / "work", out_features=out / "features")
+        index = json.loads((out / "features" / "index.json").read_text())
+        assert index["steps"] == [3, 6]
+        for s in (3, 6):
+            g = np.load(out / "features" / f"step={s}.npy")
+            assert g.shape == (len(train), ref_feats.shape[1])
+            assert np.allclose(g, ref_feats[: len(train)], atol=1e-5) == close, (name, s)
+    with pytest.raises(ValueError, match="geometry_steps"):
+        dpo.geometry_steps({"steps": 6, "geometry_steps": [4]}, [0, 3, 6])

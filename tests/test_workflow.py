@@ -56,8 +56,13 @@ def test_every_output_is_there_with_its_schema(wf):
         m = pd.read_parquet(r / "dpo" / "margins.parquet")  # a partitioned folder pandas reads directly
         assert set(m.columns) == set(tables.MARGINS.names)
         for name, schema in (("bounds", tables.BOUNDS), ("conditions", tables.CONDITIONS),
-                             ("certificates", tables.CERTIFICATES), ("geometry", tables.GEOMETRY)):
+                             ("certificates", tables.CERTIFICATES), ("geometry", tables.GEOMETRY),
+                             ("claims", tables.CLAIMS)):
             assert pq.read_schema(r / "theory" / f"{name}.parquet").equals(schema, check_metadata=False), name
+        # the backbone trains here: geometry of the reference (step 0) and of the policy at the last step
+        geo = pd.read_parquet(r / "theory" / "geometry.parquet")
+        assert sorted(geo["step"].unique()) == [0, wf["cfg"]["dpo"]["steps"]]
+        assert json.loads((r / "dpo" / "features" / "index.json").read_text())["steps"] == [wf["cfg"]["dpo"]["steps"]]
         assert not (r / "dpo" / "resume").exists()  # the resume folder is gone once the run succeeded
     s = pd.read_csv(out / "summary.csv")
     assert set(s["run"]) == set(RUNS)

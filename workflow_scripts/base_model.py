@@ -10,7 +10,15 @@ from dpogen.workflow import job  # noqa: E402
 
 with job(snakemake) as log:
     m = snakemake.params.model
-    if m["source"] == "scratch":
+    d = snakemake.params.data
+    if d["source"] == "gaussian":  # a linear head over answer tokens for as many concepts as d allows
+        from dpogen.gaussian import vocabulary
+
+        g = d["gaussian"]
+        model, tok = M.build_linear_head(vocabulary(g["d"] - 1, 1), g["d"], snakemake.params.seed)
+        M.save(model, tok, snakemake.output[0])
+        log.info("base model: linear head, d=%d, vocabulary %d", g["d"], len(tok))
+    elif m["source"] == "scratch":
         arch = m["scratch"]
         tok = M.train_tokenizer(corpus(snakemake.params.data, arch["corpus_per_cluster"]), arch["vocab_size"])
         model = M.build_scratch(arch, tok, snakemake.params.seed)

@@ -16,8 +16,10 @@ with job(snakemake) as log:
         log.info("launching %d processes with accelerate", p.dpo["processes"])
         launch_dpo({"ref_path": i.ref, "train": i.train, "test": i.test, "ref_logps_path": i.ref_logps, "cfg": p.dpo,
                     "seed": p.seed, "out_margins": o.margins, "out_metrics": o.metrics, "work_dir": p.work,
-                    "out_info": o.info, "ref_features_path": i.ref_features, "threads": max(1, snakemake.threads // p.dpo["processes"])},
+                    "out_info": o.info, "ref_features_path": i.ref_features, "out_features": o.features,
+                    "threads": max(1, snakemake.threads // p.dpo["processes"])},
                    p.dpo["processes"], log_path=snakemake.log[0])
     else:
         train_dpo(i.ref, pd.read_parquet(i.train), pd.read_parquet(i.test), i.ref_logps, p.dpo, p.seed,
-                  o.margins, o.metrics, p.work, out_info=o.info, ref_features_path=i.ref_features)
+                  o.margins, o.metrics, p.work, out_info=o.info, ref_features_path=i.ref_features,
+                  out_features=o.features)

@@ -13,12 +13,13 @@ from dpogen.workflow import job  # noqa: E402
 
 with job(snakemake):
     i = snakemake.input
+    dyn = pd.read_parquet(i.dynamics)
     s = report.run_summary(snakemake.wildcards.run, snakemake.params.sweep_value, tables.read_margins(i.margins),
                            pd.read_parquet(i.certificates), pd.read_parquet(i.bounds),
-                           json.loads(open(i.card).read()))
+                           json.loads(open(i.card).read()), pd.read_parquet(i.claims), dyn)
     report.write_summary_csv(s, snakemake.output.summary)
     report.plot_run(s, f"run {snakemake.wildcards.run}", snakemake.output.figure)
-    report.plot_geometry(pd.read_parquet(i.geometry), f"run {snakemake.wildcards.run}: g(x) of the reference model",
+    report.plot_geometry(pd.read_parquet(i.geometry), f"run {snakemake.wildcards.run}: geometry of g(x)",
                          snakemake.output.geometry)
-    report.plot_dynamics(pd.read_parquet(i.dynamics), f"run {snakemake.wildcards.run}: margins, measured and predicted",
+    report.plot_dynamics(dyn, f"run {snakemake.wildcards.run}: margins, measured and predicted",
                          snakemake.output.dynamics)

@@ -16,8 +16,11 @@ from dpogen.workflow import job  # noqa: E402
 with job(snakemake):
     i, o = snakemake.input, snakemake.output
     ref = pd.read_parquet(i.ref_logps)
+    index = json.loads((Path(i.policy_features) / "index.json").read_text())
+    policy = {s: np.load(Path(i.policy_features) / f"step={s}.npy") for s in index["steps"]}
     out = run_theory(pd.read_parquet(i.train), json.loads(open(i.card).read()), np.load(i.features), ref,
-                     tables.read_margins(i.margins), snakemake.params.theory, snakemake.params.dpo)
+                     tables.read_margins(i.margins), snakemake.params.theory, snakemake.params.dpo, policy)
+    tables.write_claims(out["claims"], o.claims)
     tables.write_bounds(out["bounds"], o.bounds)
     tables.write_conditions(out["conditions"], o.conditions)
     tables.write_certificates(out["certificates"], o.certificates)

@@ -32,46 +32,101 @@ def put(cfg: dict, dotted: str, value) -> None:
     node[last] = value
 
 
-def runs(cfg: dict) -> dict[str, object]:
-    """Run name → sweep value, e.g. {'k1': 1, 'k2': 2}. Without a sweep, one run named 'main'."""
+def normalize(cfg: dict) -> dict:
+    """Snakemake merges config files key by key: a grid sweep replaces the default's single axis rather
+    than joining it. Called on the merged config before validation."""
+    if isinstance(cfg.get("sweep"), dict) and "grid" in cfg["sweep"]:
+        cfg["sweep"] = {"grid": cfg["sweep"]["grid"]}
+    return cfg
+
+
+def axes(cfg: dict) -> list[dict]:
+    """The sweep's axes: one for ``sweep: {param, values}``, several for ``sweep: {grid: [...]}``."""
     sweep = cfg.get("sweep")
     if not sweep:
+        return []
+    return list(sweep["grid"]) if "grid" in sweep else [sweep]
+
+
+def _prefix(axis: dict) -> str:
+    return axis.get("prefix") or axis["param"].split(".")[-1]
+
+
+def runs(cfg: dict) -> dict[str, object]:
+    """Run name → sweep value, e.g. {'k1': 1, 'k2': 2}; for a grid, name → tuple of values, e.g.
+    {'k1-q8': (1, 8), ...} (every combination, the first axis outermost). Without a sweep, one run 'main'."""
+    import itertools
+
+    ax = axes(cfg)
+    if not ax:
         return {"main": None}
-    prefix = sweep.get("prefix") or sweep["param"].split(".")[-1]
     out = {}
-    for v in sweep["values"]:
-        name = f"{prefix}{v}"
+    for combo in itertools.product(*[a["values"] for a in ax]):
+        name = "-".join(f"{_prefix(a)}{v}" for a, v in zip(ax, combo))
         if name in out:
-            raise ConfigError(f"sweep.values: {v!r} given twice")
-        out[name] = v
+            raise ConfigError(f"sweep values: {combo!r} given twice (run {name})")
+        out[name] = combo[0] if len(ax) == 1 else combo
     return out
 
 
+def sweep_label(cfg: dict, value) -> str | object:
+    """The sweep value as the report shows it: the value for one axis, 'k=1 q=8' for a grid."""
+    ax = axes(cfg)
+    if len(ax) < 2:
+        return value
+    return " ".join(f"{_prefix(a)}={v}" for a, v in zip(ax, value))
+
+
 def run_config(cfg: dict, run: str) -> dict:
-    """The full config of one run: the sweep's parameter set to the run's value."""
+    """The full config of one run: the sweep's parameters set to the run's values."""
     rc = copy.deepcopy(cfg)
     value = runs(cfg)[run]
-    if value is not None:
-        put(rc, cfg["sweep"]["param"], value)
+    ax = axes(cfg)
+    for a, v in zip(ax, value if len(ax) > 1 else [value]):
+        if v is not None:
+            put(rc, a["param"], v)
     return rc
 
 
 def check(cfg: dict) -> None:
     """Checks beyond the schema, run before any job; each message names the key."""
-    from .dpo import eval_schedule
+    from .dpo import eval_schedule, geometry_steps
 
-    if cfg.get("sweep"):
-        get(cfg, cfg["sweep"]["param"])
+    for a in axes(cfg):
+        get(cfg, a["param"])
+    if cfg["data"]["source"] == "gaussian":
+        swept = {a["param"] for a in axes(cfg)}
+        if "data.gaussian.d" in swept:
+            raise ConfigError("sweep: data.gaussian.d cannot be swept (the linear head is built once per "
+                              "experiment); run one experiment per d")
+        if cfg["model"]["source"] != "scratch":
+            raise ConfigError("model.source: the gaussian source trains its own linear head; set model.source: scratch")
+        if cfg["sft"]["target"] != "none":
+            raise ConfigError("sft.target: the gaussian source has no text to fine-tune on; set sft.target: none")
     if cfg["model"]["source"] == "pretrained" and not cfg["model"]["pretrained"].get("path"):
         raise ConfigError("model.pretrained.path: a pretrained model needs a hub id or a local folder")
     for run in runs(cfg):
         rc = run_config(cfg, run)
         try:
             if not rc["dpo"].get("epochs"):
-                eval_schedule(rc["dpo"])
+                geometry_steps(rc["dpo"], eval_schedule(rc["dpo"]))
         except ValueError as e:
             raise ConfigError(str(e)) from None
         d = rc["data"]
+        if d["source"] == "gaussian":
+            from .gaussian import GaussianSpec, check as check_gaussian
+
+            try:
+                check_gaussian(GaussianSpec.from_config(d["gaussian"]), d["k"])
+            except ValueError as e:
+                raise ConfigError(f"{e} (run {run})") from None
+            if rc["dpo"]["regime"] != "last_layer":
+                raise ConfigError(f"dpo.regime: the gaussian source gives g(x) and trains the head alone; set "
+                                  f"dpo.regime: last_layer (run {run})")
+        full_batch = rc["dpo"]["batch_size"] in ("full", None)
+        if rc["dpo"].get("eval_at_tau1") and (rc["dpo"]["optimizer"] != "sgd" or not full_batch):
+            raise ConfigError("dpo.eval_at_tau1: tau_1 in steps is defined for full-batch sgd (dpo.optimizer: sgd, "
+                              "dpo.batch_size: full)")
         if d["source"] == "synthetic":
             if d["k"] is None:
                 raise ConfigError("data.k: the synthetic source needs a number of concepts K")
@@ -92,13 +147,14 @@ def check(cfg: dict) -> None:
 
 
 STAGE_MODULES = {
-    "data": ["data.py", "sources.py", "synthetic.py", "logprobs.py", "model.py"],
-    "base": ["model.py", "data.py", "sources.py", "synthetic.py", "logprobs.py"],
+    "data": ["data.py", "sources.py", "synthetic.py", "gaussian.py", "logprobs.py", "model.py"],
+    "base": ["model.py", "data.py", "sources.py", "synthetic.py", "gaussian.py", "logprobs.py"],
     "sft": ["sft.py", "model.py", "training.py"],
-    "ref": ["reference.py", "logprobs.py", "model.py"],
-    "dpo": ["dpo.py", "reference.py", "logprobs.py", "model.py", "training.py", "distributed.py", "launch.py"],
-    "theory": ["theory.py"],
-    "report": ["report.py", "paper.py"],
+    "ref": ["reference.py", "logprobs.py", "model.py", "gaussian.py"],
+    "dpo": ["dpo.py", "reference.py", "logprobs.py", "model.py", "training.py", "distributed.py", "launch.py",
+            "timescale.py"],
+    "theory": ["theory.py", "timescale.py"],
+    "report": ["report.py", "paper.py", "theory.py", "timescale.py"],
 }
 COMMON_MODULES = ["io.py", "tables.py"]
 

@@ -14,7 +14,7 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 
-from . import sources, synthetic, tables
+from . import gaussian, sources, synthetic, tables
 from .io import write_json, write_text
 from .sources import DataError
 
@@ -241,6 +241,11 @@ def prepare(cfg: dict, k: int | None, out_train, out_test, out_card_json, out_ca
         train, test = synthetic.generate(k, s["train_per_cluster"], s["test_per_cluster"], spec)
         train, test = validate_pairs(train, "synthetic (train)"), validate_pairs(test, "synthetic (test)")
         info = {}
+    elif cfg["source"] == "gaussian":
+        spec = gaussian.GaussianSpec.from_config(cfg["gaussian"])
+        train, test = gaussian.generate(k, spec)
+        train, test = validate_pairs(train, "gaussian (train)"), validate_pairs(test, "gaussian (test)")
+        info = gaussian.card_extra(k, spec)
     else:
         frames, info = _concept_frames(cfg, k, tokenizer)
         if cfg.get("pairs_per_concept"):
@@ -289,6 +294,8 @@ def prepare(cfg: dict, k: int | None, out_train, out_test, out_card_json, out_ca
 def corpus(cfg: dict, per_cluster: int) -> list[str]:
     """Text to train a from-scratch tokenizer on: every concept the source has (independent of K), each
     prompt followed by either answer. Synthetic: ``per_cluster`` statements per cluster of the pool."""
+    if cfg["source"] == "gaussian":
+        raise DataError("data.source gaussian has no text corpus: its model is built by model.build_linear_head")
     if cfg["source"] == "synthetic":
         return synthetic.corpus(synthetic.SyntheticSpec.from_config(cfg["synthetic"]), per_cluster)
     frames, _ = _concept_frames(cfg, None, None)

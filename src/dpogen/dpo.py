@@ -94,6 +94,34 @@ def margins_frame(step: int, pairs: pd.DataFrame, lp: np.ndarray, ref: np.ndarra
     })
 
 
+def geometry_steps(cfg: dict, schedule: list[int]) -> list[int]:
+    """Checkpoints at which g(x) is saved when the backbone trains (``dpo.geometry_steps``; "last" is the
+    last step). Each must be a checkpoint; step 0 is the reference, whose g(x) the reference pass gives."""
+    want = set()
+    for s_ in cfg.get("geometry_steps") or []:
+        want.add(cfg["steps"] if s_ == "last" else int(s_))
+    bad = sorted(want - set(schedule))
+    if bad:
+        raise ValueError(f"dpo.geometry_steps: {bad} are not checkpoints (dpo.eval_every / eval_steps)")
+    return sorted(want - {0})
+
+
+def tau1_checkpoint(cfg: dict, train: pd.DataFrame, feats: np.ndarray | None) -> set[int]:
+    """The last step at or before τ_1 (full-batch sgd; g(x) rescaled as the theory stage does), if training
+    gets there; the theory stage reads the theorem's claims "at τ_1" from this checkpoint."""
+    from .timescale import concept_scale, tau1_steps
+
+    if feats is None:
+        raise ValueError("dpo.eval_at_tau1 needs the reference features (ref_features.npy)")
+    n = len(train)
+    scale = concept_scale(feats[:n], train["concept"].to_numpy(), train["cluster"].to_numpy())
+    k1 = math.floor(tau1_steps(cfg["beta"], train["concept"].nunique(), cfg["lr"], scale) + 1e-9)
+    if not 1 <= k1 <= cfg["steps"]:
+        log.warning("dpo.eval_at_tau1: tau_1 is at step %d, outside 1..%d: no extra checkpoint", k1, cfg["steps"])
+        return set()
+    return {k1}
+
+
 def fingerprint(cfg: dict, *files) -> str:
     h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
     for f in files:
@@ -179,10 +207,13 @@ class Policy:
             return pair_logps(self.model, self.enc, idx)
 
     @torch.no_grad()
-    def eval_pairs(self, idx: np.ndarray) -> torch.Tensor:
-        """Log-probs of pairs ``idx`` in eval mode (dropout off), no gradients."""
+    def eval_pairs(self, idx: np.ndarray, features: bool = False):
+        """Log-probs of pairs ``idx`` in eval mode (dropout off), no gradients; with ``features`` (a backbone
+        that trains), also g(x) of each pair under the current weights, from the same pass."""
         if self.cache is None:
-            return eval_logps(self.model, self.enc, self.cfg, pairs=idx)
+            return eval_logps(self.model, self.enc, self.cfg, pairs=idx, features=features)
+        if features:
+            raise ValueError("g(x) does not change in the last_layer regime: it is the reference's")
         with autocast(self.model, self.cfg):
             return cached_logps(self.model, self.cache, idx, batch_targets=self.cfg["eval_batch_size"])
 
@@ -209,7 +240,7 @@ def total_steps(cfg: dict, n_train: int, bsz: int) -> int:
 
 
 def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path, cfg: dict, seed: int,
-              out_margins, out_metrics, work_dir, out_info=None, ref_features_path=None) -> dict:
+              out_margins, out_metrics, work_dir, out_info=None, ref_features_path=None, out_features=None) -> dict:
     """DPO from the reference checkpoint ``ref_path``; writes the margins folder and the metrics table."""
     dist = Dist(cfg["device"])
     work = Path(work_dir)
@@ -240,20 +271,22 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
     cfg = {**cfg, "steps": steps}
     accum = int(cfg["grad_accum"])
     feats = None
-    if cfg["regime"] == "last_layer" and ref_features_path is not None:
+    if (cfg["regime"] == "last_layer" or cfg.get("eval_at_tau1")) and ref_features_path is not None:
         feats = np.load(ref_features_path)
         order = pd.read_parquet(ref_logps_path, columns=["sample_id"])["sample_id"].tolist()
         if feats.shape[0] != len(pairs) or order != pairs["sample_id"].tolist():
             raise ValueError(f"{ref_features_path}: rows do not match the pairs of this run ({feats.shape[0]} rows, "
                              f"{len(pairs)} pairs)")
-    policy = Policy(model, enc, cfg, feats)
+    schedule = eval_schedule(cfg)
+    if cfg.get("eval_at_tau1"):
+        schedule = sorted(set(schedule) | tau1_checkpoint(cfg, train, feats))
+    policy = Policy(model, enc, cfg, feats if cfg["regime"] == "last_layer" else None)
     device = next(policy.model.parameters()).device
     ref_t = torch.tensor(ref, device=device)
     n_tokens = torch.tensor(enc.n_tokens, device=device)
     params = policy.trainable()
     opt = make_optimizer(cfg["optimizer"], params.values(), cfg["lr"], cfg["weight_decay"])
     sched = make_scheduler(opt, cfg["schedule"], cfg["warmup_steps"], steps)
-    schedule = eval_schedule(cfg)
     margins_work = work / "margins"
     rows: list[dict] = []
     start = 0
@@ -270,9 +303,22 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
     log.info("dpo: %s, regime %s, %d trainable parameters, %d train / %d test pairs, batch %d, %d steps, seed %d",
              loss_name(cfg), cfg["regime"], sum(p.numel() for p in params.values()), n_train, len(test), bsz, steps, seed)
 
+    feature_steps = geometry_steps(cfg, schedule) if policy.cache is None else []
+    features_work = work / "features"
+
     def checkpoint(step: int) -> tuple[float, float]:
         mine = dist.shard(np.arange(len(pairs)))
-        lp = dist.gather_rows(len(pairs), mine, policy.eval_pairs(mine).cpu().numpy().astype(np.float64))
+        if step in feature_steps:  # g(x) moves with the backbone: keep the training pairs' for the theory stage
+            lp_t, g_t = policy.eval_pairs(mine, features=True)
+            g_all = dist.gather_rows(len(pairs), mine, g_t.cpu().numpy())
+            if dist.main:
+                features_work.mkdir(exist_ok=True)
+                with atomic_path(features_work / f"step={step}.npy") as tmp:
+                    with open(tmp, "wb") as f:
+                        np.save(f, g_all[:n_train])
+        else:
+            lp_t = policy.eval_pairs(mine)
+        lp = dist.gather_rows(len(pairs), mine, lp_t.cpu().numpy().astype(np.float64))
         if not dist.main:
             return math.nan, math.nan
         df = margins_frame(step, pairs, lp, ref, cfg["beta"])
@@ -355,6 +401,13 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
     with atomic_dir(out_margins) as tmp:
         for s_ in schedule:
             shutil.copytree(margins_work / f"step={s_}", Path(tmp) / f"step={s_}")
+    if out_features:
+        with atomic_dir(out_features) as tmp:
+            for s_ in feature_steps:
+                shutil.copy(features_work / f"step={s_}.npy", Path(tmp) / f"step={s_}.npy")
+            note = ("g(x) of the training pairs under the policy, rows in train.parquet order" if feature_steps else
+                    "no files: the backbone is frozen (last_layer), so g(x) is the reference's at every step")
+            write_json({"steps": feature_steps, "note": note}, Path(tmp) / "index.json")
     tables.write_metrics(pd.DataFrame(rows), out_metrics)
     if out_info:
         write_json(info, out_info)

@@ -59,7 +59,8 @@ def main(job_file: str) -> None:
     torch.set_num_threads(max(1, job.pop("threads", 1)))
     train_dpo(job["ref_path"], pd.read_parquet(job["train"]), pd.read_parquet(job["test"]), job["ref_logps_path"],
               job["cfg"], job["seed"], job["out_margins"], job["out_metrics"], job["work_dir"],
-              out_info=job.get("out_info"), ref_features_path=job.get("ref_features_path"))
+              out_info=job.get("out_info"), ref_features_path=job.get("ref_features_path"),
+              out_features=job.get("out_features"))
 
 
 if __name__ == "__main__":

@@ -85,6 +85,28 @@ def build_scratch(arch_cfg: dict, tokenizer, seed: int):
     raise ValueError(f"model.scratch.arch: unknown architecture {arch_cfg['arch']!r}")
 
 
+def build_linear_head(answer_tokens: list[str], d: int, seed: int):
+    """The ``gaussian`` source's model: a linear softmax head W (|V| x d) over a small vocabulary, as a
+    transformers causal LM with no layers, so it is saved, loaded and trained by the same code as any
+    model. Its tokenizer maps every prompt to one token (the gaussian module's PROMPT_TOKEN, whose g(x)
+    comes from the data) and each answer word to its own token. Returns (model, tokenizer)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .gaussian import PROMPT_TOKEN
+
+    vocab = {t: i for i, t in enumerate([SPECIAL["eos"], SPECIAL["pad"], PROMPT_TOKEN, *answer_tokens])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token=PROMPT_TOKEN))  # any prompt word is the prompt token
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=SPECIAL["eos"], pad_token=SPECIAL["pad"],
+                                  unk_token=PROMPT_TOKEN)
+    seed_everything(seed)
+    cfg = LlamaConfig(hidden_size=d, intermediate_size=1, num_hidden_layers=0, num_attention_heads=1,
+                      num_key_value_heads=1, vocab_size=len(vocab), tie_word_embeddings=False,
+                      bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return LlamaForCausalLM(cfg), tok
+
+
 def save(model, tokenizer, folder, extra_files: dict[str, str] | None = None) -> None:
     """``save_pretrained`` model and tokenizer into ``folder``, atomically."""
     with atomic_dir(folder) as tmp:

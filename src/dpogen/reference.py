@@ -46,12 +46,33 @@ def eval_logps(model, enc, cfg: dict, features: bool = False, pairs=None):
         model.train(was)
 
 
+@torch.no_grad()
+def given_features_logps(model, enc, pairs: pd.DataFrame, cfg: dict):
+    """The gaussian source: g(x) is the pairs' ``embedding`` column, so only the head runs (no backbone)."""
+    from .gaussian import embeddings
+    from .logprobs import TargetCache, cached_logps, compute_dtype
+
+    if not enc.fused.all():
+        i = int(np.flatnonzero(~enc.fused)[0])
+        raise ValueError(f"pairs: row {i}: with given embeddings every answer must be one token after the prompt")
+    dev = next(model.parameters()).device
+    feats = torch.as_tensor(embeddings(pairs, "pairs"), dtype=compute_dtype(model), device=dev)
+    if feats.shape[1] != model.get_output_embeddings().weight.shape[1]:
+        raise ValueError(f"pairs: embeddings have d={feats.shape[1]}, the model's head expects "
+                         f"{model.get_output_embeddings().weight.shape[1]}")
+    cache = TargetCache.from_features(enc, feats)
+    return cached_logps(model, cache, batch_targets=cfg["eval_batch_size"]), feats
+
+
 def compute_reference(ref_path, train: pd.DataFrame, test: pd.DataFrame, cfg: dict, out_logps, out_features) -> None:
     """One pass of the reference model over all pairs → ref_logps.parquet, and g(x) per pair (.npy)."""
     model, tok = M.load(ref_path, cfg["dtype"], cfg["device"])
     pairs = pairs_frame(train, test)
     enc = encode(tok, pairs, cfg)
-    lp, feats = eval_logps(model, enc, cfg, features=True)
+    if "embedding" in pairs.columns:
+        lp, feats = given_features_logps(model, enc, pairs, cfg)
+    else:
+        lp, feats = eval_logps(model, enc, cfg, features=True)
     lp = lp.cpu().numpy().astype(np.float64)
     tokens = np.full((len(pairs), 2), -1, dtype=np.int64)
     for i in np.flatnonzero(enc.fused):

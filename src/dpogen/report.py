@@ -15,8 +15,9 @@ from .io import atomic_path, write_text  # noqa: E402
 
 
 def run_summary(run: str, sweep_value, margins: pd.DataFrame, certs: pd.DataFrame, bounds: pd.DataFrame,
-                card: dict) -> pd.DataFrame:
-    """One row per checkpoint step: mean margins and errors of each split, certificate and bounds."""
+                card: dict, claims: pd.DataFrame | None = None, dynamics: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per checkpoint step: mean margins and errors of each split, certificate and bounds; with the
+    theory stage's claims and dynamics, τ_1 in steps and the errors at the checkpoint read as τ_1."""
     g = margins.groupby(["step", "split"])
     wide = pd.DataFrame({"margin_mean": g["margin"].mean(), "margin_std": g["margin"].std(ddof=0),
                          "error": g["margin"].apply(lambda m: float((m <= 0).mean())),
@@ -33,6 +34,14 @@ def run_summary(run: str, sweep_value, margins: pd.DataFrame, certs: pd.DataFram
     for _, b in bounds.iterrows():
         wide[f"bound_{b['version']}"] = b["value"]
         wide[f"bound_{b['version']}_conditions_hold"] = b["conditions_hold"]
+    tau1 = float(dynamics["tau1_steps"].iloc[0]) if dynamics is not None and len(dynamics) else math.nan
+    k1 = claims.loc[claims["claim"] == "zero training error at tau_1", "step"] if claims is not None else []
+    k1 = int(k1.iloc[0]) if len(k1) and k1.iloc[0] >= 0 else None
+    at = wide[wide["step"] == k1] if k1 is not None else wide.iloc[0:0]
+    wide["tau1_steps"] = tau1
+    wide["step_tau1"] = k1 if k1 is not None else -1
+    for col in ("train_error", "test_error", "test_error_upper", "train_margin_mean", "test_margin_mean"):
+        wide[f"{col}_tau1"] = float(at[col].iloc[0]) if len(at) and col in at else math.nan
     return wide
 
 
@@ -116,7 +125,7 @@ def fit_table(summary: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame([{"statistic": "test_error ~ K", "intercept": a, "slope": b, "r2": r2, "n_runs": len(final)}])
 
 
-def markdown(experiment: str, summary: pd.DataFrame, meta: dict) -> str:
+def markdown(experiment: str, summary: pd.DataFrame, meta: dict, claims: pd.DataFrame | None = None) -> str:
     from .paper import comparison_rows
 
     final = final_rows(summary)
@@ -142,6 +151,17 @@ def markdown(experiment: str, summary: pd.DataFrame, meta: dict) -> str:
         lines.append(f"Final mean train margin {'decreases' if mono else 'does not decrease monotonically'} as K grows.")
     lines.append("Bounds above 1 are vacuous; the Clopper-Pearson column is a valid high-probability upper bound "
                  "on the population error R(P) of the final model, from its held-out pairs.")
+    if claims is not None and len(claims):
+        lines += ["", "## The theorems' statements on each run", "",
+                  "Read at the last checkpoint at or before tau_1 (v3 Theorem 4.1); 'not applicable' when the run "
+                  "is outside a statement's premises (the note says why).", "",
+                  "| run | claim | step | value | threshold | status | note |", "|---|---|---|---|---|---|---|"]
+        def cell(x) -> str:
+            return str(x).replace("|", "\\|")
+
+        for _, c in claims.iterrows():
+            lines.append(f"| {c['run']} | {cell(c['claim'])} | {c['step']} | {c['value']:.4g} | {c['threshold']:.4g} | "
+                         f"{c['status']} | {cell(c['note'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -172,6 +192,9 @@ def plot_dynamics(dyn: pd.DataFrame, title: str, path) -> None:
             ax.plot(d["step"], d["predicted_margin"], "--", color=col, label=f"{split}: predicted")
         d = dyn[dyn["split"] == "train"]
         ax.fill_between(d["step"], d["r_L"], d["r_U"], color="grey", alpha=0.2, label="[r_L, r_U] up to tau_1")
+        tau1 = d["tau1_steps"].iloc[0] if len(d) else math.nan
+        if np.isfinite(tau1) and tau1 <= d["step"].max():
+            ax.axvline(tau1, color="k", lw=0.8, ls=":", label=f"tau_1 = {tau1:.3g} steps")
         ax.set_xlabel("DPO step")
         ax.set_ylabel("mean reward margin")
         ax.set_title(dyn["method"].iloc[0], fontsize=8)
@@ -183,9 +206,21 @@ def plot_dynamics(dyn: pd.DataFrame, title: str, path) -> None:
 def plot_geometry(geo: pd.DataFrame, title: str, path) -> None:
     """The paper's first figure: average cosine similarity between clusters of g(x), raw (a shared component
     makes everything similar) and with the global mean removed (near 0 between concepts)."""
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.4), layout="constrained")
+    steps = sorted(geo["step"].unique()) if "step" in geo else [0]
+    fig, axes = plt.subplots(1, 3 if len(steps) > 1 else 2, figsize=(19 if len(steps) > 1 else 13, 5.4),
+                             layout="constrained")
+    ref = geo[geo["step"] == 0] if "step" in geo else geo
+    if len(steps) > 1:  # the backbone trained: how the geometry moved between checkpoints
+        ax = axes[2]
+        for q, label in (("l_b", "l_b (shared component)"), ("v", "v (within-cluster spread)"),
+                         ("cos_concepts", "mean cosine between concept vectors")):
+            vals = [geo[(geo["step"] == s_) & (geo["quantity"] == q)]["value"].mean() for s_ in steps]
+            ax.plot(steps, vals, "o-", label=label)
+        ax.set_xlabel("DPO step (0: reference)")
+        ax.set_title("geometry of g(x) at checkpoints (units: concept norms average 1)", fontsize=9)
+        ax.legend(fontsize=7)
     for ax, q, name in zip(axes, ("cluster_cos_raw", "cluster_cos_centered"), ("raw", "mean removed")):
-        g = geo[geo["quantity"] == q]
+        g = ref[ref["quantity"] == q]
         if g.empty:
             ax.set_axis_off()
             continue
@@ -203,3 +238,63 @@ def plot_geometry(geo: pd.DataFrame, title: str, path) -> None:
 
 def write_markdown(text: str, path) -> None:
     write_text(text, path)
+
+
+# ------------------------------------------------------------------------------------- scaling study
+
+
+def scaling_table(summary: pd.DataFrame, target: float) -> pd.DataFrame:
+    """Per K: the smallest Q whose test error at τ_1 is ≤ ``target`` (runs of a K × Q grid), beside the
+    smallest Q at which the v5 bound 2KQ² exp(−Q/45) is ≤ ``target`` (THEORY.md section 4: Θ(log K))."""
+    from .theory import smallest_q
+
+    final = final_rows(summary)
+    rows = []
+    for K, g in final.groupby("K", sort=True):
+        g = g.sort_values("Q")
+        ok = g[g["test_error_tau1"] <= target]
+        q_star = int(ok["Q"].iloc[0]) if len(ok) else None
+        rows.append({"K": int(K), "Q_tried": " ".join(str(int(q)) for q in g["Q"]),
+                     "test_error_tau1": " ".join(f"{e:.4f}" for e in g["test_error_tau1"]),
+                     "Q_star": q_star if q_star is not None else -1,
+                     "Q_star_found": q_star is not None,
+                     "test_error_upper_at_Q_star": float(ok["test_error_upper_tau1"].iloc[0]) if len(ok) else math.nan,
+                     "Q_v5_bound": smallest_q("v5", int(K), target) or -1, "target": target})
+    out = pd.DataFrame(rows)
+    found = out[out["Q_star_found"]]
+    a, b, r2 = fit_line(np.log(found["K"]), found["Q_star"]) if len(found) else (math.nan,) * 3
+    fit = f"Q* = {a:.3g} + {b:.3g} log K, R2 = {r2:.3f}" if np.isfinite(a) else "not enough points"
+    out["fit_Q_star_vs_logK"] = fit
+    return out
+
+
+def plot_scaling(summary: pd.DataFrame, table: pd.DataFrame, path) -> None:
+    """Left: test error at τ_1 over the K × Q grid. Right: the smallest Q reaching the target per K,
+    measured, beside the v5 bound's Q = Θ(log K) curve."""
+    final = final_rows(summary)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    ax = axes[0]
+    for i, (K, g) in enumerate(final.groupby("K", sort=True)):
+        g = g.sort_values("Q")
+        ax.plot(g["Q"], g["test_error_tau1"], "o-", color=plt.get_cmap("viridis")(i / max(1, final["K"].nunique() - 1)),
+                label=f"K={K}")
+    ax.axhline(table["target"].iloc[0], color="k", ls=":", lw=0.8, label=f"target {table['target'].iloc[0]:g}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("Q (samples per cluster)")
+    ax.set_ylabel("test error at tau_1")
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    found = table[table["Q_star_found"]]
+    ax.plot(found["K"], found["Q_star"], "o-", label="measured: smallest Q with test error <= target")
+    ks = np.unique(np.geomspace(1, max(2, table["K"].max()), 50).round().astype(int))
+    from .theory import smallest_q
+
+    ax.plot(ks, [smallest_q("v5", int(k), table["target"].iloc[0]) for k in ks], "--",
+            label="v5 bound <= target: Q = Theta(log K)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("K (number of concepts)")
+    ax.set_ylabel("Q")
+    ax.set_title(table["fit_Q_star_vs_logK"].iloc[0], fontsize=8)
+    ax.legend(fontsize=7)
+    save_fig(fig, path)

@@ -148,12 +148,28 @@ DYNAMICS = pa.schema(
     ]
 )
 
+# step 0: g(x) of the reference model; later steps: of the policy, when the backbone trains
 GEOMETRY = pa.schema(
     [
+        ("step", pa.int64()),
         ("quantity", pa.string()),
         ("concept", pa.string()),
         ("concept_b", pa.string()),
         ("value", pa.float64()),
+        ("note", pa.string()),  # why a value is NaN (one concept, an empty cluster), else ""
+    ]
+)
+
+# The theorems' statements checked on one run (theory/claims.parquet); status: holds, fails, not applicable.
+CLAIMS = pa.schema(
+    [
+        ("claim", pa.string()),
+        ("source", pa.string()),
+        ("step", pa.int64()),  # the checkpoint it was read at (-1: none)
+        ("value", pa.float64()),
+        ("threshold", pa.float64()),
+        ("status", pa.string()),
+        ("note", pa.string()),
     ]
 )
 
@@ -223,6 +239,10 @@ def write_certificates(df, path) -> None:
 
 def write_geometry(df, path) -> None:
     write(df, GEOMETRY, path)
+
+
+def write_claims(df, path) -> None:
+    write(df, CLAIMS, path)
 
 
 def write_predicted(df, path) -> None:

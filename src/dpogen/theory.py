@@ -11,6 +11,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from .timescale import concept_scale, tau1_steps
+
 # ---------------------------------------------------------------------------------------------- bounds
 
 
@@ -126,6 +128,10 @@ def certificates(margins: pd.DataFrame, confidence: float) -> pd.DataFrame:
     test = margins[margins["split"] == "test"]
     rows = []
     K = test["concept"].nunique()
+    for step in sorted(set(margins["step"]) - set(test["step"])):  # marked, not skipped
+        rows.append({"step": int(step), "split": "test", "concept": "all", "n": 0, "errors": 0, "error": math.nan,
+                     "confidence": confidence, "upper": math.nan,
+                     "method": "no held-out pairs at this checkpoint: no certificate"})
     for step, g in test.groupby("step", sort=True):
         parts = [("all", g, confidence, "clopper-pearson")]
         parts += [(c, gc, 1 - (1 - confidence) / max(K, 1), f"clopper-pearson, bonferroni over {K}")
@@ -135,7 +141,8 @@ def certificates(margins: pd.DataFrame, confidence: float) -> pd.DataFrame:
             rows.append({"step": int(step), "split": "test", "concept": concept, "n": n, "errors": e,
                          "error": e / n if n else math.nan, "confidence": conf,
                          "upper": clopper_pearson_upper(e, n, conf), "method": method})
-    return pd.DataFrame(rows, columns=["step", "split", "concept", "n", "errors", "error", "confidence", "upper", "method"])
+    return pd.DataFrame(rows, columns=["step", "split", "concept", "n", "errors", "error", "confidence", "upper",
+                                       "method"]).sort_values("step", kind="stable", ignore_index=True)
 
 
 # ------------------------------------------------------------------------------------------ geometry
@@ -144,8 +151,7 @@ def certificates(margins: pd.DataFrame, confidence: float) -> pd.DataFrame:
 def geometry(features: np.ndarray, concept: np.ndarray, cluster: np.ndarray) -> tuple[dict, pd.DataFrame]:
     """THEORY.md section 3 estimates from g(x), rescaled so concept-vector norms average 1 (fp64)."""
     X = np.asarray(features, dtype=np.float64)
-    if not np.isfinite(X).all():
-        raise ValueError("theory: features contain NaN or Inf")
+    check_finite(X)
     n, d = X.shape
     names = sorted(set(concept))
     mu = {}
@@ -154,9 +160,7 @@ def geometry(features: np.ndarray, concept: np.ndarray, cluster: np.ndarray) -> 
             m = (concept == c) & (cluster == s)
             mu[(c, s)] = X[m].mean(0) if m.any() else np.full(d, np.nan)
     cvec = {c: (mu[(c, 1)] - mu[(c, -1)]) / 2 for c in names}
-    scale = float(np.nanmean([np.linalg.norm(v) for v in cvec.values()]))
-    if not scale > 0:
-        scale = 1.0
+    scale = concept_scale(X, concept, cluster)
     X = X / scale
     cvec = {c: v / scale for c, v in cvec.items()}
     mu = {k: v / scale for k, v in mu.items()}
@@ -172,14 +176,22 @@ def geometry(features: np.ndarray, concept: np.ndarray, cluster: np.ndarray) -> 
     summary = {"d": d, "n": n, "scale": scale, "l_b": float(np.linalg.norm(b)), "v": math.sqrt(v2), "v2": v2,
                "effective_rank": eff_rank}
     rows = [{"quantity": k, "concept": "", "concept_b": "", "value": float(v)} for k, v in summary.items()]
+    rows += [{"quantity": "b_hat", "concept": "", "concept_b": str(i), "value": float(x)} for i, x in enumerate(b)]
+    for c in names:
+        if np.isnan(cvec[c]).any():
+            rows.append({"quantity": "concept_norm", "concept": c, "concept_b": "", "value": math.nan,
+                         "note": "undefined: the concept has no pair in one of its clusters"})
 
     def cos(a, b_):
         na, nb = np.linalg.norm(a), np.linalg.norm(b_)
         return float(a @ b_ / (na * nb)) if na > 0 and nb > 0 else math.nan
 
-    for c in names:
+    for c in (c for c in names if not np.isnan(cvec[c]).any()):
         rows.append({"quantity": "concept_norm", "concept": c, "concept_b": "", "value": float(np.linalg.norm(cvec[c]))})
         rows.append({"quantity": "cos_concept_b", "concept": c, "concept_b": "", "value": cos(cvec[c], b)})
+    if len(names) < 2:  # marked, not left out: a reader sees why there is no concept-to-concept cosine
+        rows.append({"quantity": "cos_concepts", "concept": names[0] if names else "", "concept_b": "",
+                     "value": math.nan, "note": "undefined: one concept, no pair of concept vectors"})
     for i, c in enumerate(names):
         for c2 in names[i + 1:]:
             rows.append({"quantity": "cos_concepts", "concept": c, "concept_b": c2, "value": cos(cvec[c], cvec[c2])})
@@ -221,28 +233,155 @@ def geometry(features: np.ndarray, concept: np.ndarray, cluster: np.ndarray) -> 
                      "value": float(np.mean([m for m, _ in vals]))})
         rows.append({"quantity": "gram_std", "concept": kind, "concept_b": "sampled",
                      "value": float(np.concatenate([v for _, v in vals]).std())})
-    return summary, pd.DataFrame(rows)
+    geo = pd.DataFrame(rows)
+    geo["note"] = geo["note"].fillna("") if "note" in geo.columns else ""
+    return summary, geo
+
+
+def check_finite(X: np.ndarray, what: str = "features", ids=None) -> None:
+    """Raise naming the first row of ``X`` with a NaN or Inf (and its sample id when given)."""
+    bad = ~np.isfinite(X).all(axis=1)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        who = f" (sample_id {ids[i]})" if ids is not None else ""
+        raise ValueError(f"theory: {what}: row {i}{who} contains NaN or Inf ({int(bad.sum())} such rows)")
+
+
+# ---------------------------------------------------------------------------------------------- claims
+
+
+def _claim(claim, source, step, value, threshold, ok, missing=(), note="") -> dict:
+    """A claim's row. ``ok``: what was measured (None: nothing to measure); ``missing``: the premises this
+    run does not meet, which make the claim "not applicable" whatever was measured (the note says both)."""
+    notes = [note] if note else []
+    if missing:
+        notes.append("premises not met: " + "; ".join(missing))
+        if ok is not None:
+            notes.append(f"measured: it would {'hold' if ok else 'fail'}")
+        ok = None
+    status = "not applicable" if ok is None else ("holds" if ok else "fails")
+    return {"claim": claim, "source": source, "step": -1 if step is None else int(step), "value": float(value),
+            "threshold": float(threshold), "status": status, "note": "; ".join(notes)}
+
+
+RECURSION_TOL = {"float64": 1e-9, "float32": 1e-4}  # relative; other dtypes: 1e-2
+
+
+def claims(per_pair: pd.DataFrame | None, dyn: pd.DataFrame, bounds: pd.DataFrame, conds: pd.DataFrame,
+           dpo_cfg: dict) -> pd.DataFrame:
+    """The theorems' statements checked on this run, each with its measured value and status:
+
+    the training envelope r_L ≤ r_i(t) ≤ r_U for every training pair and checkpoint up to τ_1, zero training
+    error and margins in [log3/40, log3] at τ_1 (v3 Theorem 4.1, v5 Theorem 4.2), the test error at τ_1
+    against each bound (v3 Theorem 4.2, v5 Theorem 4.3, the appendix's form), and measured margins equal to
+    the recursion of THEORY.md section 2. A statement holds or fails only where its premises hold: the
+    theorems' regime (DPO's sigmoid loss on the LM head alone, full-batch sgd), the version's conditions,
+    and a checkpoint at τ_1 (the last step at or before it; ``dpo.eval_at_tau1`` adds it). Elsewhere it is
+    "not applicable", with what was measured and which premise is missing in the note.
+    """
+    nan = math.nan
+    if per_pair is None or dyn["step"].min() < 0:
+        why = dyn["method"].iloc[0] if len(dyn) else "no dynamics"
+        return pd.DataFrame([_claim("every claim", "", None, nan, nan, None, note=why)])
+    exact = prediction_method(dpo_cfg).startswith("exact")
+    regime = [] if exact else [f"the theorems' regime (last_layer, full-batch sgd); this run: {dyn['method'].iloc[0]}"]
+    if dpo_cfg["loss"] != "sigmoid" or dpo_cfg.get("label_smoothing"):
+        regime.append("the theorems' loss is DPO's sigmoid loss without label smoothing")
+    held = {v: bool(g.loc[g["condition"] != "40 <= Q", "holds"].all()) for v, g in conds.groupby("version")}
+    train_conds = [] if any(held.values()) else ["the training guarantee's conditions (neither v3's nor v5's hold)"]
+    tau1 = float(dyn["tau1_steps"].iloc[0])
+    steps = sorted(per_pair["step"].unique())
+    k1 = step_at_tau1(steps, tau1)
+    last = int(max(steps))
+    at = []
+    if k1 is None:
+        at = [f"a checkpoint in (0, tau_1 = {tau1:.4g} steps]"]
+    elif k1 < math.floor(tau1 + 1e-9):
+        at = [f"a checkpoint at tau_1 = {tau1:.4g} steps (the last one before it is step {k1}; "
+              + ("training stopped before tau_1)" if last < tau1 else "set dpo.eval_at_tau1)")]
+    rows = []
+    train = per_pair[per_pair["split"] == "train"]
+    env = dyn[(dyn["split"] == "train") & (dyn["step"] > 0) & dyn["r_L"].notna()][["step", "r_L", "r_U"]]
+    inside = train.merge(env, on="step")
+    claim = "training margins within [r_L(t), r_U(t)] for t <= tau_1"
+    if len(inside):
+        slack = 1e-9 * np.maximum(1.0, inside["r_U"].abs())
+        ok = (inside["measured"] >= inside["r_L"] - slack) & (inside["measured"] <= inside["r_U"] + slack)
+        worst = float(np.minimum(inside["measured"] / inside["r_L"], inside["r_U"] / inside["measured"].where(
+            inside["measured"] > 0, np.inf)).min())
+        rows.append(_claim(claim, "v3 Thm 4.1 / v5 Thm 4.2", env["step"].max(), ok.mean(), 1.0, bool(ok.all()),
+                           regime + train_conds,
+                           f"fraction of (train pair, checkpoint) inside over {env['step'].nunique()} checkpoint(s); "
+                           f"tightest ratio to the envelope {worst:.3g}"))
+    else:
+        rows.append(_claim(claim, "v3 Thm 4.1 / v5 Thm 4.2", None, nan, 1.0, None, regime + train_conds + at))
+    if k1 is not None:
+        m = train[train["step"] == k1]["measured"]
+        rows.append(_claim("zero training error at tau_1", "v3 Thm 4.1 / v5 Thm 4.2", k1, float((m <= 0).mean()), 0.0,
+                           bool((m > 0).all()), regime + train_conds + at))
+        lo, hi = math.log(3) / 40, math.log(3)
+        frac = float(((m >= lo) & (m <= hi)).mean())
+        rows.append(_claim("training margins in [log3/40, log3] at tau_1", "v3 Thm 4.1 / v5 Thm 4.2", k1, frac, 1.0,
+                           frac == 1.0, regime + train_conds + at, f"min {m.min():.4g}, max {m.max():.4g}"))
+        te = per_pair[(per_pair["split"] == "test") & (per_pair["step"] == k1)]["measured"]
+        err = float((te <= 0).mean()) if len(te) else nan
+        for _, b in bounds.iterrows():
+            missing = regime + ([] if b["conditions_hold"] else [f"the {b['version']} bound's conditions"]) + at
+            missing += [] if len(te) else ["held-out pairs"]
+            rows.append(_claim(f"test error at tau_1 <= {b['version']} bound", b["bound"], k1, err, b["value"],
+                               bool(err <= b["value"]) if len(te) else None, missing,
+                               "vacuous (>= 1)" if b["vacuous"] else ""))
+    else:
+        rows.append(_claim("zero training error at tau_1", "v3 Thm 4.1 / v5 Thm 4.2", None, nan, 0.0, None, at))
+    diff = (per_pair["measured"] - per_pair["predicted"]).abs()
+    rel = float((diff / np.maximum(1.0, per_pair["measured"].abs())).max())
+    tol = RECURSION_TOL.get(dpo_cfg.get("dtype"), 1e-2)
+    rows.append(_claim("measured margins equal the recursion (train and test, every checkpoint)", "THEORY.md section 2",
+                       last, rel, tol, bool(rel <= tol), [] if exact else regime[:1],
+                       "max of abs(measured - predicted) / max(1, abs(measured)); tolerance for "
+                       f"{dpo_cfg.get('dtype')}"))
+    return pd.DataFrame(rows)
 
 
 def run_theory(train: pd.DataFrame, card: dict, features: np.ndarray, ref: pd.DataFrame,
-               margins: pd.DataFrame, cfg: dict, dpo_cfg: dict) -> dict[str, pd.DataFrame]:
-    """Everything the theory stage writes for one run."""
+               margins: pd.DataFrame, cfg: dict, dpo_cfg: dict,
+               policy_features: dict[int, np.ndarray] | None = None) -> dict[str, pd.DataFrame]:
+    """Everything the theory stage writes for one run. ``policy_features``: step → g(x) of the training pairs
+    under the policy at that checkpoint (when the backbone trains), whose geometry is added at that step;
+    the bounds and dynamics use the reference's g(x), as the theorems' frozen g does."""
+    check_finite(np.asarray(features, np.float64), "reference features", ref["sample_id"].to_numpy())
     tr = ref["split"].to_numpy() == "train"
     summary, geo = geometry(features[tr], train["concept"].to_numpy(), train["cluster"].to_numpy())
     K, Q, N, Z = card["K"], card["Q_min"], card["N"], card["Z"]
+    data_rows = pd.DataFrame([{"quantity": q, "concept": "", "concept_b": "", "value": float(v), "note": "data card"}
+                              for q, v in (("K", K), ("Q", Q), ("N", N), ("Z", Z))])
+    geo = pd.concat([geo, data_rows], ignore_index=True)
+    geo.insert(0, "step", 0)  # g(x) of the reference model, the policy at step 0
+    parts = [geo]
+    for step, X in sorted((policy_features or {}).items()):  # the backbone trained: g(x) moved
+        check_finite(np.asarray(X, np.float64), f"policy features at step {step}", train["sample_id"].to_numpy()
+                     if "sample_id" in train else None)
+        if len(X) != int(tr.sum()):
+            raise ValueError(f"theory: policy features at step {step} have {len(X)} rows, the run has {int(tr.sum())} "
+                             f"training pairs")
+        parts.append(geometry(X, train["concept"].to_numpy(), train["cluster"].to_numpy())[1].assign(step=step))
+    geo = pd.concat(parts, ignore_index=True)
     conds = pd.DataFrame([c for ver in BOUNDS for c in conditions(ver, K=K, Q=Q, Z=Z, d=summary["d"],
                                                                    l_b=summary["l_b"], v=summary["v"])])
+    bounds = bounds_table(K, Q, N, conds, cfg["failure_constant_c"], summary, Z)
     per_pair, dyn = dynamics(features, ref, margins, dpo_cfg, K, summary["scale"])
-    if per_pair is None:  # the theory does not apply: empty tables, the reason in the dynamics method column
+    applies = per_pair is not None
+    if not applies:  # the theory does not apply: empty tables, the reason in the dynamics method column
         per_pair = pd.DataFrame({c: pd.Series(dtype=t) for c, t in
                                  [("step", "int64"), ("split", str), ("sample_id", str), ("predicted", float), ("measured", float)]})
         dyn = pd.DataFrame([{"step": -1, "split": "", "measured_margin": np.nan, "predicted_margin": np.nan,
                              "measured_error": np.nan, "predicted_error": np.nan, "r_L": np.nan, "r_U": np.nan,
                              "tau1_steps": np.nan, "eta": np.nan, "method": dyn}])
     return {
+        "claims": claims(per_pair if applies else None, dyn, bounds, conds, dpo_cfg),
         "geometry": geo,
         "conditions": conds,
-        "bounds": bounds_table(K, Q, N, conds, cfg["failure_constant_c"], summary, Z),
+        "bounds": bounds,
         "certificates": certificates(margins, cfg["confidence"]),
         "predicted": per_pair,
         "dynamics": dyn,
@@ -301,12 +440,19 @@ def predicted_margins(g_train, w_train, l_train, g_all, w_all, l_all, *, beta: f
     return out
 
 
-def envelope(beta: float, K: int, tau_steps_per_unit: float) -> dict[str, float]:
+def envelope(beta: float, K: int, eta: float, scale: float = 1.0) -> dict[str, float]:
     """v3 Theorem 4.1's envelope in steps: r_L = β² t/(8Kτ), r_U = 5β² t/(Kτ) up to τ_1 = Kτ log3/(5β²);
-    with full-batch GD of step η, t/τ = η k, so slopes per step are β²η/(8K) and 5β²η/K."""
-    eta = tau_steps_per_unit
-    return {"r_L_per_step": beta**2 * eta / (8 * K), "r_U_per_step": 5 * beta**2 * eta / K,
-            "tau1_steps": K * math.log(3) / (5 * beta**2 * eta)}
+    with full-batch GD of step η on g(x) rescaled by 1/scale, t/τ = η scale² k, so the slopes per step are
+    β²η scale²/(8K) and 5β²η scale²/K."""
+    unit = eta * scale**2
+    return {"r_L_per_step": beta**2 * unit / (8 * K), "r_U_per_step": 5 * beta**2 * unit / K,
+            "tau1_steps": tau1_steps(beta, K, eta, scale)}
+
+
+def step_at_tau1(checkpoints, tau1: float) -> int | None:
+    """The last checkpoint at or before τ_1 (the dpo stage adds it with ``dpo.eval_at_tau1``)."""
+    before = [int(s) for s in checkpoints if 0 < s <= tau1 + 1e-9]
+    return max(before) if before else None
 
 
 def prediction_method(dpo_cfg: dict) -> str:
@@ -356,7 +502,7 @@ def dynamics(features: np.ndarray, ref: pd.DataFrame, margins: pd.DataFrame, dpo
                                         "measured": measured.loc[s].reindex(ids).to_numpy()})
                           for s, r in pred.items()], ignore_index=True)
     # the theorem's units: g rescaled by 1/scale (mean concept norm 1), so its time runs scale² faster
-    env = envelope(beta, K, eta * scale**2)
+    env = envelope(beta, K, eta, scale)
     rows = []
     for (s, sp), grp in per_pair.groupby(["step", "split"], sort=True):
         t = s if s <= env["tau1_steps"] else np.nan
