@@ -298,7 +298,8 @@ def claims(per_pair: pd.DataFrame | None, dyn: pd.DataFrame, bounds: pd.DataFram
         at = [f"a checkpoint in (0, tau_1 = {tau1:.4g} steps]"]
     elif k1 < math.floor(tau1 + 1e-9):
         at = [f"a checkpoint at tau_1 = {tau1:.4g} steps (the last one before it is step {k1}; "
-              + ("training stopped before tau_1)" if last < tau1 else "set dpo.eval_at_tau1)")]
+              + ("training stopped before tau_1)" if last < tau1 else
+                 "set dpo.eval_at_tau1)" if exact else "no checkpoint there)")]
     rows = []
     train = per_pair[per_pair["split"] == "train"]
     env = dyn[(dyn["split"] == "train") & (dyn["step"] > 0) & dyn["r_L"].notna()][["step", "r_L", "r_U"]]
