@@ -17,6 +17,7 @@ from dpogen.config import (  # noqa: E402
     run_config,
     runs,
     sweep_label,
+    sweep_title,
 )
 
 

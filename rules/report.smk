@@ -7,7 +7,6 @@ rule run_report:
         margins=f"{RUN}/dpo/margins.parquet",
         certificates=f"{RUN}/theory/certificates.parquet",
         bounds=f"{RUN}/theory/bounds.parquet",
-        claims=f"{RUN}/theory/claims.parquet",
         geometry=f"{RUN}/theory/geometry.parquet",
         dynamics=f"{RUN}/theory/dynamics.parquet",
     output:
@@ -76,10 +75,7 @@ rule summary:
     conda:
         "../envs/dpogen.yaml"
     params:
-        sweep_label="-".join(
-            a.get("prefix") or a["param"].split(".")[-1] for a in axes(config)
-        )
-        or "run",
+        sweep_label=sweep_title(config),
         experiment=EXP,
         runs=list(RUNS),
         meta={

@@ -16,7 +16,7 @@ with job(snakemake):
     dyn = pd.read_parquet(i.dynamics)
     s = report.run_summary(snakemake.wildcards.run, snakemake.params.sweep_value, tables.read_margins(i.margins),
                            pd.read_parquet(i.certificates), pd.read_parquet(i.bounds),
-                           json.loads(open(i.card).read()), pd.read_parquet(i.claims), dyn)
+                           json.loads(open(i.card).read()), dyn)
     report.write_summary_csv(s, snakemake.output.summary)
     report.plot_run(s, f"run {snakemake.wildcards.run}", snakemake.output.figure)
     report.plot_geometry(pd.read_parquet(i.geometry), f"run {snakemake.wildcards.run}: geometry of g(x)",

@@ -69,6 +69,11 @@ def runs(cfg: dict) -> dict[str, object]:
     return out
 
 
+def sweep_title(cfg: dict) -> str:
+    """The sweep's name in figures: its prefixes joined ('k', 'k-q'), or 'run' without a sweep."""
+    return "-".join(_prefix(a) for a in axes(cfg)) or "run"
+
+
 def sweep_label(cfg: dict, value) -> str | object:
     """The sweep value as the report shows it: the value for one axis, 'k=1 q=8' for a grid."""
     ax = axes(cfg)

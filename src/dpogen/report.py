@@ -15,9 +15,10 @@ from .io import atomic_path, write_text  # noqa: E402
 
 
 def run_summary(run: str, sweep_value, margins: pd.DataFrame, certs: pd.DataFrame, bounds: pd.DataFrame,
-                card: dict, claims: pd.DataFrame | None = None, dynamics: pd.DataFrame | None = None) -> pd.DataFrame:
+                card: dict, dynamics: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per checkpoint step: mean margins and errors of each split, certificate and bounds; with the
-    theory stage's claims and dynamics, τ_1 in steps and the errors at the checkpoint read as τ_1."""
+    theory stage's dynamics, τ_1 in steps and the errors at the checkpoint read as τ_1 (the one the claims
+    are read at)."""
     g = margins.groupby(["step", "split"])
     wide = pd.DataFrame({"margin_mean": g["margin"].mean(), "margin_std": g["margin"].std(ddof=0),
                          "error": g["margin"].apply(lambda m: float((m <= 0).mean())),
@@ -34,9 +35,10 @@ def run_summary(run: str, sweep_value, margins: pd.DataFrame, certs: pd.DataFram
     for _, b in bounds.iterrows():
         wide[f"bound_{b['version']}"] = b["value"]
         wide[f"bound_{b['version']}_conditions_hold"] = b["conditions_hold"]
+    from .theory import step_at_tau1
+
     tau1 = float(dynamics["tau1_steps"].iloc[0]) if dynamics is not None and len(dynamics) else math.nan
-    k1 = claims.loc[claims["claim"] == "zero training error at tau_1", "step"] if claims is not None else []
-    k1 = int(k1.iloc[0]) if len(k1) and k1.iloc[0] >= 0 else None
+    k1 = step_at_tau1(wide["step"], tau1)
     at = wide[wide["step"] == k1] if k1 is not None else wide.iloc[0:0]
     wide["tau1_steps"] = tau1
     wide["step_tau1"] = k1 if k1 is not None else -1
