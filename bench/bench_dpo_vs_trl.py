@@ -34,7 +34,8 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from dpogen import dpo, reference  # noqa: E402
+from dpogen import reference  # noqa: E402
+from dpogen.engine import loop  # noqa: E402
 from dpogen import model as M  # noqa: E402
 from dpogen.data import validate_pairs  # noqa: E402
 from dpogen.logprobs import cache_targets, cached_logps, encode_pairs, pair_logps  # noqa: E402
@@ -105,7 +106,7 @@ def memory_child(mode: str, folder: str, steps: int, batch: int) -> None:
         reference.compute_reference(folder / "big", train, test, cfg, folder / "mref.parquet", folder / "mfeat.npy")
     elif mode == "dpogen":
         with tempfile.TemporaryDirectory() as d:
-            dpo.train_dpo(folder / "big", train, test, folder / "mref.parquet", cfg, 0, f"{d}/m", f"{d}/x.parquet", f"{d}/w")
+            loop.train_dpo(folder / "big", train, test, folder / "mref.parquet", cfg, 0, f"{d}/m", f"{d}/x.parquet", f"{d}/w")
     else:
         trl_trainer(folder, train, test, steps, batch, precompute=(mode == "trl-precomputed"), model="big").train()
     # VmHWM: this process's own peak (ru_maxrss would include the parent's size at fork)
@@ -147,7 +148,7 @@ def main():
         # 1. training throughput (EOS appended, as TRL always does, so both score the same tokens)
         cfg = dpo_cfg(a.steps, a.batch, True)
         reference.compute_reference(folder / "model", train, test, cfg, folder / "ref.parquet", folder / "feat.npy")
-        dpo.train_dpo(folder / "model", train, test, folder / "ref.parquet", cfg, 0, folder / "m", folder / "x.parquet",
+        loop.train_dpo(folder / "model", train, test, folder / "ref.parquet", cfg, 0, folder / "m", folder / "x.parquet",
                       folder / "w")
         ours = pd.read_parquet(folder / "x.parquet")["pairs_per_s"].iloc[-1]
         rates = {}

@@ -20,10 +20,33 @@ LOAD = {
 }
 WITH_LOAD = {"load": LOAD} if LOAD else {}
 
-# GPUs a model job asks the scheduler for: one per data-parallel process when the device is CUDA
-GPUS = (
-    config["dpo"]["processes"] if str(config["dpo"]["device"]).startswith("cuda") else 0
+ENGINE_KEYS = (
+    "device",
+    "processes",
+    "parallel",
+    "autocast",
+    "gradient_checkpointing",
+    "logit_chunk",
 )
+
+
+def engine_settings(cfg):
+    """How a model job runs (shared by sft, the reference pass and dpo)."""
+    return {k: cfg["dpo"][k] for k in ENGINE_KEYS}
+
+
+def gpus(stage):
+    """GPUs a job asks the scheduler for: one per process when it runs a model on CUDA, else none."""
+
+    def n(wildcards):
+        cfg = rcfg(wildcards)
+        if not str(cfg["dpo"]["device"]).startswith("cuda"):
+            return 0
+        if stage == "sft" and cfg["sft"]["target"] == "none":
+            return 0
+        return cfg["dpo"]["processes"]
+
+    return n
 
 
 def base_input(wildcards=None):
@@ -40,5 +63,10 @@ def ref_settings(cfg):
     """The DPO settings that change reference log-probs (not β, lr, ...: changing those keeps them)."""
     return {
         k: cfg["dpo"][k]
-        for k in ("append_eos", "dtype", "device", "eval_batch_size", "autocast")
-    }
+        for k in (
+            "append_eos",
+            "dtype",
+            "eval_batch_size",
+            "eval_max_tokens_per_batch",
+        )
+    } | engine_settings(cfg)

@@ -15,7 +15,7 @@ rule ref_logps:
         "../envs/dpogen.yaml"
     threads: config["threads"]["train"]
     resources:
-        gpu=GPUS,
+        gpu=gpus("ref"),
     params:
         dpo=lambda w: ref_settings(rcfg(w)),
         code=code_hash("ref"),
@@ -41,7 +41,7 @@ rule dpo:
         "../envs/dpogen.yaml"
     threads: config["threads"]["train"]
     resources:
-        gpu=GPUS,
+        gpu=gpus("dpo"),
     params:
         dpo=lambda w: {**rcfg(w)["dpo"], **WITH_LOAD},
         seed=config["seed"],

@@ -30,10 +30,15 @@ rule sft:
         "../envs/dpogen.yaml"
     threads: config["threads"]["train"]
     resources:
-        gpu=GPUS,
+        gpu=gpus("sft"),
     params:
         base=BASE,
-        sft=lambda w: {**rcfg(w)["sft"], "dtype": MODEL["dtype"], **WITH_LOAD},
+        sft=lambda w: {
+            **rcfg(w)["sft"],
+            "dtype": MODEL["dtype"],
+            **engine_settings(rcfg(w)),
+            **WITH_LOAD,
+        },
         seed=config["seed"],
         code=code_hash("sft"),
     script:

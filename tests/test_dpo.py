@@ -7,7 +7,9 @@ import pytest
 import torch
 import yaml
 
-from dpogen import dpo, reference, tables
+from dpogen import reference, tables
+from dpogen.engine import loop, schedule
+from dpogen.engine.loss import dpo_loss
 from dpogen.data import validate_pairs
 from dpogen.synthetic import generate
 from tests.conftest import REPO
@@ -15,7 +17,7 @@ from tests.conftest import REPO
 
 def L(h, beta, *a, **kw):
     """dpo_loss for a given log-ratio difference h (chosen ratio h, rejected ratio 0)."""
-    return dpo.dpo_loss(h, torch.zeros_like(h), beta, *a, **kw)
+    return dpo_loss(h, torch.zeros_like(h), beta, *a, **kw)
 
 
 def test_sigmoid_loss_is_minus_log_sigmoid_of_margin():
@@ -42,7 +44,7 @@ def test_loss_variants():
     # TRL's IPO: each log-ratio divided by its response's token count
     rc, rr, n = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 1.0]), torch.tensor([[2.0, 4.0], [1.0, 3.0]])
     want = (rc / n[:, 0] - rr / n[:, 1] - 1 / (2 * beta)) ** 2
-    assert torch.allclose(dpo.dpo_loss(rc, rr, beta, "ipo_norm", n_tokens=n), want)
+    assert torch.allclose(dpo_loss(rc, rr, beta, "ipo_norm", n_tokens=n), want)
     with pytest.raises(ValueError, match="unknown"):
         L(h, beta, "nope")
 
@@ -57,14 +59,14 @@ def test_gradient_pushes_margin_up():
 
 def test_eval_schedule():
     cfg = {"steps": 10, "eval_every": 4, "eval_steps": [3]}
-    assert dpo.eval_schedule(cfg) == [0, 3, 4, 8, 10]
+    assert schedule.eval_schedule(cfg) == [0, 3, 4, 8, 10]
     with pytest.raises(ValueError, match="eval_steps"):
-        dpo.eval_schedule({"steps": 10, "eval_every": None, "eval_steps": [11]})
+        schedule.eval_schedule({"steps": 10, "eval_every": None, "eval_steps": [11]})
 
 
 def test_batches_depend_on_step_only():
-    a = [dpo.batch_indices(s, 10, 4, seed=1) for s in range(6)]
-    b = [dpo.batch_indices(s, 10, 4, seed=1) for s in range(6)]
+    a = [schedule.batch_indices(s, 10, 4, seed=1) for s in range(6)]
+    b = [schedule.batch_indices(s, 10, 4, seed=1) for s in range(6)]
     assert all((x == y).all() for x, y in zip(a, b))
     # five steps of four cover two epochs: every index exactly twice
     assert np.bincount(np.concatenate(a[:5]), minlength=10).tolist() == [2] * 10
@@ -83,7 +85,7 @@ def small_run(tmp_path, tiny_model_dir, spec):
 def _train(tmp_path, tiny_model_dir, run, name):
     train, test, cfg = run
     out = tmp_path / name
-    dpo.train_dpo(tiny_model_dir, train, test, tmp_path / "ref.parquet", cfg, 7, out / "margins", out / "metrics.parquet",
+    loop.train_dpo(tiny_model_dir, train, test, tmp_path / "ref.parquet", cfg, 7, out / "margins", out / "metrics.parquet",
                   out / "work")
     return tables.read_margins(out / "margins"), pd.read_parquet(out / "metrics.parquet")
 
@@ -116,7 +118,7 @@ def test_resume_from_saved_state_gives_identical_tables(tmp_path, tiny_model_dir
     monkeypatch.setattr(tables, "write_margins_checkpoint", fail_at_6)
     with pytest.raises(KeyboardInterrupt):
         _train(tmp_path, tiny_model_dir, small_run, "resumed")
-    assert (tmp_path / "resumed" / "work" / "state.pt").exists()
+    assert (tmp_path / "resumed" / "work" / "save" / "meta.pt").exists()
     assert not (tmp_path / "resumed" / "margins").exists()  # nothing half-written in the outputs
     monkeypatch.setattr(tables, "write_margins_checkpoint", real)
     resumed, resumed_metrics = _train(tmp_path, tiny_model_dir, small_run, "resumed")
@@ -152,14 +154,14 @@ def test_two_processes_give_the_same_margins(tmp_path, tiny_model_dir, small_run
 
 
 def test_policy_features_are_saved_at_the_chosen_checkpoints(tmp_path, tiny_model_dir, small_run):
-    """When the backbone trains, g(x) of the training pairs is saved at dpo.geometry_steps: the reference's
+    """When the backbone trains, g(x) of the training pairs is saved at schedule.geometry_steps: the reference's
     g(x) to rounding when the weights barely move, and visibly different once they train."""
     train, test, cfg = small_run
     ref_feats = np.load(tmp_path / "feat.npy")
     for name, lr, close in (("still", 1e-12, True), ("moved", 1e-2, False)):
         c = {**cfg, "geometry_steps": [3, "last"], "optimizer": "sgd", "lr": lr}
         out = tmp_path / name
-        dpo.train_dpo(tiny_model_dir, train, test, tmp_path / "ref.parquet", c, 7, out / "margins",
+        loop.train_dpo(tiny_model_dir, train, test, tmp_path / "ref.parquet", c, 7, out / "margins",
                       out / "metrics.parquet", out / "work", out_features=out / "features")
         index = json.loads((out / "features" / "index.json").read_text())
         assert index["steps"] == [3, 6]
@@ -168,4 +170,4 @@ def test_policy_features_are_saved_at_the_chosen_checkpoints(tmp_path, tiny_mode
             assert g.shape == (len(train), ref_feats.shape[1])
             assert np.allclose(g, ref_feats[: len(train)], atol=1e-5) == close, (name, s)
     with pytest.raises(ValueError, match="geometry_steps"):
-        dpo.geometry_steps({"steps": 6, "geometry_steps": [4]}, [0, 3, 6])
+        schedule.geometry_steps({"steps": 6, "geometry_steps": [4]}, [0, 3, 6])

@@ -15,7 +15,7 @@ from dpogen import gaussian as G
 from dpogen import model as M
 from dpogen import tables
 from dpogen import theory as T
-from dpogen.dpo import train_dpo
+from dpogen.engine.loop import train_dpo
 from dpogen.reference import compute_reference
 from dpogen.sft import train_sft
 from tests.conftest import REPO, copy_repo

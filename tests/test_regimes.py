@@ -6,7 +6,9 @@ import pytest
 import torch
 import yaml
 
-from dpogen import dpo, reference, tables
+from dpogen import reference, tables
+from dpogen.engine import loop
+from dpogen.engine.policy import Policy, untie_head
 from dpogen import model as M
 from dpogen import theory as T
 from dpogen.data import validate_pairs
@@ -25,7 +27,7 @@ def train_run(tmp_path, model_dir, spec, cfg, k=2, q=6, use_features=True):
     train, test = generate(k, q, 3, spec)
     train, test = validate_pairs(train, "train"), validate_pairs(test, "test")
     reference.compute_reference(model_dir, train, test, cfg, tmp_path / "ref.parquet", tmp_path / "feat.npy")
-    dpo.train_dpo(model_dir, train, test, tmp_path / "ref.parquet", cfg, 0, tmp_path / "m", tmp_path / "x.parquet",
+    loop.train_dpo(model_dir, train, test, tmp_path / "ref.parquet", cfg, 0, tmp_path / "m", tmp_path / "x.parquet",
                   tmp_path / "w", out_info=tmp_path / "run.json",
                   ref_features_path=tmp_path / "feat.npy" if use_features else None)
     return train, test, tables.read_margins(tmp_path / "m")
@@ -39,13 +41,13 @@ def test_margin_only_training_equals_the_full_softmax(tmp_path, tiny_model_dir, 
     _, _, fast = train_run(tmp_path / "fast", tiny_model_dir, spec, cfg)
     info = yaml.safe_load((tmp_path / "fast" / "run.json").read_text())
     metrics = pd.read_parquet(tmp_path / "fast" / "x.parquet")
-    real_init = dpo.Policy.__init__
+    real_init = Policy.__init__
 
     def full_softmax(self, *a, **kw):
         real_init(self, *a, **kw)
         self.margin_only = False
 
-    monkeypatch.setattr(dpo.Policy, "__init__", full_softmax)
+    monkeypatch.setattr(Policy, "__init__", full_softmax)
     _, _, slow = train_run(tmp_path / "slow", tiny_model_dir, spec, cfg)
     np.testing.assert_allclose(fast["margin"], slow["margin"], atol=1e-6, rtol=1e-5)
     np.testing.assert_allclose(fast["logp_chosen"], slow["logp_chosen"], atol=1e-5)
@@ -109,7 +111,7 @@ def test_last_layer_trains_only_an_untied_head(tmp_path, tiny_gpt2_dir, spec):
     model, _ = M.load(tiny_gpt2_dir)
     assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     emb = model.get_input_embeddings().weight.detach().clone()
-    dpo.untie_head(model)
+    untie_head(model)
     assert model.get_output_embeddings().weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()
     torch.testing.assert_close(model.get_output_embeddings().weight, emb)
     cfg = dpo_cfg(regime="last_layer", steps=4, eval_every=2, optimizer="adam", lr=1e-2)

@@ -29,7 +29,7 @@ def test_kill_9_then_rerun_resumes_and_matches(tmp_path):
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(killed_dir),
            "--cores", "1", "--configfile", str(killed_dir / "c.yaml")]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    state = killed_dir / "results" / "tiny" / "k2" / "dpo" / "resume" / "state.pt"
+    state = killed_dir / "results" / "tiny" / "k2" / "dpo" / "resume" / "save" / "meta.pt"
     deadline = time.time() + 600
     while not state.exists():
         assert proc.poll() is None, "the workflow ended before the first training save"

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from dpogen import dpo
+from dpogen import tables
+from dpogen.engine.loss import dpo_loss
 from dpogen import model as M
 from dpogen.logprobs import encode_pairs, pair_logps
 
@@ -84,7 +85,7 @@ def test_matches_trl(policy_and_ref, loss_type, eps):
     np.testing.assert_allclose(rewards, t_rewards, atol=1e-5, rtol=0)
     np.testing.assert_allclose(rewards[:, 0] - rewards[:, 1], t_rewards[:, 0] - t_rewards[:, 1], atol=1e-5, rtol=0)
     ours_name = {"ipo": "ipo_norm"}.get(loss_type, loss_type)  # TRL's IPO is the token-mean variant
-    loss = dpo.dpo_loss(pol[:, 0] - ref[:, 0], pol[:, 1] - ref[:, 1], BETA, ours_name, eps, n_tok).mean().item()
+    loss = dpo_loss(pol[:, 0] - ref[:, 0], pol[:, 1] - ref[:, 1], BETA, ours_name, eps, n_tok).mean().item()
     assert loss == pytest.approx(t_loss, abs=1e-5)
     # the aggregate metrics carry TRL's names and meanings
     agg = {"rewards/chosen": rewards[:, 0].mean(), "rewards/rejected": rewards[:, 1].mean(),
@@ -93,4 +94,4 @@ def test_matches_trl(policy_and_ref, loss_type, eps):
            "logps/chosen": pol[:, 0].mean(), "logps/rejected": pol[:, 1].mean()}
     for name, value in agg.items():
         assert float(value) == pytest.approx(t_metrics[name], abs=1e-5), name
-    assert set(agg) <= set(dpo.tables.METRICS.names)
+    assert set(agg) <= set(tables.METRICS.names)

@@ -1,15 +1,12 @@
-"""Snakemake adapter: rule ref_logps → dpogen.reference.compute_reference."""
+"""Snakemake adapter: rule ref_logps → dpogen.reference.compute_reference (sharded like training)."""
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent / "src"))  # the tracked library, not an installed copy
 
-import pandas as pd  # noqa: E402
-
-from dpogen.reference import compute_reference  # noqa: E402
-from dpogen.workflow import job  # noqa: E402
+from dpogen.workflow import job, run_model_stage  # noqa: E402
 
 with job(snakemake):
-    compute_reference(snakemake.input.ref, pd.read_parquet(snakemake.input.train),
-                      pd.read_parquet(snakemake.input.test), snakemake.params.dpo,
-                      snakemake.output.logps, snakemake.output.features)
+    i, o, p = snakemake.input, snakemake.output, snakemake.params
+    run_model_stage(snakemake, "ref", {"ref_path": i.ref, "train": i.train, "test": i.test, "cfg": p.dpo,
+                                       "out_logps": o.logps, "out_features": o.features}, p.dpo["processes"])

@@ -1,14 +1,13 @@
-"""Snakemake adapter: rule sft → dpogen.sft.train_sft."""
+"""Snakemake adapter: rule sft → dpogen.sft.train_sft (in dpo.processes processes when it trains)."""
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent / "src"))  # the tracked library, not an installed copy
 
-import pandas as pd  # noqa: E402
-
-from dpogen.sft import train_sft  # noqa: E402
-from dpogen.workflow import job  # noqa: E402
+from dpogen.workflow import job, run_model_stage  # noqa: E402
 
 with job(snakemake):
-    train_sft(snakemake.params.base, pd.read_parquet(snakemake.input.train), snakemake.params.sft,
-              snakemake.output[0], snakemake.params.seed)
+    p = snakemake.params
+    run_model_stage(snakemake, "sft", {"base": p.base, "train": snakemake.input.train, "cfg": p.sft,
+                                       "out": snakemake.output[0], "seed": p.seed},
+                    p.sft["processes"] if p.sft["target"] != "none" else 1)

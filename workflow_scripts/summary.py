@@ -7,7 +7,7 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).parent / "src"))  # the tracked
 import pandas as pd  # noqa: E402
 
 from dpogen import report  # noqa: E402
-from dpogen.dpo import loss_name  # noqa: E402
+from dpogen.engine.loss import loss_name  # noqa: E402
 from dpogen.workflow import job  # noqa: E402
 
 with job(snakemake):

@@ -90,12 +90,14 @@ def run_config(cfg: dict, run: str) -> dict:
     for a, v in zip(ax, value if len(ax) > 1 else [value]):
         if v is not None:
             put(rc, a["param"], v)
+    if rc["dpo"].get("gradient_checkpointing") is None:  # on for pretrained models, off for the small scratch ones
+        rc["dpo"]["gradient_checkpointing"] = rc["model"]["source"] == "pretrained"
     return rc
 
 
 def check(cfg: dict) -> None:
     """Checks beyond the schema, run before any job; each message names the key."""
-    from .dpo import eval_schedule, geometry_steps
+    from .engine.schedule import eval_schedule, geometry_steps
 
     for a in axes(cfg):
         get(cfg, a["param"])
@@ -149,15 +151,36 @@ def check(cfg: dict) -> None:
                     raise ConfigError(f"{e} (run {run})") from None
         if rc["dpo"]["batch_size"] not in (None, "full") and rc["dpo"]["batch_size"] % rc["dpo"]["grad_accum"]:
             raise ConfigError("dpo.grad_accum: must divide dpo.batch_size")
+        check_engine(rc, run)
+
+
+def check_engine(rc: dict, run: str) -> None:
+    """How a run's model jobs are spread and in which precision: what the engine would refuse later."""
+    dpo = rc["dpo"]
+    for key in ("dtype", "autocast"):
+        if dpo.get(key) == "float16":
+            raise ConfigError(f"dpo.{key}: float16 trains without a gradient scaler here and under- or overflows; "
+                              f"use bfloat16 (run {run})")
+    if dpo["regime"] == "last_layer" and dpo["processes"] > 1:
+        raise ConfigError(f"dpo.processes: {dpo['processes']} with dpo.regime: last_layer; the head trains on "
+                          f"cached features in one process: set dpo.processes: 1 (run {run})")
+    if dpo.get("max_tokens_per_batch") and dpo["grad_accum"] > 1:
+        raise ConfigError("dpo.grad_accum: set either it or dpo.max_tokens_per_batch (which sizes the micro-batches "
+                          f"itself), not both (run {run})")
+    limit = (rc.get("resources") or {}).get("gpus")
+    if limit and str(dpo["device"]).startswith("cuda") and dpo["processes"] > limit:
+        raise ConfigError(f"dpo.processes: {dpo['processes']} GPUs asked for, but resources.gpus allows {limit} "
+                          f"(run {run})")
 
 
 STAGE_MODULES = {
     "data": ["data.py", "sources.py", "synthetic.py", "gaussian.py", "logprobs.py", "model.py"],
     "base": ["model.py", "data.py", "sources.py", "synthetic.py", "gaussian.py", "logprobs.py"],
-    "sft": ["sft.py", "model.py", "training.py"],
-    "ref": ["reference.py", "logprobs.py", "model.py", "gaussian.py"],
-    "dpo": ["dpo.py", "reference.py", "logprobs.py", "model.py", "training.py", "distributed.py", "launch.py",
-            "timescale.py"],
+    "sft": ["sft.py", "model.py", "training.py", "logprobs.py", "engine/parallel.py", "launch.py"],
+    "ref": ["reference.py", "logprobs.py", "model.py", "gaussian.py", "engine/parallel.py", "launch.py"],
+    "dpo": ["engine/__init__.py", "engine/loop.py", "engine/loss.py", "engine/parallel.py", "engine/policy.py",
+            "engine/schedule.py", "engine/state.py", "reference.py", "logprobs.py", "model.py", "training.py",
+            "launch.py", "timescale.py"],
     "theory": ["theory.py", "timescale.py"],
     "report": ["report.py", "paper.py", "theory.py", "timescale.py"],
 }

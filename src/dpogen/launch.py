@@ -1,8 +1,9 @@
-"""Start DPO training in several processes with ``accelerate launch`` (data parallel, see distributed.py).
+"""Start a model stage (dpo training, SFT, the reference pass) in several processes with ``accelerate launch``.
 
     python -m dpogen.launch JOB.json    # what each launched process runs
 
-The job file holds train_dpo's arguments (paths and the dpo config); the workflow script writes it.
+The job file names the stage and holds its function's arguments (paths and settings); the workflow
+script writes it. The processes find each other through the environment accelerate sets (engine.parallel).
 """
 
 from __future__ import annotations
@@ -14,19 +15,18 @@ import sys
 import tempfile
 from pathlib import Path
 
-import pandas as pd
-
 SRC = Path(__file__).resolve().parents[1]
 
 
-def launch_dpo(job: dict, processes: int, log_path: str | None = None) -> None:
-    """Run ``train_dpo(**job)`` in ``processes`` processes through ``accelerate launch``; raise if any fails."""
+def launch(stage: str, job: dict, processes: int, log_path: str | None = None, threads: int = 1) -> None:
+    """Run ``stage`` with ``job`` as its arguments in ``processes`` processes; raise if any fails."""
     from .model import LOAD_OPTIONS
 
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump({**job, "load_options": dict(LOAD_OPTIONS)}, f)
+        json.dump({"stage": stage, "args": job, "load_options": dict(LOAD_OPTIONS), "threads": threads}, f)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["OMP_NUM_THREADS"] = str(threads)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "dpogen.launch", f.name]
@@ -40,27 +40,48 @@ def launch_dpo(job: dict, processes: int, log_path: str | None = None) -> None:
         os.unlink(f.name)
 
 
+def launch_dpo(job: dict, processes: int, log_path: str | None = None) -> None:
+    launch("dpo", {k: v for k, v in job.items() if k != "threads"}, processes, log_path, job.get("threads", 1))
+
+
+def run_stage(stage: str, a: dict) -> None:
+    """The stage's function on its arguments, in this process."""
+    import pandas as pd
+
+    if stage == "dpo":
+        from .engine.loop import train_dpo
+
+        train_dpo(a["ref_path"], pd.read_parquet(a["train"]), pd.read_parquet(a["test"]), a["ref_logps_path"],
+                  a["cfg"], a["seed"], a["out_margins"], a["out_metrics"], a["work_dir"], out_info=a.get("out_info"),
+                  ref_features_path=a.get("ref_features_path"), out_features=a.get("out_features"))
+    elif stage == "sft":
+        from .sft import train_sft
+
+        train_sft(a["base"], pd.read_parquet(a["train"]), a["cfg"], a["out"], a["seed"])
+    elif stage == "ref":
+        from .reference import compute_reference
+
+        compute_reference(a["ref_path"], pd.read_parquet(a["train"]), pd.read_parquet(a["test"]), a["cfg"],
+                          a["out_logps"], a["out_features"])
+    else:
+        raise ValueError(f"unknown stage {stage!r} (dpo, sft, ref)")
+
+
 def main(job_file: str) -> None:
-    from .dpo import train_dpo
-    from .training import setup_logging
+    import logging
 
-    from . import model
-
-    job = json.loads(Path(job_file).read_text())
-    model.LOAD_OPTIONS.update(job.pop("load_options", {}))  # as in the parent job: same revision, attention
-    rank = int(os.environ.get("RANK", "0"))
-    setup_logging(None)
-    if rank != 0:
-        import logging
-
-        logging.getLogger("dpogen").setLevel(logging.WARNING)
     import torch
 
-    torch.set_num_threads(max(1, job.pop("threads", 1)))
-    train_dpo(job["ref_path"], pd.read_parquet(job["train"]), pd.read_parquet(job["test"]), job["ref_logps_path"],
-              job["cfg"], job["seed"], job["out_margins"], job["out_metrics"], job["work_dir"],
-              out_info=job.get("out_info"), ref_features_path=job.get("ref_features_path"),
-              out_features=job.get("out_features"))
+    from . import model
+    from .training import setup_logging
+
+    job = json.loads(Path(job_file).read_text())
+    model.LOAD_OPTIONS.update(job.get("load_options", {}))  # as in the parent job: same revision, attention
+    setup_logging(None)
+    if int(os.environ.get("RANK", "0")) != 0:
+        logging.getLogger("dpogen").setLevel(logging.WARNING)
+    torch.set_num_threads(max(1, job.get("threads", 1)))
+    run_stage(job["stage"], job["args"])
 
 
 if __name__ == "__main__":

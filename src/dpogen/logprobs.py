@@ -17,6 +17,7 @@ norm) at the last prompt token, which the theory stage and last-layer training u
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -70,7 +71,9 @@ def token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
 
 
 def encode_pairs(tokenizer, prompts, chosen, rejected, *, append_eos: bool = True, fuse: bool = True,
-                 source: str = "pairs") -> EncodedPairs:
+                 source: str = "pairs", max_length: int | None = None) -> EncodedPairs:
+    """Token rows of every pair. A row longer than ``max_length`` (the model's positions) is refused,
+    never passed on: the model would read positions it has no embedding for, or truncate silently."""
     prompts, chosen, rejected = list(prompts), list(chosen), list(rejected)
     p_ids = token_ids(tokenizer, prompts)
     c_ids = token_ids(tokenizer, [p + c for p, c in zip(prompts, chosen)])
@@ -90,6 +93,11 @@ def encode_pairs(tokenizer, prompts, chosen, rejected, *, append_eos: bool = Tru
             which = "prompt" if cs == 0 else ("chosen" if nc == 0 else "rejected")
             raise EncodingError(f"{source}: row {i}, field '{which}': encodes to no tokens")
         n_tokens.append((nc, nr))
+        longest = max(len(c_full), len(r_full)) - 1
+        if max_length is not None and longest > max_length:
+            raise EncodingError(f"{source}: row {i}: {longest} tokens, more than the model's {max_length} positions; "
+                                f"cut it in the data stage (data.max_prompt_tokens, data.max_response_tokens, "
+                                f"data.truncation)")
         if fuse and nc == 1 and nr == 1:  # single tokens after the same prompt tokens
             ids = c_full[:cs]
             pos = cs - 1
@@ -113,9 +121,15 @@ def encode_pairs(tokenizer, prompts, chosen, rejected, *, append_eos: bool = Tru
                         np.asarray(n_tokens, dtype=np.int64).reshape(-1, 2), int(pad), np.asarray(fused, bool))
 
 
+def unwrap(model):
+    """The transformers model inside a DDP or PEFT wrapper (FSDP2 wraps in place: nothing to unwrap)."""
+    inner = getattr(model, "module", model)  # DistributedDataParallel
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+
 def backbone_and_head(model):
-    """The module producing the LM head's input, and the head. Unwraps PEFT models."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    """The module producing the LM head's input, and the head, and the unwrapped model."""
+    inner = unwrap(model)
     return inner.base_model, inner.get_output_embeddings(), inner
 
 
@@ -125,6 +139,7 @@ def compute_dtype(model) -> torch.dtype:
 
 
 def _head_logits(inner, head, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Logits upcast to ``dtype`` (fp32) before anything else touches them."""
     logits = head(h).to(dtype)
     scale = getattr(inner, "logit_scale", None)
     if isinstance(scale, (int, float)) and scale != 1:
@@ -135,17 +150,53 @@ def _head_logits(inner, head, h: torch.Tensor, dtype: torch.dtype) -> torch.Tens
     return logits
 
 
-def _token_logps(model, h: torch.Tensor, tok: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """log p(tok | h) through the LM head, for hidden states ``h`` (T, d) at target positions."""
+DEFAULT_LOGIT_CHUNK = 1024
+
+
+def _token_logps(model, h: torch.Tensor, tok: torch.Tensor, dtype: torch.dtype,
+                 chunk: int | None = None) -> torch.Tensor:
+    """log p(tok | h) through the LM head, for hidden states ``h`` (T, d) at target positions.
+
+    At most ``chunk`` positions hold full-vocabulary logits at once; under autograd each chunk is
+    recomputed in backward (activation checkpointing), so training keeps only ``h``, not T x |V| logits."""
     _, head, inner = backbone_and_head(model)
-    logp = torch.log_softmax(_head_logits(inner, head, h, dtype), dim=-1)
-    return logp.gather(1, tok[:, None]).squeeze(1)
+    chunk = chunk or DEFAULT_LOGIT_CHUNK
+
+    def logp(hc, tc):
+        return torch.log_softmax(_head_logits(inner, head, hc, dtype), dim=-1).gather(1, tc[:, None]).squeeze(1)
+
+    if len(tok) <= chunk:
+        return logp(h, tok)
+    grad = torch.is_grad_enabled() and h.requires_grad
+    parts = []
+    for s in range(0, len(tok), chunk):
+        hc, tc = h[s:s + chunk], tok[s:s + chunk]
+        parts.append(torch.utils.checkpoint.checkpoint(logp, hc, tc, use_reentrant=False) if grad else logp(hc, tc))
+    return torch.cat(parts)
+
+
+@contextlib.contextmanager
+def _head_input(model):
+    """Capture the LM head's input during a forward pass of the whole model, and let the model compute
+    logits at one position only: ours are computed in chunks from the captured states. Calling the root
+    model (not its backbone) is what FSDP2 and DDP need to gather and reduce every parameter."""
+    head = unwrap(model).get_output_embeddings()
+    box: dict = {}
+
+    def grab(module, args):
+        box["h"] = args[0]
+        return (args[0][:, -1:],) + tuple(args[1:])
+
+    handle = head.register_forward_pre_hook(grab)
+    try:
+        yield box
+    finally:
+        handle.remove()
 
 
 def _rows_hidden(model, enc: EncodedPairs, row_ids):
-    """One forward pass of the backbone over ``row_ids``: the hidden states at every target position,
-    with each target's token and (row, slot), and the padded hidden states."""
-    backbone, _, _ = backbone_and_head(model)
+    """One forward pass of the model over ``row_ids`` (no KV cache): the hidden states at every target
+    position, with each target's token and (row, slot), and the padded hidden states."""
     device = next(model.parameters()).device
     L = max(len(enc.rows[r]) for r in row_ids)
     ids = torch.full((len(row_ids), L), enc.pad_id, dtype=torch.long)
@@ -157,17 +208,19 @@ def _rows_hidden(model, enc: EncodedPairs, row_ids):
     tg = [enc.row_targets[r] for r in row_ids]
     b_idx = torch.as_tensor(np.concatenate([np.full(len(t), b) for b, t in enumerate(tg)]), device=device)
     t = torch.as_tensor(np.concatenate(tg), device=device)
-    hidden = backbone(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+    with _head_input(model) as box:
+        model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+    hidden = box["h"]
     return hidden[b_idx, t[:, 0]], t[:, 1], b_idx, t[:, 2], hidden
 
 
 def forward_rows(model, enc: EncodedPairs, row_ids, pair_slot: dict[int, int], out: torch.Tensor,
-                 feats: torch.Tensor | None) -> torch.Tensor:
+                 feats: torch.Tensor | None, logit_chunk: int | None = None) -> torch.Tensor:
     """One forward pass over rows ``row_ids``; adds their token log-probs into ``out[pair_slot[pair]]``."""
     h, tok, b_idx, slot, hidden = _rows_hidden(model, enc, row_ids)
     rows_slot = torch.as_tensor([pair_slot[int(enc.row_pair[r])] for r in row_ids], device=out.device)
     dest = rows_slot[b_idx] * 2 + slot
-    out = out.view(-1).index_add(0, dest, _token_logps(model, h, tok, out.dtype)).view(-1, 2)
+    out = out.view(-1).index_add(0, dest, _token_logps(model, h, tok, out.dtype, logit_chunk)).view(-1, 2)
     if feats is not None:
         for b, r in enumerate(row_ids):
             pair = int(enc.row_pair[r])
@@ -177,38 +230,65 @@ def forward_rows(model, enc: EncodedPairs, row_ids, pair_slot: dict[int, int], o
     return out
 
 
+def row_batches(lengths: np.ndarray, max_rows: int | None = None, max_tokens: int | None = None,
+                world: int = 1) -> list[np.ndarray]:
+    """Split rows (indices into ``lengths``, longest first) into passes: each process gets at most
+    ``max_rows`` rows and ``max_tokens`` padded tokens (rows x the longest row) of every pass, the
+    pass's rows dealt round-robin over ``world`` processes. A row longer than the budget gets a pass alone."""
+    order = np.argsort(-lengths, kind="stable")
+    out, start = [], 0
+    while start < len(order):
+        longest = max(1, int(lengths[order[start]]))
+        per_rank = len(order) if max_rows is None else max_rows
+        if max_tokens is not None:
+            per_rank = min(per_rank, max(1, max_tokens // longest))
+        stop = min(len(order), start + per_rank * world)
+        out.append(order[start:stop])
+        start = stop
+    return out
+
+
 def pair_logps(model, enc: EncodedPairs, pairs=None, *, batch_rows: int | None = None,
-               features: bool = False, sort: bool = True):
+               max_tokens: int | None = None, logit_chunk: int | None = None, features: bool = False,
+               shard: tuple[int, int] | None = None):
     """Summed response log-probs (fp32) of chosen and rejected for ``pairs`` (default: all), shape (n, 2).
 
     Gradients flow when called under grad mode (training); evaluation wraps it in ``torch.no_grad()``.
-    ``batch_rows`` bounds the rows per forward pass (None: one pass). Rows are sorted by length so each
-    pass pads little. With ``features``, also returns g(x) per pair, shape (n, d), fp32.
+    Rows are grouped by length into passes of at most ``batch_rows`` rows and ``max_tokens`` padded tokens
+    (None: one pass); ``logit_chunk`` bounds the positions holding full-vocabulary logits. With
+    ``features``, also returns g(x) per pair, shape (n, d), fp32. With ``shard=(rank, world)`` every
+    process makes the same number of passes (FSDP gathers parameters in each) over its share of each
+    pass's rows and returns partial sums: adding the results of all processes gives every pair's values.
     """
     pairs = np.arange(enc.n_pairs) if pairs is None else np.asarray(pairs)
     uniq, inv = np.unique(pairs, return_inverse=True)
     if len(uniq) < len(pairs):  # a pair twice (a batch across an epoch boundary): compute once, repeat rows
-        res = pair_logps(model, enc, uniq, batch_rows=batch_rows, features=features, sort=sort)
+        res = pair_logps(model, enc, uniq, batch_rows=batch_rows, max_tokens=max_tokens, logit_chunk=logit_chunk,
+                         features=features, shard=shard)
         t_inv = torch.as_tensor(inv, device=next(model.parameters()).device)
         return (res[0][t_inv], res[1][t_inv]) if features else res[t_inv]
     device = next(model.parameters()).device
     dtype = compute_dtype(model)
+    rank, world = shard or (0, 1)
     pair_slot = {int(p): j for j, p in enumerate(pairs)}
     row_ids = np.array([r for p in pairs for r in enc.pair_rows[int(p)]], dtype=np.int64)
-    if sort:
-        row_ids = row_ids[np.argsort(-enc.lengths()[row_ids], kind="stable")]
     out = torch.zeros((len(pairs), 2), dtype=dtype, device=device)
     feats = None
     if features:
         d = backbone_and_head(model)[1].weight.shape[1]
         feats = torch.zeros((len(pairs), d), dtype=dtype, device=device)
-    step = batch_rows or len(row_ids)
-    chunks = range(0, len(row_ids), step)
-    tick = _Ticker(len(chunks), len(row_ids)) if len(chunks) >= 20 else None  # long passes log progress
-    for k, s in enumerate(chunks):
-        out = forward_rows(model, enc, row_ids[s:s + step], pair_slot, out, feats)
+    passes = [row_ids[b] for b in row_batches(enc.lengths()[row_ids], batch_rows, max_tokens, world)]
+    tick = _Ticker(len(passes), len(row_ids)) if len(passes) >= 20 else None  # long passes log progress
+    done = 0
+    for k, rows in enumerate(passes):
+        mine = rows[rank::world]
+        if len(mine):
+            out = forward_rows(model, enc, mine, pair_slot, out, feats, logit_chunk)
+        else:  # nothing left for this process: take part in the pass (FSDP gathers in it), keep nothing
+            forward_rows(model, enc, rows[:1], pair_slot, torch.zeros_like(out), None, logit_chunk)
+        done += len(rows)
         if tick:
-            tick(k + 1, min(s + step, len(row_ids)))
+            tick(k + 1, done)
     return (out, feats) if features else out
 
 

@@ -162,6 +162,14 @@ def load(path: str | os.PathLike, dtype: str = "float32", device: str = "cpu", *
     return model, tokenizer
 
 
+def positions(model) -> int | None:
+    """How many positions the model has embeddings for (None: no limit it states)."""
+    from .logprobs import unwrap
+
+    c = unwrap(model).config
+    return getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
+
+
 def load_tokenizer(path: str | os.PathLike):
     from transformers.utils import logging as hf_logging
 

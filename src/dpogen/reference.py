@@ -20,30 +20,46 @@ def pairs_frame(train: pd.DataFrame, test: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([train.assign(split="train"), test.assign(split="test")], ignore_index=True)
 
 
-def encode(tokenizer, pairs: pd.DataFrame, cfg: dict):
+def encode(tokenizer, pairs: pd.DataFrame, cfg: dict, model=None):
+    """Token rows of the pairs; with ``model``, a row longer than its positions is refused."""
     return encode_pairs(tokenizer, pairs["prompt"], pairs["chosen"], pairs["rejected"],
-                        append_eos=cfg["append_eos"], source="pairs")
+                        append_eos=cfg["append_eos"], source="pairs",
+                        max_length=M.positions(model) if model is not None else None)
 
 
-def autocast(model, cfg: dict):
-    """bf16/fp16 autocast of the model's matrix products when ``dpo.autocast`` is set; log-probs stay fp32."""
-    import contextlib
+def load_for(path, cfg: dict, dist):
+    """The model on this process's device, or on the CPU when FSDP will shard it onto the device (a
+    process then holds one full copy in host memory, never on its GPU)."""
+    fsdp = dist.enabled and (cfg.get("parallel") or "fsdp") == "fsdp"
+    return M.load(path, cfg["dtype"], "cpu" if fsdp else dist.device(cfg["device"]))
 
-    if not cfg.get("autocast"):
-        return contextlib.nullcontext()
-    return torch.autocast(next(model.parameters()).device.type, dtype=M.DTYPES[cfg["autocast"]])
+
+def eval_budget(cfg: dict) -> dict:
+    """How a checkpoint or reference pass groups rows: at most ``eval_batch_size`` rows and
+    ``eval_max_tokens_per_batch`` padded tokens per process and pass, ``logit_chunk`` positions of logits."""
+    return {"batch_rows": cfg["eval_batch_size"], "max_tokens": cfg.get("eval_max_tokens_per_batch"),
+            "logit_chunk": cfg.get("logit_chunk")}
 
 
 @torch.no_grad()
-def eval_logps(model, enc, cfg: dict, features: bool = False, pairs=None):
-    """All pairs (or ``pairs``), in eval mode (dropout off), no gradients."""
+def eval_logps(model, enc, cfg: dict, features: bool = False, pairs=None, dist=None):
+    """All pairs (or ``pairs``), in eval mode (dropout off), no gradients. With several processes
+    (``dist``) each computes its share of every pass and the shares are added up on all of them."""
+    from .engine.parallel import precision
+
+    sharded = dist is not None and dist.enabled
     was = model.training
     model.eval()
     try:
-        with autocast(model, cfg):
-            return pair_logps(model, enc, pairs, batch_rows=cfg["eval_batch_size"], features=features)
+        with precision(model, cfg):
+            res = pair_logps(model, enc, pairs, features=features, shard=dist.shard if sharded else None,
+                             **eval_budget(cfg))
     finally:
         model.train(was)
+    if sharded:
+        for t in res if features else (res,):
+            dist.sum_(t)
+    return res
 
 
 @torch.no_grad()
@@ -65,14 +81,26 @@ def given_features_logps(model, enc, pairs: pd.DataFrame, cfg: dict):
 
 
 def compute_reference(ref_path, train: pd.DataFrame, test: pd.DataFrame, cfg: dict, out_logps, out_features) -> None:
-    """One pass of the reference model over all pairs → ref_logps.parquet, and g(x) per pair (.npy)."""
-    model, tok = M.load(ref_path, cfg["dtype"], cfg["device"])
+    """One pass of the reference model over all pairs → ref_logps.parquet, and g(x) per pair (.npy).
+    Launched in several processes, the model is sharded as in training and each computes a share."""
+    from .engine.parallel import Dist, wrap
+
+    dist = Dist(cfg["device"])
+    model, tok = load_for(ref_path, cfg, dist)
     pairs = pairs_frame(train, test)
-    enc = encode(tok, pairs, cfg)
+    enc = encode(tok, pairs, cfg, model)
     if "embedding" in pairs.columns:
         lp, feats = given_features_logps(model, enc, pairs, cfg)
     else:
-        lp, feats = eval_logps(model, enc, cfg, features=True)
+        model = wrap(model, cfg, dist)
+        lp, feats = eval_logps(model, enc, cfg, features=True, dist=dist)
+    if dist.main:
+        write_reference(pairs, enc, lp, feats, out_logps, out_features)
+    dist.barrier()
+    dist.close()
+
+
+def write_reference(pairs: pd.DataFrame, enc, lp: torch.Tensor, feats: torch.Tensor, out_logps, out_features) -> None:
     lp = lp.cpu().numpy().astype(np.float64)
     tokens = np.full((len(pairs), 2), -1, dtype=np.int64)
     for i in np.flatnonzero(enc.fused):

@@ -40,26 +40,40 @@ def encode_sft(tokenizer, prompts, responses, loss_on: str):
     return out
 
 
-def _collate(items, pad_id):
-    L = max(len(i) for i, _ in items)
-    ids = torch.full((len(items), L), pad_id, dtype=torch.long)
-    labels = torch.full((len(items), L), -100, dtype=torch.long)
-    mask = torch.zeros((len(items), L), dtype=torch.long)
-    for b, (i, lab) in enumerate(items):
-        ids[b, : len(i)] = torch.as_tensor(i)
-        labels[b, : len(lab)] = torch.as_tensor(lab)
-        mask[b, : len(i)] = 1
-    return ids, mask, labels
+def sft_rows(items, pad_id: int):
+    """The sequences as token rows for the one log-prob function: row ids[:-1], a target at every
+    position whose label is not masked (label −100), all in the chosen slot."""
+    from .logprobs import CHOSEN, EncodedPairs
+
+    rows, targets = [], []
+    for ids, labels in items:
+        rows.append(list(ids[:-1]))
+        targets.append(np.array([(q - 1, ids[q], CHOSEN) for q in range(1, len(ids)) if labels[q] != -100],
+                                dtype=np.int64).reshape(-1, 3))
+    n = len(items)
+    counts = np.array([[len(t), 0] for t in targets], dtype=np.int64).reshape(-1, 2)
+    return EncodedPairs(rows, np.arange(n), targets, [[i] for i in range(n)], np.zeros((n, 2), dtype=np.int64),
+                        counts, int(pad_id), np.zeros(n, bool))
 
 
 def train_sft(base_path, train: pd.DataFrame, cfg: dict, out_dir, seed: int) -> dict:
+    """Next-token cross-entropy over the targets of each batch (its mean over target tokens), on the same
+    engine as DPO: ``processes``, ``parallel``, ``device``, ``autocast``, ``gradient_checkpointing``."""
     if cfg["target"] == "none":  # the base model is the reference: point at it, do not copy it
         target, options = M.resolve(base_path)
         M.save_pointer(Path(target).resolve() if Path(target).exists() else target, out_dir, options)
         return {"steps": 0}
-    model, tok = M.load(base_path, cfg.get("dtype", "float32"))
+    from .engine.parallel import Dist, grad_norm, precision, wrap
+    from .logprobs import pair_logps
+    from .reference import load_for
+
+    cfg = {"device": "cpu", "processes": 1, "dtype": "float32", **cfg}
+    dist = Dist(cfg["device"])
+    model, tok = load_for(base_path, cfg, dist)
     M.seed_everything(seed)
     items = encode_sft(tok, *sft_sequences(train, cfg["target"]), cfg["loss_on"])
+    enc = sft_rows(items, tok.pad_token_id)
+    model = wrap(model, cfg, dist, checkpointing=bool(cfg.get("gradient_checkpointing")))
     opt = make_optimizer(cfg["optimizer"], model.parameters(), cfg["lr"], cfg["weight_decay"])
     sched = make_scheduler(opt, cfg["schedule"], cfg["warmup_steps"], cfg["steps"])
     rng = np.random.default_rng(seed)
@@ -71,19 +85,37 @@ def train_sft(base_path, train: pd.DataFrame, cfg: dict, out_dir, seed: int) -> 
     for step in range(1, cfg["steps"] + 1):
         if pos + cfg["batch_size"] > len(order):
             order, pos = rng.permutation(len(items)), 0
-        batch = [items[i] for i in order[pos: pos + cfg["batch_size"]]]
+        batch = order[pos: pos + cfg["batch_size"]]
         pos += cfg["batch_size"]
-        ids, mask, labels = _collate(batch, tok.pad_token_id)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        n_targets = int(enc.n_tokens[batch, 0].sum())
+        mine = batch[dist.rank::dist.world]
+        with precision(model, cfg):
+            lp = pair_logps(model, enc, mine if len(mine) else batch[:1], logit_chunk=cfg.get("logit_chunk"))
+        loss = -lp[:, 0].sum() / n_targets * (dist.world if len(mine) else 0.0)  # engines average over processes
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg["max_grad_norm"]:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["max_grad_norm"])
+        grad_norm(model.parameters(), cfg["max_grad_norm"])
         opt.step()
         sched.step()
-        loss_val = loss.item()
+        loss_val = float(dist.sum(np.array([loss.item()]))[0]) / dist.world
         prog.update(step, len(batch), loss=loss_val, lr=sched.get_last_lr()[0])
     model.eval()
-    M.save(model, tok, out_dir)
+    save_trained(model, tok, base_path, cfg, out_dir, dist)
     log.info("sft done: %d steps, final loss %.4f, %.1fs", cfg["steps"], loss_val, prog.elapsed())
+    dist.close()
     return {"steps": cfg["steps"], "final_loss": loss_val}
+
+
+def save_trained(model, tok, base_path, cfg: dict, out_dir, dist) -> None:
+    """save_pretrained the trained weights; when sharded, gathered into a fresh copy on the first process."""
+    if not dist.enabled:
+        M.save(model, tok, out_dir)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.main:
+        plain, _ = M.load(base_path, cfg["dtype"], "cpu")
+        plain.load_state_dict(full)
+        M.save(plain, tok, out_dir)
+    dist.barrier()

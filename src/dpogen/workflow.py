@@ -30,3 +30,16 @@ def job(snakemake):
     except Exception:
         log.exception("rule %s failed", snakemake.rule)
         raise
+
+
+def run_model_stage(snakemake, stage: str, args: dict, processes: int) -> None:
+    """A model stage in this process, or in ``processes`` processes launched with accelerate, each with
+    its share of the rule's threads."""
+    from .launch import launch, run_stage
+
+    if processes > 1:
+        logging.getLogger("dpogen").info("launching %d processes with accelerate", processes)
+        launch(stage, args, processes, log_path=snakemake.log[0] if snakemake.log else None,
+               threads=max(1, int(snakemake.threads) // processes))
+    else:
+        run_stage(stage, args)

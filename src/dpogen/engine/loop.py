@@ -1,0 +1,259 @@
+"""DPO training that records every pair's margin: the loop, reading top to bottom as the algorithm.
+
+Reference log-probs come from one pass over all train and test pairs (reference.py) and are read back
+from Parquet, so no reference model is held in memory. At each scheduled step (step 0 always, the last
+step always) the margins of ALL train and test pairs are written as one partition of a Parquet folder.
+Training state is saved every ``save_every`` steps (state.py), so a killed job resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .. import model as M
+from .. import tables
+from ..io import atomic_dir, atomic_path, write_json
+from ..reference import encode, load_for, pairs_frame
+from ..training import Progress, log, make_optimizer, make_scheduler
+from . import schedule as S
+from .loss import dpo_loss, loss_name
+from .parallel import Dist, grad_norm, local_bytes
+from .policy import Policy
+from .state import ResumeState, fingerprint
+
+# settings that cannot change a saved state's numbers: a save made with other values is still resumed
+EXECUTION_ONLY = {"processes", "log_every", "save_every", "eval_batch_size", "eval_max_tokens_per_batch"}
+# batch sums of each step, in TRL's metric names (means over the batch once divided by its size)
+STAT_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+              "logps/chosen", "logps/rejected")
+
+
+@dataclass
+class Run:
+    """One training job's data: the pairs (train first), their tokens and reference log-probs."""
+
+    pairs: pd.DataFrame
+    n_train: int
+    enc: object
+    ref: np.ndarray  # (n, 2) reference log-probs, float64
+    feats: np.ndarray | None  # reference g(x), when the regime or τ_1 needs it
+    bsz: int
+    steps: int
+    schedule: list[int]
+
+
+def _reference_features(ref_features_path, ref_logps_path, pairs: pd.DataFrame) -> np.ndarray:
+    feats = np.load(ref_features_path)
+    order = pd.read_parquet(ref_logps_path, columns=["sample_id"])["sample_id"].tolist()
+    if feats.shape[0] != len(pairs) or order != pairs["sample_id"].tolist():
+        raise ValueError(f"{ref_features_path}: rows do not match the pairs of this run ({feats.shape[0]} rows, "
+                         f"{len(pairs)} pairs)")
+    return feats
+
+
+def prepare_run(train, test, tok, model, ref_logps_path, ref_features_path, cfg: dict) -> tuple[Run, dict]:
+    pairs = pairs_frame(train, test)
+    ref_df = pd.read_parquet(ref_logps_path).set_index("sample_id").loc[pairs["sample_id"]]
+    ref = ref_df[["ref_logp_chosen", "ref_logp_rejected"]].to_numpy(np.float64)
+    enc = encode(tok, pairs, cfg, model)
+    n_train = len(train)
+    bsz = n_train if cfg["batch_size"] in (None, "full") else int(cfg["batch_size"])
+    if bsz > n_train:
+        raise ValueError(f"dpo.batch_size: {bsz} is larger than the {n_train} training pairs; a batch would repeat "
+                         f"pairs with unequal weights (use batch_size: full)")
+    steps = S.total_steps(cfg, n_train, bsz)
+    cfg = {**cfg, "steps": steps}
+    feats = None
+    if (cfg["regime"] == "last_layer" or cfg.get("eval_at_tau1")) and ref_features_path is not None:
+        feats = _reference_features(ref_features_path, ref_logps_path, pairs)
+    schedule = S.eval_schedule(cfg)
+    if cfg.get("eval_at_tau1"):
+        schedule = sorted(set(schedule) | S.tau1_checkpoint(cfg, train, feats))
+    return Run(pairs, n_train, enc, ref, feats, bsz, steps, schedule), cfg
+
+
+class MarginWriter:
+    """Margin checkpoints: every pair's log-probs under the policy, gathered, written by the first process."""
+
+    def __init__(self, policy: Policy, run: Run, cfg: dict, work: Path, dist: Dist):
+        self.policy, self.run, self.cfg, self.dist = policy, run, cfg, dist
+        self.margins, self.features = work / "margins", work / "features"
+        self.feature_steps = S.geometry_steps(cfg, run.schedule) if policy.cache is None else []
+
+    def __call__(self, step: int) -> tuple[float, float]:
+        run = self.run
+        every = np.arange(len(run.pairs))
+        if step in self.feature_steps:  # g(x) moves with the backbone: keep the training pairs' for theory
+            lp_t, g_t = self.policy.eval_pairs(every, features=True)
+            if self.dist.main:
+                self.features.mkdir(exist_ok=True)
+                with atomic_path(self.features / f"step={step}.npy") as tmp:
+                    with open(tmp, "wb") as f:
+                        np.save(f, g_t.cpu().numpy()[:run.n_train])
+        else:
+            lp_t = self.policy.eval_pairs(every)
+        if not self.dist.main:
+            return math.nan, math.nan
+        lp = lp_t.cpu().numpy().astype(np.float64)
+        df = margins_frame(step, run.pairs, lp, run.ref, self.cfg["beta"])
+        tables.write_margins_checkpoint(df, self.margins, step)
+        err = (df["margin"] <= 0).groupby(df["split"]).mean()
+        return float(err.get("train", np.nan)), float(err.get("test", np.nan))
+
+
+def margins_frame(step: int, pairs: pd.DataFrame, lp: np.ndarray, ref: np.ndarray, beta: float) -> pd.DataFrame:
+    rc = beta * (lp[:, 0] - ref[:, 0])
+    rr = beta * (lp[:, 1] - ref[:, 1])
+    return pd.DataFrame({
+        "step": step, "split": pairs["split"].to_numpy(), "sample_id": pairs["sample_id"].to_numpy(),
+        "concept": pairs["concept"].to_numpy(), "cluster": pairs["cluster"].to_numpy(),
+        "logp_chosen": lp[:, 0], "logp_rejected": lp[:, 1],
+        "ref_logp_chosen": ref[:, 0], "ref_logp_rejected": ref[:, 1],
+        "reward_chosen": rc, "reward_rejected": rr, "margin": rc - rr,
+    })
+
+
+def micro_step(policy: Policy, chunk: np.ndarray, ref_t: torch.Tensor, n_tokens: torch.Tensor, cfg: dict,
+               scale: float) -> np.ndarray:
+    """Forward and backward of one process's share of a micro-batch; returns its batch sums (STAT_NAMES).
+    ``scale`` turns the per-pair losses into this share of the global batch mean (times the world size,
+    since FSDP and DDP average gradients over processes). An empty share still takes part with weight 0."""
+    empty = len(chunk) == 0
+    if empty:
+        chunk = np.zeros(1, dtype=np.int64)  # any pair: the collectives need every process in every pass
+    t = torch.as_tensor(chunk, device=ref_t.device)
+    r = ref_t[t]
+    beta = cfg["beta"]
+    if policy.margin_only:
+        d = policy.logratio(chunk)
+        ratio_c, ratio_r, lp = d - (r[:, 0] - r[:, 1]).to(d.dtype), torch.zeros_like(d), None
+    else:
+        lp = policy.logps(chunk)
+        r = r.to(lp.dtype)
+        ratio_c, ratio_r = lp[:, 0] - r[:, 0], lp[:, 1] - r[:, 1]
+    loss = dpo_loss(ratio_c, ratio_r, beta, cfg["loss"], cfg["label_smoothing"], n_tokens[t]).sum()
+    (loss * (0.0 if empty else scale)).backward()
+    if empty:
+        return np.zeros(len(STAT_NAMES))
+    with torch.no_grad():
+        rc, rr = beta * ratio_c, beta * ratio_r
+        nan = math.nan
+        return np.array([loss.item(), nan if lp is None else rc.sum().item(), nan if lp is None else rr.sum().item(),
+                         (rc - rr).sum().item(), (rc > rr).sum().item(),
+                         nan if lp is None else lp[:, 0].sum().item(), nan if lp is None else lp[:, 1].sum().item()])
+
+
+def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path, cfg: dict, seed: int,
+              out_margins, out_metrics, work_dir, out_info=None, ref_features_path=None, out_features=None) -> dict:
+    """DPO from the reference checkpoint ``ref_path``; writes the margins folder and the metrics table."""
+    from ..config import code_hash
+
+    dist = Dist(cfg["device"])
+    fp = fingerprint({k: v for k, v in cfg.items() if k not in EXECUTION_ONLY} | {"seed": seed,
+                     "code": code_hash("dpo")}, ref_logps_path)
+    resume = ResumeState(work_dir, fp, dist)
+    resume.prepare()
+
+    M.seed_everything(seed)
+    model, tok = load_for(ref_path, cfg, dist)
+    run, cfg = prepare_run(train, test, tok, model, ref_logps_path, ref_features_path, cfg)
+    policy = Policy(model, run.enc, cfg, dist, run.feats if cfg["regime"] == "last_layer" else None)
+    device = next(policy.model.parameters()).device
+    ref_t = torch.tensor(run.ref, device=device)
+    n_tokens = torch.tensor(run.enc.n_tokens, device=device)
+    pair_tokens = np.array([max(len(run.enc.rows[r]) for r in rows) for rows in run.enc.pair_rows])
+    rows_per_pair = np.array([len(rows) for rows in run.enc.pair_rows])
+    params = policy.trainable()
+    opt = make_optimizer(cfg["optimizer"], params.values(), cfg["lr"], cfg["weight_decay"])
+    sched = make_scheduler(opt, cfg["schedule"], cfg["warmup_steps"], run.steps)
+    start, rows = resume.load(policy.model, opt, sched) if resume.exists() else (0, [])
+    log.info("dpo: %s, regime %s, %d trainable parameters (%.1f MB on this process), %d train / %d test pairs, "
+             "batch %d, %d steps, seed %d, %d process(es), %s, gradient checkpointing %s", loss_name(cfg),
+             cfg["regime"], sum(p.numel() for p in params.values()), local_bytes(params.values()) / 1e6, run.n_train,
+             len(test), run.bsz, run.steps, seed, dist.world, cfg.get("parallel") or "fsdp", policy.checkpointing)
+
+    checkpoint = MarginWriter(policy, run, cfg, resume.work, dist)
+    empty = {k: math.nan for k in tables.METRICS.names}
+    if start == 0:
+        tr, te = checkpoint(0)
+        rows = [{**empty, "step": 0, "epoch": 0.0, "train_error": tr, "test_error": te, "elapsed_s": 0.0}]
+    policy.model.train()
+    prog = Progress(run.steps, "dpo", every=cfg["log_every"], start_step=start)
+    elapsed0 = rows[-1]["elapsed_s"] if rows else 0.0
+    for step in range(start, run.steps):
+        idx = S.batch_indices(step, run.n_train, run.bsz, seed)
+        lr = sched.get_last_lr()[0]
+        opt.zero_grad(set_to_none=True)
+        stats = np.zeros(len(STAT_NAMES))
+        for mb in S.micro_batches(idx, pair_tokens, rows_per_pair, dist.world, int(cfg["grad_accum"]),
+                                  cfg.get("max_tokens_per_batch")):
+            stats += micro_step(policy, mb[dist.rank::dist.world], ref_t, n_tokens, cfg, dist.world / len(idx))
+        stats = dist.sum(stats) / len(idx)
+        gn = grad_norm(params.values(), cfg["max_grad_norm"])
+        opt.step()
+        sched.step()
+        done = step + 1
+        row = {**empty, "step": done, "epoch": done * run.bsz / run.n_train, "lr": lr, "grad_norm": gn,
+               **dict(zip(STAT_NAMES, stats))}
+        prog.update(done, len(idx), loss=row["loss"], margin=row["rewards/margins"])
+        row["pairs_per_s"] = prog.rate()
+        row["elapsed_s"] = elapsed0 + prog.elapsed()
+        if done in run.schedule:
+            row["train_error"], row["test_error"] = checkpoint(done)
+        rows.append(row)
+        if cfg["save_every"] and done % cfg["save_every"] == 0 and done < run.steps:
+            resume.save(done, policy.model, opt, sched, rows)
+    info = run_info(cfg, run, seed, dist, params, device, policy)
+    dist.barrier()
+    if dist.main:
+        finish(run, checkpoint, rows, resume.work, out_margins, out_metrics, out_features, out_info, info)
+        resume.close()
+    dist.close()
+    return info
+
+
+def run_info(cfg: dict, run: Run, seed: int, dist: Dist, params: dict, device, policy: Policy) -> dict:
+    """run.json: what produced the numbers, the settings that move them through float order included."""
+    import transformers
+
+    return {"seed": seed, "loss": loss_name(cfg), "regime": cfg["regime"], "steps": run.steps,
+            "batch_size": run.bsz, "n_train": run.n_train, "n_test": len(run.pairs) - run.n_train,
+            "trainable_parameters": int(sum(p.numel() for p in params.values())), "checkpoints": run.schedule,
+            "processes": dist.world, "parallel": (cfg.get("parallel") or "fsdp") if dist.enabled else "none",
+            "gradient_checkpointing": policy.checkpointing, "max_tokens_per_batch": cfg.get("max_tokens_per_batch"),
+            "grad_accum": cfg["grad_accum"], "logit_chunk": cfg.get("logit_chunk"), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "numpy": np.__version__,
+            "device": str(device), "dtype": cfg["dtype"], "autocast": cfg.get("autocast")}
+
+
+def finish(run: Run, checkpoint: MarginWriter, rows, work: Path, out_margins, out_metrics, out_features, out_info,
+           info: dict) -> None:
+    """Move the checkpoints from the work folder into the rule's outputs (each atomically)."""
+    present = sorted(int(p.name.split("=")[1]) for p in checkpoint.margins.glob("step=*"))
+    missing = sorted(set(run.schedule) - set(present))
+    if missing:
+        raise RuntimeError(f"margin checkpoints missing for steps {missing} in {checkpoint.margins}")
+    with atomic_dir(out_margins) as tmp:
+        for s_ in run.schedule:
+            shutil.copytree(checkpoint.margins / f"step={s_}", Path(tmp) / f"step={s_}")
+    if out_features:
+        with atomic_dir(out_features) as tmp:
+            for s_ in checkpoint.feature_steps:
+                shutil.copy(checkpoint.features / f"step={s_}.npy", Path(tmp) / f"step={s_}.npy")
+            note = ("g(x) of the training pairs under the policy, rows in train.parquet order"
+                    if checkpoint.feature_steps else
+                    "no files: the backbone is frozen (last_layer), so g(x) is the reference's at every step")
+            write_json({"steps": checkpoint.feature_steps, "note": note}, Path(tmp) / "index.json")
+    tables.write_metrics(pd.DataFrame(rows), out_metrics)
+    if out_info:
+        write_json(info, out_info)
+    last = rows[-1]
+    log.info("dpo done: %d steps, train error %.3f, test error %.3f", run.steps, last["train_error"],
+             last["test_error"])

@@ -1,0 +1,140 @@
+"""Processes and how the model is spread over them: PyTorch's FSDP2 or DDP, mixed precision, activation
+checkpointing.
+
+Processes are started by ``accelerate launch`` or ``torchrun`` (dpogen.launch), which set RANK, WORLD_SIZE,
+LOCAL_RANK and the rendezvous. Every process draws the same global batch and computes its share;
+``dpo.parallel: fsdp`` shards parameters, gradients and optimizer state per decoder layer
+(``fully_shard``), ``ddp`` keeps a full copy per process. Both average gradients over processes, which the
+loop undoes by scaling its loss with the world size, so the update is the global batch's mean gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import numpy as np
+import torch
+
+from ..logprobs import unwrap
+
+
+class Dist:
+    """This process's place among the launched ones (one process, not launched: rank 0 of 1)."""
+
+    def __init__(self, device: str = "cpu"):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.enabled = "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+        self.cuda = str(device).startswith("cuda")
+        if self.enabled and not torch.distributed.is_initialized():
+            if self.cuda:
+                torch.cuda.set_device(self.local_rank)
+                backend = "cpu:gloo,cuda:nccl"  # collectives on the GPUs, small CPU reductions through gloo
+            else:
+                backend = "gloo"
+            torch.distributed.init_process_group(backend)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def shard(self) -> tuple[int, int]:
+        return self.rank, self.world
+
+    def device(self, device: str) -> str:
+        """One GPU per process: cuda → cuda:<local rank>."""
+        return f"cuda:{self.local_rank}" if self.enabled and device == "cuda" else device
+
+    def sum(self, values: np.ndarray) -> np.ndarray:
+        if not self.enabled:
+            return values
+        t = torch.as_tensor(values, dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return t.numpy()
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        """Partial results of every process added up, in place, on every process."""
+        if self.enabled:
+            torch.distributed.all_reduce(t)
+        return t
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+    def close(self) -> None:
+        if self.enabled and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The model's repeated blocks, found as transformers does for device maps (``_no_split_modules``)."""
+    inner = unwrap(model)
+    names = set(getattr(inner, "_no_split_modules", None) or [])
+    return [m for m in inner.modules() if type(m).__name__ in names]
+
+
+def wrap(model, cfg: dict, dist: Dist, *, checkpointing: bool = False):
+    """Apply activation checkpointing, then FSDP2 (per decoder layer, then the root) or DDP when launched
+    in several processes. With FSDP, ``dpo.autocast`` becomes the mixed-precision policy: parameters
+    gathered in bf16 for compute, fp32 master weights and fp32 gradient reduction."""
+    if checkpointing:
+        unwrap(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not dist.enabled:
+        return model
+    parallel = cfg.get("parallel") or "fsdp"
+    if parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[dist.local_rank] if dist.cuda else None)
+    if parallel != "fsdp":
+        raise ValueError(f"dpo.parallel: unknown {parallel!r} (fsdp, ddp)")
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from ..model import DTYPES
+
+    layers = decoder_layers(model)
+    if not layers:
+        raise ValueError(f"dpo.parallel: fsdp shards a model one decoder layer at a time, and "
+                         f"{type(unwrap(model)).__name__} names none (_no_split_modules); set dpo.parallel: ddp")
+    autocast = cfg.get("autocast")
+    mp = MixedPrecisionPolicy(param_dtype=DTYPES[autocast] if autocast else None, reduce_dtype=torch.float32)
+    for layer in layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def is_fsdp(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def precision(model, cfg: dict):
+    """torch.autocast for ``dpo.autocast`` in one process or DDP; under FSDP the policy casts instead."""
+    if not cfg.get("autocast") or is_fsdp(model):
+        return contextlib.nullcontext()
+    from ..model import DTYPES
+
+    return torch.autocast(next(model.parameters()).device.type, dtype=DTYPES[cfg["autocast"]])
+
+
+def grad_norm(params, max_norm: float | None) -> float:
+    """Clip to ``max_norm`` (None: no clipping) and return the norm before clipping, over all shards."""
+    gn = torch.nn.utils.clip_grad_norm_(list(params), max_norm or float("inf"))
+    if hasattr(gn, "full_tensor"):  # a DTensor under FSDP
+        gn = gn.full_tensor()
+    return float(gn)
+
+
+def local_bytes(tensors) -> int:
+    """Bytes this process holds of ``tensors`` (a sharded tensor counts its local shard)."""
+    total = 0
+    for t in tensors:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        total += t.numel() * t.element_size()
+    return total

@@ -1,0 +1,127 @@
+"""Resume state: what a killed training job needs to go on as if it had never stopped.
+
+Each process saves its own shard of the trained parameters and the optimizer state with
+``torch.distributed.checkpoint`` (no process ever holds the full optimizer state), its RNG state, and the
+first process the scheduler, the metrics so far and the step (which is the data position: batches depend
+on the step alone). The save goes to a temporary folder that replaces the previous one when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger("dpogen")
+
+
+def fingerprint(cfg: dict, *files) -> str:
+    h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
+    for f in files:
+        h.update(Path(f).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def rng_state() -> dict:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(), "cuda": cuda}
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+class ResumeState:
+    """The work folder of one training job: ``fingerprint-<fp>`` marks the settings it belongs to (a save
+    made with other settings is discarded), ``save/`` the last complete save."""
+
+    def __init__(self, work_dir, fp: str, dist):
+        self.work, self.fp, self.dist = Path(work_dir), fp, dist
+        self.save_dir = self.work / "save"
+
+    def prepare(self) -> None:
+        if self.dist.main:
+            if self.work.exists() and not (self.work / f"fingerprint-{self.fp}").exists():
+                log.info("work folder %s belongs to other settings: starting over", self.work)
+                shutil.rmtree(self.work)
+            self.work.mkdir(parents=True, exist_ok=True)
+            (self.work / f"fingerprint-{self.fp}").touch()
+            old = self.work / "save.old"
+            if old.exists() and not self.save_dir.exists():  # killed between the two renames of a save
+                os.replace(old, self.save_dir)
+        self.dist.barrier()
+
+    def exists(self) -> bool:
+        return (self.save_dir / "meta.pt").exists()
+
+    @staticmethod
+    def _options():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(ignore_frozen_params=True)  # last_layer and lora: only what trains
+
+    def save(self, step: int, model, opt, sched, metrics: list[dict]) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        t0 = time.perf_counter()
+        tmp = self.work / "save.tmp"
+        if self.dist.main and tmp.exists():
+            shutil.rmtree(tmp)
+        self.dist.barrier()
+        msd, osd = get_state_dict(model, opt, options=self._options())
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp), no_dist=not self.dist.enabled)
+        torch.save(rng_state(), tmp / f"rng-rank{self.dist.rank}.pt")
+        self.dist.barrier()
+        if self.dist.main:
+            torch.save({"step": step, "world": self.dist.world, "scheduler": sched.state_dict(), "metrics": metrics},
+                       tmp / "meta.pt")
+            old = self.work / "save.old"
+            if self.save_dir.exists():
+                os.replace(self.save_dir, old)
+            os.replace(tmp, self.save_dir)
+            if old.exists():
+                shutil.rmtree(old)
+            log.info("saved training state at step %d: %.1f MB in %.2fs (%s)", step, _folder_bytes(self.save_dir) / 1e6,
+                     time.perf_counter() - t0, self.save_dir)
+        self.dist.barrier()
+
+    def load(self, model, opt, sched) -> tuple[int, list[dict]]:
+        """Restore the last save into ``model``, ``opt``, ``sched`` and the RNGs; returns (step, metrics)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        meta = torch.load(self.save_dir / "meta.pt", weights_only=False)
+        if meta["world"] != self.dist.world:
+            raise ValueError(f"{self.save_dir}: saved by {meta['world']} processes, but dpo.processes is "
+                             f"{self.dist.world}; set dpo.processes: {meta['world']} to resume it, or delete "
+                             f"{self.work} to start over")
+        msd, osd = get_state_dict(model, opt, options=self._options())
+        state = {"model": msd, "optim": osd}
+        dcp.load(state, checkpoint_id=str(self.save_dir), no_dist=not self.dist.enabled)
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=self._options())
+        sched.load_state_dict(meta["scheduler"])
+        set_rng_state(torch.load(self.save_dir / f"rng-rank{self.dist.rank}.pt", weights_only=False))
+        log.info("resuming from step %d (%s)", meta["step"], self.save_dir)
+        return meta["step"], meta["metrics"]
+
+    def close(self) -> None:
+        if self.dist.main:
+            shutil.rmtree(self.work)
