@@ -128,31 +128,6 @@ def test_resume_from_saved_state_gives_identical_tables(tmp_path, tiny_model_dir
     assert not (tmp_path / "resumed" / "work").exists()
 
 
-def test_two_processes_give_the_same_margins(tmp_path, tiny_model_dir, small_run):
-    """Data parallel over 2 CPU processes (gloo), launched with accelerate, against one process."""
-    from dpogen.launch import launch_dpo
-
-    train, test, cfg = small_run
-    one, _ = _train(tmp_path, tiny_model_dir, small_run, "one")
-    train.to_parquet(tmp_path / "train.parquet")
-    test.to_parquet(tmp_path / "test.parquet")
-    out = tmp_path / "two"
-    launch_dpo({"ref_path": str(tiny_model_dir), "train": str(tmp_path / "train.parquet"),
-                "test": str(tmp_path / "test.parquet"), "ref_logps_path": str(tmp_path / "ref.parquet"),
-                "cfg": {**cfg, "processes": 2}, "seed": 7, "out_margins": str(out / "margins"),
-                "out_metrics": str(out / "metrics.parquet"), "work_dir": str(out / "work"),
-                "out_info": str(out / "run.json")}, 2)
-    two = tables.read_margins(out / "margins")
-    assert json.loads((out / "run.json").read_text())["processes"] == 2
-    pd.testing.assert_frame_equal(one.drop(columns=["logp_chosen", "logp_rejected", "reward_chosen", "reward_rejected",
-                                                    "margin"]),
-                                  two.drop(columns=["logp_chosen", "logp_rejected", "reward_chosen", "reward_rejected",
-                                                    "margin"]))
-    np.testing.assert_allclose(two["margin"], one["margin"], atol=1e-5, rtol=0)
-    np.testing.assert_allclose(two["logp_chosen"], one["logp_chosen"], atol=1e-5, rtol=0)
-    assert (two.loc[two["step"] == 6, "margin"] != 0).all()
-
-
 def test_policy_features_are_saved_at_the_chosen_checkpoints(tmp_path, tiny_model_dir, small_run):
     """When the backbone trains, g(x) of the training pairs is saved at schedule.geometry_steps: the reference's
     g(x) to rounding when the weights barely move, and visibly different once they train."""

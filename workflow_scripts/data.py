@@ -5,10 +5,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent / "src"))  # the tracked library, not an installed copy
 
 from dpogen.data import load_tokenizer, prepare  # noqa: E402
+from dpogen.model import context_length  # noqa: E402
 from dpogen.workflow import job  # noqa: E402
 
 with job(snakemake) as log:
     d = snakemake.params.data
     card = prepare(d, d["k"], snakemake.output.train, snakemake.output.test, snakemake.output.card,
-                   snakemake.output.card_md, tokenizer=load_tokenizer(snakemake.params.tokenizer))
+                   snakemake.output.card_md, tokenizer=load_tokenizer(snakemake.params.tokenizer),
+                   context=context_length(snakemake.params.tokenizer) if snakemake.params.tokenizer else None)
     log.info("data: K=%d N=%d test=%d Z=%d", card["K"], card["N"], card["n_test"], card["Z"])

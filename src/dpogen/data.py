@@ -139,6 +139,32 @@ def apply_length_limits(df: pd.DataFrame, tokenizer, cfg: dict, counts: Counter)
     return df
 
 
+def apply_context_limit(df: pd.DataFrame, tokenizer, context: int, cfg: dict, counts: Counter) -> pd.DataFrame:
+    """No pair longer than the model's context: prompt + the longer response + one token (an EOS) must fit.
+    truncation drop: drop it; truncate: cut both responses to what fits after the prompt (a prompt that
+    alone leaves no room is dropped). Counted in the data card."""
+    if df.empty:
+        return df
+    lens = token_lengths(tokenizer, df)
+    room = context - 1 - lens["prompt"]
+    over = lens[["chosen", "rejected"]].max(axis=1) > room
+    if not over.any():
+        return df
+    no_room = over & (room < 1)
+    if cfg["truncation"] == "drop" or no_room.all():
+        counts["dropped_longer_than_context"] += int(over.sum())
+        return df[~over]
+    df = df.copy()
+    for i in df.index[over & ~no_room]:
+        for col in ("chosen", "rejected"):
+            offs = tokenizer(df.at[i, col], return_offsets_mapping=True, add_special_tokens=False)["offset_mapping"]
+            if len(offs) > room[i]:
+                df.at[i, col] = df.at[i, col][: offs[int(room[i]) - 1][1]]
+    counts["truncated_to_context"] += int((over & ~no_room).sum())
+    counts["dropped_longer_than_context"] += int(no_room.sum())
+    return df[~no_room]
+
+
 # ---------------------------------------------------------------------------------------------- card
 
 
@@ -232,8 +258,10 @@ def _concept_frames(cfg: dict, k: int | None, tokenizer) -> tuple[list[pd.DataFr
     return [validate_pairs(f, source) for f in frames], info
 
 
-def prepare(cfg: dict, k: int | None, out_train, out_test, out_card_json, out_card_md, tokenizer=None) -> dict:
-    """Run the data stage for one run's resolved ``data`` config; writes nothing unless all of it succeeds."""
+def prepare(cfg: dict, k: int | None, out_train, out_test, out_card_json, out_card_md, tokenizer=None,
+            context: int | None = None) -> dict:
+    """Run the data stage for one run's resolved ``data`` config; writes nothing unless all of it succeeds.
+    ``context``: the model's positions; longer pairs are cut or dropped (data.truncation) and counted."""
     counts: Counter = Counter()
     if cfg["source"] == "synthetic":
         s = cfg["synthetic"]
@@ -262,11 +290,15 @@ def prepare(cfg: dict, k: int | None, out_train, out_test, out_card_json, out_ca
             counts[f"dropped_low_confidence_{name}"] += int((~keep).sum())
         train = train[train["label_confidence"] >= threshold]
         test = test[test["label_confidence"] >= threshold]
-    if cfg.get("max_prompt_tokens") or cfg.get("max_response_tokens"):
+    limits = cfg.get("max_prompt_tokens") or cfg.get("max_response_tokens")
+    if limits or (context and tokenizer is not None and "embedding" not in train.columns):
         if tokenizer is None:
             raise DataError("data.max_prompt_tokens/max_response_tokens need the run's tokenizer")
         train = apply_length_limits(train, tokenizer, cfg, counts)
         test = apply_length_limits(test, tokenizer, cfg, counts)
+        if context:
+            train = apply_context_limit(train, tokenizer, context, cfg, counts)
+            test = apply_context_limit(test, tokenizer, context, cfg, counts)
         # truncated texts are checked again (two responses cut to the same start are identical) and get
         # the ids of their new texts
         train = validate_pairs(train.drop(columns="sample_id"), f"{cfg['source']} (train, after truncation)")

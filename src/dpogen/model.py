@@ -170,6 +170,20 @@ def positions(model) -> int | None:
     return getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
 
 
+def context_length(path) -> int | None:
+    """The positions of the model at ``path`` from its config alone (no weights loaded); None if unknown."""
+    from transformers import AutoConfig
+
+    target, saved = resolve(path)
+    opts = {**LOAD_OPTIONS, **saved}
+    try:
+        c = AutoConfig.from_pretrained(target, **{k: opts[k] for k in ("trust_remote_code", "revision", "gguf_file")
+                                                   if opts.get(k) is not None})
+    except (OSError, ValueError):
+        return None
+    return getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
+
+
 def load_tokenizer(path: str | os.PathLike):
     from transformers.utils import logging as hf_logging
 

@@ -82,7 +82,11 @@ def wrap(model, cfg: dict, dist: Dist, *, checkpointing: bool = False):
     in several processes. With FSDP, ``dpo.autocast`` becomes the mixed-precision policy: parameters
     gathered in bf16 for compute, fp32 master weights and fp32 gradient reduction."""
     if checkpointing:
-        unwrap(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        inner = unwrap(model)
+        if hasattr(inner, "activation_checkpointing_enable"):  # transformers 5's name
+            inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not dist.enabled:
         return model
     parallel = cfg.get("parallel") or "fsdp"

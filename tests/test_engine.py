@@ -1,0 +1,283 @@
+"""The training engine at scale: FSDP2 and DDP against one process, token budgets and chunked logits
+against one pass, resume of a killed 2-process FSDP job, sequences longer than the model."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from dpogen import model as M
+from dpogen import reference, tables
+from dpogen.config import ConfigError, check_engine
+from dpogen.data import validate_pairs
+from dpogen.engine import loop, schedule
+from dpogen.logprobs import EncodingError, encode_pairs, pair_logps, row_batches
+from dpogen.synthetic import generate
+from tests.conftest import REPO
+
+SRC = REPO / "src"
+MARGIN_COLS = ["logp_chosen", "logp_rejected", "reward_chosen", "reward_rejected", "margin"]
+
+
+@pytest.fixture
+def run10(tmp_path, tiny_model_dir, spec):
+    """2 concepts, 10 steps of batch 4, every pair written to Parquet for launched processes."""
+    train, test = generate(2, 4, 2, spec)
+    train, test = validate_pairs(train, "train"), validate_pairs(test, "test")
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["dpo"]
+    cfg.update(steps=10, batch_size=4, eval_every=5, save_every=0, log_every=5)
+    reference.compute_reference(tiny_model_dir, train, test, cfg, tmp_path / "ref.parquet", tmp_path / "feat.npy")
+    train.to_parquet(tmp_path / "train.parquet")
+    test.to_parquet(tmp_path / "test.parquet")
+    return train, test, cfg
+
+
+def job(tmp_path, model_dir, cfg, name):
+    out = tmp_path / name
+    return {"ref_path": str(model_dir), "train": str(tmp_path / "train.parquet"), "test": str(tmp_path / "test.parquet"),
+            "ref_logps_path": str(tmp_path / "ref.parquet"), "cfg": cfg, "seed": 7,
+            "out_margins": str(out / "margins"), "out_metrics": str(out / "metrics.parquet"),
+            "work_dir": str(out / "work"), "out_info": str(out / "run.json")}
+
+
+def one_process(tmp_path, model_dir, run, name, **over):
+    train, test, cfg = run
+    j = job(tmp_path, model_dir, {**cfg, **over}, name)
+    loop.train_dpo(model_dir, train, test, j["ref_logps_path"], j["cfg"], 7, j["out_margins"], j["out_metrics"],
+                   j["work_dir"], out_info=j["out_info"])
+    return tables.read_margins(j["out_margins"])
+
+
+@pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
+def test_two_processes_give_the_same_margins_as_one(tmp_path, tiny_model_dir, run10, parallel):
+    """Global-batch mean semantics: 2 CPU processes (gloo, accelerate launch) and 1 agree within 1e-5
+    over the first 10 steps, with gradient checkpointing on in both."""
+    from dpogen.launch import launch
+
+    one = one_process(tmp_path, tiny_model_dir, run10, "one", gradient_checkpointing=True)
+    j = job(tmp_path, tiny_model_dir, {**run10[2], "processes": 2, "parallel": parallel,
+                                       "gradient_checkpointing": True}, "two")
+    launch("dpo", j, 2)
+    two = tables.read_margins(j["out_margins"])
+    info = json.loads(open(j["out_info"]).read())
+    assert info["processes"] == 2 and info["parallel"] == parallel and info["gradient_checkpointing"]
+    pd.testing.assert_frame_equal(one.drop(columns=MARGIN_COLS), two.drop(columns=MARGIN_COLS))
+    np.testing.assert_allclose(two["margin"], one["margin"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(two["logp_chosen"], one["logp_chosen"], atol=1e-5, rtol=0)
+    assert (two.loc[two["step"] == 10, "margin"] != 0).all()
+
+
+def test_token_budget_and_logit_chunks_keep_the_margins(tmp_path, tiny_model_dir, run10):
+    """Micro-batches sized by tokens (gradients accumulated), chunked logits and token-budgeted checkpoint
+    passes change only the order of float operations."""
+    base = one_process(tmp_path, tiny_model_dir, run10, "base")
+    small = one_process(tmp_path, tiny_model_dir, run10, "small", max_tokens_per_batch=24, logit_chunk=3,
+                        eval_max_tokens_per_batch=40)
+    np.testing.assert_allclose(small["margin"], base["margin"], atol=1e-5, rtol=0)
+
+
+def test_micro_batches_hold_the_budget():
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(5, 60, size=50)
+    rows = np.full(50, 2)
+    idx = rng.permutation(50)[:32]
+    for world in (1, 2, 3):
+        mbs = schedule.micro_batches(idx, tokens, rows, world, max_tokens=200)
+        assert sorted(np.concatenate(mbs).tolist()) == sorted(idx.tolist())  # every pair once
+        for mb in mbs:
+            for r in range(world):
+                share = mb[r::world]
+                if len(share) > 1:
+                    assert 2 * len(share) * tokens[share].max() <= 200
+    # without a budget: grad_accum equal parts in batch order
+    assert [len(m) for m in schedule.micro_batches(idx, tokens, rows, 1, accum=4)] == [8] * 4
+
+
+def test_row_batches_deal_rows_to_every_process():
+    lengths = np.array([30, 10, 20, 5, 25, 15])
+    passes = row_batches(lengths, max_rows=None, max_tokens=50, world=2)
+    assert sorted(np.concatenate(passes).tolist()) == list(range(6))
+    for p in passes:
+        for r in range(2):
+            share = p[r::2]
+            assert len(share) == 0 or len(share) * lengths[share].max() <= 50 or len(share) == 1
+
+
+def test_chunked_logits_give_the_same_values_and_gradients(tiny, spec):
+    model, tok = tiny
+    train, _ = generate(2, 3, 1, spec)
+    enc = encode_pairs(tok, train["prompt"], [c + " and more words here" for c in train["chosen"]],
+                       list(train["rejected"]), append_eos=True)
+    grads = []
+    for chunk in (10_000, 3):
+        model.zero_grad()
+        lp = pair_logps(model, enc, logit_chunk=chunk)
+        lp.sum().backward()
+        grads.append((lp.detach(), model.get_output_embeddings().weight.grad.clone()))
+    torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(grads[0][1], grads[1][1], atol=1e-6, rtol=1e-5)
+
+
+def test_every_forward_pass_runs_without_kv_cache(tiny, spec):
+    model, tok = tiny
+    seen = []
+    real = model.forward
+
+    def spy(*a, **kw):
+        seen.append(kw.get("use_cache"))
+        return real(*a, **kw)
+
+    model.forward = spy
+    train, _ = generate(1, 2, 1, spec)
+    enc = encode_pairs(tok, train["prompt"], train["chosen"], train["rejected"], append_eos=True)
+    pair_logps(model, enc, batch_rows=1)
+    assert seen and all(v is False for v in seen)
+
+
+def test_a_sequence_longer_than_the_model_is_refused(tiny):
+    model, tok = tiny
+    n = M.positions(model)
+    with pytest.raises(EncodingError, match=rf"pairs: row 1: \d+ tokens, more than the model's {n} positions"):
+        encode_pairs(tok, ["Is it?\n", "Is it?\n"], [" Yes", " word" * (n + 5)], [" No", " No"], append_eos=False,
+                     max_length=n)
+
+
+def test_engine_settings_are_checked_before_any_job():
+    base = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cases = [({"dtype": "float16"}, "dpo.dtype: float16"), ({"autocast": "float16"}, "dpo.autocast: float16"),
+             ({"regime": "last_layer", "processes": 2}, "dpo.processes: 2 with dpo.regime: last_layer"),
+             ({"max_tokens_per_batch": 64, "grad_accum": 2}, "dpo.grad_accum"),
+             ({"device": "cuda", "processes": 8}, "dpo.processes: 8 GPUs asked for, but resources.gpus allows 4")]
+    for over, needle in cases:
+        rc = {**base, "dpo": {**base["dpo"], **over}, "resources": {"gpus": 4, "gpu_mem_gb": None}}
+        with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
+            check_engine(rc, "k1")
+
+
+def _launch_cmd(job_file):
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dpogen.launch",
+            str(job_file)]
+
+
+def test_killed_two_process_fsdp_job_resumes_to_identical_tables(tmp_path, tiny_model_dir, run10):
+    """Each rank saves its shard with torch.distributed.checkpoint; SIGKILL of the whole job, then a new
+    launch, ends with the tables of an uninterrupted 2-process run, bit for bit."""
+    from dpogen.launch import launch
+
+    cfg = {**run10[2], "processes": 2, "parallel": "fsdp", "steps": 120, "save_every": 10, "eval_every": 40}
+    full = job(tmp_path, tiny_model_dir, cfg, "full")
+    launch("dpo", full, 2)
+    killed = job(tmp_path, tiny_model_dir, cfg, "killed")
+    job_file = tmp_path / "killed.json"
+    job_file.write_text(json.dumps({"stage": "dpo", "args": killed, "load_options": {}, "threads": 1}))
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(_launch_cmd(job_file), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    meta = tmp_path / "killed" / "work" / "save" / "meta.pt"
+    deadline = time.time() + 300
+    while not meta.exists():
+        assert proc.poll() is None, "the job ended before its first save"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(killed["out_metrics"])
+    saved = torch.load(meta, weights_only=False)
+    assert 0 < saved["step"] < cfg["steps"] and saved["world"] == 2
+    shards = list((tmp_path / "killed" / "work" / "save").glob("*.distcp"))
+    assert len(shards) == 2  # one file per rank: no rank wrote the full state
+    launch("dpo", killed, 2)
+    a, b = tables.read_margins(full["out_margins"]), tables.read_margins(killed["out_margins"])
+    pd.testing.assert_frame_equal(a, b)
+    ma, mb = pd.read_parquet(full["out_metrics"]), pd.read_parquet(killed["out_metrics"])
+    cols = [c for c in ma.columns if c not in ("pairs_per_s", "elapsed_s")]
+    pd.testing.assert_frame_equal(ma[cols], mb[cols])
+
+
+def test_a_save_from_another_world_size_is_refused(tmp_path, tiny_model_dir, run10, monkeypatch):
+    """A save written by 1 process, resumed with dpo.processes 2: stops before any step, naming the key."""
+    from dpogen.launch import launch
+
+    real = tables.write_margins_checkpoint
+
+    def fail_at_10(df, folder, step):
+        if step == 10:
+            raise KeyboardInterrupt("simulated kill")
+        return real(df, folder, step)
+
+    monkeypatch.setattr(tables, "write_margins_checkpoint", fail_at_10)
+    cfg = {**run10[2], "save_every": 5}
+    with pytest.raises(KeyboardInterrupt):
+        one_process(tmp_path, tiny_model_dir, (run10[0], run10[1], cfg), "w")
+    j = job(tmp_path, tiny_model_dir, {**cfg, "processes": 2}, "w")
+    log = tmp_path / "launch.log"
+    with pytest.raises(subprocess.CalledProcessError):
+        launch("dpo", j, 2, log_path=str(log))
+    text = log.read_text()
+    assert "saved by 1 processes, but dpo.processes is 2" in text
+    assert "dpo step" not in text  # no training step ran
+
+
+def test_sft_and_reference_pass_on_two_processes(tmp_path, tiny_model_dir, run10):
+    """SFT and the reference pass use the same engine: 2 FSDP processes give one process's results."""
+    from dpogen.launch import launch
+
+    train, test, cfg = run10
+    sft_cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["sft"]
+    sft_cfg.update(steps=4, batch_size=4, warmup_steps=0, log_every=2, dtype="float32", device="cpu")
+    from dpogen.sft import train_sft
+
+    train_sft(tiny_model_dir, train, {**sft_cfg, "processes": 1}, tmp_path / "sft1", 0)
+    launch("sft", {"base": str(tiny_model_dir), "train": str(tmp_path / "train.parquet"),
+                   "cfg": {**sft_cfg, "processes": 2, "parallel": "fsdp"}, "out": str(tmp_path / "sft2"), "seed": 0}, 2)
+    a, _ = M.load(tmp_path / "sft1")
+    b, _ = M.load(tmp_path / "sft2")
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(x, y, atol=2e-5, rtol=1e-4, msg=name)
+    launch("ref", {"ref_path": str(tmp_path / "sft1"), "train": str(tmp_path / "train.parquet"),
+                   "test": str(tmp_path / "test.parquet"), "cfg": {**cfg, "processes": 2, "eval_batch_size": 3},
+                   "out_logps": str(tmp_path / "r2.parquet"), "out_features": str(tmp_path / "f2.npy")}, 2)
+    reference.compute_reference(tmp_path / "sft1", train, test, cfg, tmp_path / "r1.parquet", tmp_path / "f1.npy")
+    r1, r2 = pd.read_parquet(tmp_path / "r1.parquet"), pd.read_parquet(tmp_path / "r2.parquet")
+    pd.testing.assert_series_equal(r1["sample_id"], r2["sample_id"])
+    np.testing.assert_allclose(r2["ref_logp_chosen"], r1["ref_logp_chosen"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.load(tmp_path / "f2.npy"), np.load(tmp_path / "f1.npy"), atol=1e-5, rtol=0)
+
+
+def test_fsdp_refuses_a_model_without_decoder_layers(tmp_path):
+    from types import SimpleNamespace
+
+    from dpogen.engine.parallel import wrap
+
+    model, _ = M.build_linear_head([" Yes", " No"], 8, 0)  # a transformers model with no layers
+    model._no_split_modules = None
+    with pytest.raises(ValueError, match="dpo.parallel: fsdp shards a model one decoder layer at a time"):
+        wrap(model, {"parallel": "fsdp"}, SimpleNamespace(enabled=True, cuda=False, local_rank=0))
+
+
+def test_pairs_longer_than_the_context_are_cut_or_dropped_and_counted(tiny):
+    from collections import Counter
+
+    from dpogen.data import apply_context_limit, token_lengths
+
+    _, tok = tiny
+    df = validate_pairs(pd.DataFrame({"concept": "c", "cluster": 1, "prompt": ["Is it?\n", "Is it?\n"],
+                                      "chosen": [" yes it is", " yes" + " word" * 40],
+                                      "rejected": [" no", " no" + " thing" * 40]}), "t")
+    context = int(token_lengths(tok, df)["prompt"].max()) + 12
+    for mode, kept, key in (("drop", 1, "dropped_longer_than_context"), ("truncate", 2, "truncated_to_context")):
+        counts = Counter()
+        out = apply_context_limit(df, tok, context, {"truncation": mode}, counts)
+        assert len(out) == kept and counts[key] == 1
+        lens = token_lengths(tok, out)
+        assert (lens["prompt"] + lens[["chosen", "rejected"]].max(axis=1) + 1 <= context).all()
