@@ -19,6 +19,7 @@ from dpogen.config import (  # noqa: E402
     sweep_label,
     sweep_title,
 )
+from dpogen.plan import check as check_plan  # noqa: E402
 
 
 configfile: str(REPO / "config" / "config.yaml")
@@ -32,6 +33,9 @@ normalize(
 # run before any job with a message naming the key.
 validate(config, str(REPO / "config" / "schema.yaml"))
 check(config)
+# the memory plan (python -m dpogen.plan): a run that needs more than resources.gpu_mem_gb per GPU, or
+# more GPUs than resources.gpus, stops here, naming the run and the largest term
+check_plan(config)
 
 EXP = config["experiment"]
 RUNS = runs(config)

@@ -35,18 +35,24 @@ def engine_settings(cfg):
     return {k: cfg["dpo"][k] for k in ENGINE_KEYS}
 
 
-def gpus(stage):
-    """GPUs a job asks the scheduler for: one per process when it runs a model on CUDA, else none."""
+def planned(stage, key):
+    """A resource of a model job (gpus, mem_mb) from the memory plan of its run (dpogen.plan); where no plan
+    can be made (a hub model whose config.json is not bundled in config/models/), one GPU per process on
+    CUDA and the profile's memory."""
+    from dpogen.config import ConfigError
+    from dpogen.plan import rule_resources
 
-    def n(wildcards):
-        cfg = rcfg(wildcards)
-        if not str(cfg["dpo"]["device"]).startswith("cuda"):
-            return 0
-        if stage == "sft" and cfg["sft"]["target"] == "none":
-            return 0
-        return cfg["dpo"]["processes"]
+    def value(wildcards):
+        try:
+            res = rule_resources(config, wildcards.run, stage)
+        except ConfigError:
+            cfg = rcfg(wildcards)
+            cuda = str(cfg["dpo"]["device"]).startswith("cuda")
+            idle = stage == "sft" and cfg["sft"]["target"] == "none"
+            res = {"gpus": cfg["dpo"]["processes"] if cuda and not idle else 0, "mem_mb": 16000}
+        return res[key]
 
-    return n
+    return value
 
 
 def base_input(wildcards=None):

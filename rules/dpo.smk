@@ -15,7 +15,8 @@ rule ref_logps:
         "../envs/dpogen.yaml"
     threads: config["threads"]["train"]
     resources:
-        gpu=gpus("ref"),
+        gpu=planned("ref_logps", "gpus"),
+        mem_mb=planned("ref_logps", "mem_mb"),
     params:
         dpo=lambda w: ref_settings(rcfg(w)),
         code=code_hash("ref"),
@@ -41,7 +42,8 @@ rule dpo:
         "../envs/dpogen.yaml"
     threads: config["threads"]["train"]
     resources:
-        gpu=gpus("dpo"),
+        gpu=planned("dpo", "gpus"),
+        mem_mb=planned("dpo", "mem_mb"),
     params:
         dpo=lambda w: {**rcfg(w)["dpo"], **WITH_LOAD},
         seed=config["seed"],

@@ -30,7 +30,8 @@ rule sft:
         "../envs/dpogen.yaml"
     threads: config["threads"]["train"]
     resources:
-        gpu=gpus("sft"),
+        gpu=planned("sft", "gpus"),
+        mem_mb=planned("sft", "mem_mb"),
     params:
         base=BASE,
         sft=lambda w: {

@@ -61,8 +61,18 @@ def test_experiment_configs_are_valid(path):
     from dpogen.config import check, normalize
 
     text = path.read_text()
-    assert text.startswith("# Compute:"), path
+    assert text.startswith("# Compute"), path
     cfg = normalize(_merge(yaml.safe_load((REPO / "config" / "config.yaml").read_text()), yaml.safe_load(text)))
     validate(cfg, str(REPO / "config" / "schema.yaml"))
     check(cfg)
     assert cfg["experiment"] == path.stem
+    from dpogen import plan
+
+    plans = plan.plan(cfg) if cfg.get("resources", {}).get("gpu_mem_gb") else None
+    plan.check(cfg, plans)  # the configs that name their GPUs fit them
+    if path.stem.startswith(("v3-", "v5-full")):
+        dpo = next(iter(plans.values()))["dpo"]
+        assert dpo["resources"]["gpus"] == 4 and cfg["resources"]["gpu_mem_gb"] == 80
+        assert f"per GPU {dpo['per_gpu']['total'] / 1e9:.1f} GB in dpo" in text.splitlines()[0]  # the header is the plan's
+    if path.stem == "v5-full-llama3.1-8b":
+        assert dpo["per_gpu"]["total"] < 60e9
