@@ -281,3 +281,16 @@ def test_pairs_longer_than_the_context_are_cut_or_dropped_and_counted(tiny):
         assert len(out) == kept and counts[key] == 1
         lens = token_lengths(tok, out)
         assert (lens["prompt"] + lens[["chosen", "rejected"]].max(axis=1) + 1 <= context).all()
+
+
+def test_a_run_over_the_gpu_memory_stops_before_any_job(tmp_path):
+    """The Snakefile checks every run's memory plan against resources.gpu_mem_gb while it parses."""
+    from tests.workflow_util import snakemake
+
+    c = tmp_path / "c.yaml"
+    c.write_text(yaml.safe_dump({"dpo": {"device": "cuda", "processes": 2}, "resources": {"gpu_mem_gb": 0.001}}))
+    p = snakemake(REPO, tmp_path, "-n", "--configfile", str(c), check=False)
+    assert p.returncode != 0
+    text = p.stdout + p.stderr
+    assert "resources.gpu_mem_gb: run k1, stage" in text and "more than the limit of 0.001 GB" in text, text[-2000:]
+    assert not (tmp_path / "results").exists()

@@ -14,6 +14,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _ordinary_mode(path: Path, folder: bool) -> None:
+    """mkstemp and mkdtemp create 0600 / 0700 entries; what lands in place gets the mode the user's umask
+    gives ordinary files and folders (0644 / 0755 under umask 022), so colleagues can read the results."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
@@ -24,6 +36,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        _ordinary_mode(tmp, tmp.is_dir())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -38,6 +51,10 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        _ordinary_mode(tmp, True)
+        for sub in tmp.rglob("*"):  # what a writer put inside through its own temporaries
+            if not sub.is_symlink():
+                _ordinary_mode(sub, sub.is_dir())
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from . import tables  # noqa: E402
 from .io import atomic_path, write_text  # noqa: E402
 
 
@@ -21,7 +22,7 @@ def run_summary(run: str, sweep_value, margins: pd.DataFrame, certs: pd.DataFram
     are read at)."""
     g = margins.groupby(["step", "split"])
     wide = pd.DataFrame({"margin_mean": g["margin"].mean(), "margin_std": g["margin"].std(ddof=0),
-                         "error": g["margin"].apply(lambda m: float((m <= 0).mean())),
+                         "error": g["margin"].apply(lambda m: float(tables.margin_errors(m).mean())),
                          "reward_chosen_mean": g["reward_chosen"].mean(),
                          "reward_rejected_mean": g["reward_rejected"].mean()}).unstack("split")
     wide.columns = [f"{split}_{name}" for name, split in wide.columns]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 
@@ -251,3 +252,9 @@ def write_predicted(df, path) -> None:
 
 def write_dynamics(df, path) -> None:
     write(df, DYNAMICS, path)
+
+
+def margin_errors(margin):
+    """1 where a pair is an error: its margin is not positive. Zero, negative and non-finite margins (NaN
+    from diverged training) all count as errors, never as correct."""
+    return ~(np.asarray(margin, dtype=np.float64) > 0)

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from .tables import margin_errors
 from .timescale import concept_scale, tau1_steps
 
 # ---------------------------------------------------------------------------------------------- bounds
@@ -137,7 +138,7 @@ def certificates(margins: pd.DataFrame, confidence: float) -> pd.DataFrame:
         parts += [(c, gc, 1 - (1 - confidence) / max(K, 1), f"clopper-pearson, bonferroni over {K}")
                   for c, gc in g.groupby("concept", sort=True)]
         for concept, gg, conf, method in parts:
-            n, e = len(gg), int((gg["margin"] <= 0).sum())
+            n, e = len(gg), int(margin_errors(gg["margin"]).sum())
             rows.append({"step": int(step), "split": "test", "concept": concept, "n": n, "errors": e,
                          "error": e / n if n else math.nan, "confidence": conf,
                          "upper": clopper_pearson_upper(e, n, conf), "method": method})
@@ -318,14 +319,14 @@ def claims(per_pair: pd.DataFrame | None, dyn: pd.DataFrame, bounds: pd.DataFram
         rows.append(_claim(claim, "v3 Thm 4.1 / v5 Thm 4.2", None, nan, 1.0, None, regime + train_conds + at))
     if k1 is not None:
         m = train[train["step"] == k1]["measured"]
-        rows.append(_claim("zero training error at tau_1", "v3 Thm 4.1 / v5 Thm 4.2", k1, float((m <= 0).mean()), 0.0,
+        rows.append(_claim("zero training error at tau_1", "v3 Thm 4.1 / v5 Thm 4.2", k1, float(margin_errors(m).mean()), 0.0,
                            bool((m > 0).all()), regime + train_conds + at))
         lo, hi = math.log(3) / 40, math.log(3)
         frac = float(((m >= lo) & (m <= hi)).mean())
         rows.append(_claim("training margins in [log3/40, log3] at tau_1", "v3 Thm 4.1 / v5 Thm 4.2", k1, frac, 1.0,
                            frac == 1.0, regime + train_conds + at, f"min {m.min():.4g}, max {m.max():.4g}"))
         te = per_pair[(per_pair["split"] == "test") & (per_pair["step"] == k1)]["measured"]
-        err = float((te <= 0).mean()) if len(te) else nan
+        err = float(margin_errors(te).mean()) if len(te) else nan
         for _, b in bounds.iterrows():
             missing = regime + ([] if b["conditions_hold"] else [f"the {b['version']} bound's conditions"]) + at
             missing += [] if len(te) else ["held-out pairs"]
@@ -508,8 +509,8 @@ def dynamics(features: np.ndarray, ref: pd.DataFrame, margins: pd.DataFrame, dpo
     for (s, sp), grp in per_pair.groupby(["step", "split"], sort=True):
         t = s if s <= env["tau1_steps"] else np.nan
         rows.append({"step": int(s), "split": sp, "measured_margin": grp["measured"].mean(),
-                     "predicted_margin": grp["predicted"].mean(), "measured_error": float((grp["measured"] <= 0).mean()),
-                     "predicted_error": float((grp["predicted"] <= 0).mean()),
+                     "predicted_margin": grp["predicted"].mean(), "measured_error": float(margin_errors(grp["measured"]).mean()),
+                     "predicted_error": float(margin_errors(grp["predicted"]).mean()),
                      "r_L": env["r_L_per_step"] * t, "r_U": env["r_U_per_step"] * t, "tau1_steps": env["tau1_steps"],
                      "eta": eta, "method": method})
     return per_pair, pd.DataFrame(rows)

@@ -103,8 +103,15 @@ class MarginWriter:
             return math.nan, math.nan
         lp = lp_t.cpu().numpy().astype(np.float64)
         df = margins_frame(step, run.pairs, lp, run.ref, self.cfg["beta"])
+        bad = ~np.isfinite(df["margin"].to_numpy())
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise NonFiniteError(f"dpo checkpoint at step {step}: {int(bad.sum())} margins are not finite (first: "
+                                 f"sample {df['sample_id'].iat[i]}, margin {df['margin'].iat[i]}); likely dpo.lr="
+                                 f"{self.cfg['lr']} too large, dpo.beta={self.cfg['beta']} or dpo.dtype="
+                                 f"{self.cfg['dtype']}; no margin table was written")
         tables.write_margins_checkpoint(df, self.margins, step)
-        err = (df["margin"] <= 0).groupby(df["split"]).mean()
+        err = pd.Series(tables.margin_errors(df["margin"])).groupby(df["split"].to_numpy()).mean()
         return float(err.get("train", np.nan)), float(err.get("test", np.nan))
 
 
@@ -150,6 +157,25 @@ def micro_step(policy: Policy, chunk: np.ndarray, ref_t: torch.Tensor, n_tokens:
                          nan if lp is None else lp[:, 0].sum().item(), nan if lp is None else lp[:, 1].sum().item()])
 
 
+class NonFiniteError(FloatingPointError):
+    pass
+
+
+def nonfinite(step: int, loss: float, gn: float, cfg: dict, resume: ResumeState) -> bool:
+    """A NaN or Inf loss or gradient norm: stop (``dpo.on_nonfinite: stop``, the default) before the update
+    touches the weights, keeping the last resume save; or skip the step (``skip_step``): True."""
+    if math.isfinite(loss) and math.isfinite(gn):
+        return False
+    what = f"dpo step {step}: loss={loss} grad_norm={gn} is not finite"
+    if cfg.get("on_nonfinite", "stop") == "skip_step":
+        log.warning("%s: step skipped (dpo.on_nonfinite: skip_step)", what)
+        return True
+    raise NonFiniteError(f"{what}; training diverged. Likely causes: dpo.lr={cfg['lr']} too large, dpo.beta="
+                         f"{cfg['beta']}, dpo.dtype={cfg['dtype']} / dpo.autocast={cfg.get('autocast')}; no margin "
+                         f"table was written (the last resume save, if any, is kept in {resume.work}); "
+                         f"dpo.on_nonfinite: skip_step skips such steps instead")
+
+
 def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path, cfg: dict, seed: int,
               out_margins, out_metrics, work_dir, out_info=None, ref_features_path=None, out_features=None) -> dict:
     """DPO from the reference checkpoint ``ref_path``; writes the margins folder and the metrics table."""
@@ -187,6 +213,7 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
     policy.model.train()
     prog = Progress(run.steps, "dpo", every=cfg["log_every"], start_step=start)
     elapsed0 = rows[-1]["elapsed_s"] if rows else 0.0
+    skipped = [r["step"] for r in rows[1:] if not math.isfinite(r["loss"])]
     for step in range(start, run.steps):
         idx = S.batch_indices(step, run.n_train, run.bsz, seed)
         lr = sched.get_last_lr()[0]
@@ -197,9 +224,13 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
             stats += micro_step(policy, mb[dist.rank::dist.world], ref_t, n_tokens, cfg, dist.world / len(idx))
         stats = dist.sum(stats) / len(idx)
         gn = grad_norm(params.values(), cfg["max_grad_norm"])
-        opt.step()
-        sched.step()
         done = step + 1
+        if nonfinite(done, stats[0], gn, cfg, resume):  # on_nonfinite: skip_step (stop raises)
+            skipped.append(done)
+            opt.zero_grad(set_to_none=True)
+        else:
+            opt.step()
+        sched.step()
         row = {**empty, "step": done, "epoch": done * run.bsz / run.n_train, "lr": lr, "grad_norm": gn,
                **dict(zip(STAT_NAMES, stats))}
         prog.update(done, len(idx), loss=row["loss"], margin=row["rewards/margins"])
@@ -210,7 +241,7 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
         rows.append(row)
         if cfg["save_every"] and done % cfg["save_every"] == 0 and done < run.steps:
             resume.save(done, policy.model, opt, sched, rows)
-    info = run_info(cfg, run, seed, dist, params, device, policy)
+    info = run_info(cfg, run, seed, dist, params, device, policy) | {"skipped_steps": skipped}
     dist.barrier()
     if dist.main:
         finish(run, checkpoint, rows, resume.work, out_margins, out_metrics, out_features, out_info, info)

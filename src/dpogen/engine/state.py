@@ -8,6 +8,7 @@ on the step alone). The save goes to a temporary folder that replaces the previo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -15,6 +16,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +43,16 @@ def set_rng_state(s: dict) -> None:
     random.setstate(s["python"])
     if s.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
+
+
+@contextlib.contextmanager
+def _quiet(dist):
+    """One process, not launched: torch.distributed.checkpoint warns that it saves without a process group,
+    which is what is meant."""
+    with warnings.catch_warnings():
+        if not dist.enabled:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -86,7 +98,8 @@ class ResumeState:
             shutil.rmtree(tmp)
         self.dist.barrier()
         msd, osd = get_state_dict(model, opt, options=self._options())
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp), no_dist=not self.dist.enabled)
+        with _quiet(self.dist):
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp), no_dist=not self.dist.enabled)
         torch.save(rng_state(), tmp / f"rng-rank{self.dist.rank}.pt")
         self.dist.barrier()
         if self.dist.main:
@@ -114,7 +127,8 @@ class ResumeState:
                              f"{self.work} to start over")
         msd, osd = get_state_dict(model, opt, options=self._options())
         state = {"model": msd, "optim": osd}
-        dcp.load(state, checkpoint_id=str(self.save_dir), no_dist=not self.dist.enabled)
+        with _quiet(self.dist):
+            dcp.load(state, checkpoint_id=str(self.save_dir), no_dist=not self.dist.enabled)
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=self._options())
         sched.load_state_dict(meta["scheduler"])

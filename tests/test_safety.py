@@ -1,0 +1,102 @@
+"""Nothing silently wrong: non-finite values stop training and never count as correct, outputs get the
+user's umask, experiment names are one folder."""
+
+import math
+import os
+import stat
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from dpogen import reference, report, tables
+from dpogen import theory as T
+from dpogen.data import validate_pairs
+from dpogen.engine import loop
+from dpogen.io import atomic_dir, atomic_path, write_text
+from dpogen.synthetic import generate
+from tests.conftest import REPO
+
+
+def _margins(values, split="test"):
+    n = len(values)
+    return pd.DataFrame({"step": 5, "split": split, "sample_id": [f"s{i}" for i in range(n)], "concept": "c",
+                         "cluster": 1, "margin": values, "reward_chosen": values, "reward_rejected": 0.0})
+
+
+def test_every_error_count_treats_a_nan_margin_as_an_error():
+    m = [0.5, np.nan, -0.1, np.inf * 0, 2.0]  # two NaN, one negative
+    assert tables.margin_errors(m).tolist() == [False, True, True, True, False]
+    certs = T.certificates(_margins(m), 0.95)
+    assert certs.loc[certs["concept"] == "all", "errors"].item() == 3
+    both = pd.concat([_margins(m, "train"), _margins(m, "test")])
+    s = report.run_summary("k1", 1, both, certs, pd.DataFrame({"version": [], "value": [], "vacuous": [],
+                                                               "conditions_hold": []}),
+                           {"K": 1, "Q_min": 5, "N": 5})
+    assert s["train_error"].item() == pytest.approx(0.6) and s["test_error"].item() == pytest.approx(0.6)
+
+
+@pytest.fixture
+def small(tmp_path, tiny_model_dir, spec):
+    train, test = generate(2, 4, 2, spec)
+    train, test = validate_pairs(train, "train"), validate_pairs(test, "test")
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["dpo"]
+    cfg.update(steps=12, batch_size=4, eval_every=6, save_every=2, log_every=2, optimizer="sgd", lr=1e30,
+               max_grad_norm=None)
+    reference.compute_reference(tiny_model_dir, train, test, cfg, tmp_path / "ref.parquet", tmp_path / "feat.npy")
+    return train, test, cfg
+
+
+def _run(tmp_path, model_dir, small, **over):
+    train, test, cfg = small
+    out = tmp_path / "out"
+    loop.train_dpo(model_dir, train, test, tmp_path / "ref.parquet", {**cfg, **over}, 0, out / "margins",
+                   out / "metrics.parquet", out / "work", out_info=out / "run.json")
+    return out
+
+
+def test_diverged_training_stops_at_the_step_and_names_the_settings(tmp_path, tiny_model_dir, small):
+    with pytest.raises(loop.NonFiniteError, match=r"dpo step \d+: loss=nan grad_norm=\S+ is not finite.*dpo.lr=1e\+30"):
+        _run(tmp_path, tiny_model_dir, small)
+    assert not (tmp_path / "out" / "margins").exists() and not (tmp_path / "out" / "metrics.parquet").exists()
+
+
+def test_skip_step_skips_and_counts(tmp_path, tiny_model_dir, small):
+    out = _run(tmp_path, tiny_model_dir, small, lr=1e-3, on_nonfinite="skip_step")
+    import json
+
+    assert json.loads((out / "run.json").read_text())["skipped_steps"] == []  # a healthy run skips nothing
+    # diverged weights make every later step non-finite: skipped, until the checkpoint finds NaN margins
+    with pytest.raises(loop.NonFiniteError, match=r"dpo checkpoint at step 6: \d+ margins are not finite"):
+        _run(tmp_path / "b", tiny_model_dir, small, on_nonfinite="skip_step")
+    assert loop.nonfinite(3, math.nan, 1.0, {"on_nonfinite": "skip_step"}, None) is True
+    assert loop.nonfinite(3, 1.0, 1.0, {}, None) is False
+
+
+def test_outputs_get_the_users_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_text("x", tmp_path / "a.txt")
+        with atomic_dir(tmp_path / "d") as d:
+            with atomic_path(d / "inner.txt") as f:
+                f.write_text("y")
+            (d / "sub").mkdir()
+        assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644
+        assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755
+        assert stat.S_IMODE((tmp_path / "d" / "inner.txt").stat().st_mode) == 0o644
+        os.umask(0o077)
+        write_text("x", tmp_path / "b.txt")
+        assert stat.S_IMODE((tmp_path / "b.txt").stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.parametrize("name", [".", "..", ".hidden", "a/b", "-x"])
+def test_experiment_names_are_one_folder(name):
+    from snakemake.utils import validate
+
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg["experiment"] = name
+    with pytest.raises(Exception, match="experiment|does not match"):
+        validate(cfg, str(REPO / "config" / "schema.yaml"))
