@@ -48,9 +48,9 @@ def small(tmp_path, tiny_model_dir, spec):
     return train, test, cfg
 
 
-def _run(tmp_path, model_dir, small, **over):
+def _run(tmp_path, model_dir, small, name="out", **over):
     train, test, cfg = small
-    out = tmp_path / "out"
+    out = tmp_path / name
     loop.train_dpo(model_dir, train, test, tmp_path / "ref.parquet", {**cfg, **over}, 0, out / "margins",
                    out / "metrics.parquet", out / "work", out_info=out / "run.json")
     return out
@@ -69,7 +69,7 @@ def test_skip_step_skips_and_counts(tmp_path, tiny_model_dir, small):
     assert json.loads((out / "run.json").read_text())["skipped_steps"] == []  # a healthy run skips nothing
     # diverged weights make every later step non-finite: skipped, until the checkpoint finds NaN margins
     with pytest.raises(loop.NonFiniteError, match=r"dpo checkpoint at step 6: \d+ margins are not finite"):
-        _run(tmp_path / "b", tiny_model_dir, small, on_nonfinite="skip_step")
+        _run(tmp_path, tiny_model_dir, small, "b", on_nonfinite="skip_step")
     assert loop.nonfinite(3, math.nan, 1.0, {"on_nonfinite": "skip_step"}, None) is True
     assert loop.nonfinite(3, 1.0, 1.0, {}, None) is False
 
