@@ -100,3 +100,20 @@ def test_experiment_names_are_one_folder(name):
     cfg["experiment"] = name
     with pytest.raises(Exception, match="experiment|does not match"):
         validate(cfg, str(REPO / "config" / "schema.yaml"))
+
+
+@pytest.mark.parametrize("sweep,needle", [
+    ({"param": "dpo.beta", "values": [0.1, 0]}, "run k0: dpo.beta = 0: 0 is less than or equal to the minimum"),
+    ({"param": "theory.confidence", "values": [1.5]}, "run k1.5: theory.confidence = 1.5"),
+    ({"param": "dpo.lr", "values": ["x"]}, "run kx: dpo.lr = 'x': 'x' is not of type 'number'"),
+    ({"grid": [{"param": "data.k", "values": [1]}, {"param": "dpo.lr", "values": [-1]}]}, "run k1-lr-1: dpo.lr = -1"),
+])
+def test_every_sweep_value_is_validated_before_any_job(tmp_path, sweep, needle):
+    """The real workflow: a bad sweep value stops the dry run at parse, naming run, key and value."""
+    from tests.workflow_util import snakemake
+
+    c = tmp_path / "c.yaml"
+    c.write_text(yaml.safe_dump({"sweep": sweep}))
+    p = snakemake(REPO, tmp_path, "-n", "--configfile", str(c), check=False)
+    assert p.returncode != 0 and needle in p.stdout + p.stderr, (p.stdout + p.stderr)[-2000:]
+    assert not (tmp_path / "results").exists()

@@ -95,12 +95,31 @@ def run_config(cfg: dict, run: str) -> dict:
     return rc
 
 
+SCHEMA = SRC.parents[1] / "config" / "schema.yaml"
+
+
+def validate_runs(cfg: dict, schema_path=SCHEMA) -> None:
+    """Every run's config (its sweep values filled in) against the schema, as the base config is: a sweep
+    value out of range (β = 0, confidence 1.5, a string for a number) stops the run before any job."""
+    import jsonschema
+    import yaml
+
+    validator = jsonschema.Draft202012Validator(yaml.safe_load(Path(schema_path).read_text()))
+    for run in runs(cfg):
+        errors = sorted(validator.iter_errors(run_config(cfg, run)), key=lambda e: list(e.absolute_path))
+        if errors:
+            e = errors[0]
+            key = ".".join(str(k) for k in e.absolute_path) or "(top level)"
+            raise ConfigError(f"run {run}: {key} = {e.instance!r}: {e.message}")
+
+
 def check(cfg: dict) -> None:
     """Checks beyond the schema, run before any job; each message names the key."""
     from .engine.schedule import eval_schedule, geometry_steps
 
     for a in axes(cfg):
         get(cfg, a["param"])
+    validate_runs(cfg)
     if cfg["data"]["source"] == "gaussian":
         swept = {a["param"] for a in axes(cfg)}
         if "data.gaussian.d" in swept:
