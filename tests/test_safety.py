@@ -117,3 +117,24 @@ def test_every_sweep_value_is_validated_before_any_job(tmp_path, sweep, needle):
     p = snakemake(REPO, tmp_path, "-n", "--configfile", str(c), check=False)
     assert p.returncode != 0 and needle in p.stdout + p.stderr, (p.stdout + p.stderr)[-2000:]
     assert not (tmp_path / "results").exists()
+
+
+def test_a_missing_or_damaged_checkpoint_stops_every_reader(tmp_path, tiny_model_dir, small):
+    import json
+    import shutil
+
+    out = _run(tmp_path, tiny_model_dir, small, lr=1e-3)
+    manifest = json.loads((out / "run.json").read_text())["checkpoint_manifest"]
+    assert [m["step"] for m in manifest] == [0, 6, 12] and all(m["rows"] == 12 for m in manifest)
+    folder = out / "margins"
+    whole = tables.read_margins(folder)
+    part = next((folder / "step=6").glob("*.parquet"))
+    data = part.read_bytes()
+    part.write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(tables.MarginsError, match=r"checkpoint step 6 is damaged.*snakemake --cores 2 --force"):
+        tables.read_margins(folder)
+    part.write_bytes(data)
+    pd.testing.assert_frame_equal(tables.read_margins(folder), whole)
+    shutil.rmtree(folder / "step=12")
+    with pytest.raises(tables.MarginsError, match=r"checkpoint step 12 is missing"):
+        tables.read_margins(folder)

@@ -214,8 +214,62 @@ def write_margins_checkpoint(df: pd.DataFrame, folder, step: int) -> Path:
     return path
 
 
+class MarginsError(ValueError):
+    pass
+
+
+def partition_digest(part) -> str:
+    """SHA-256 over the files of one checkpoint partition (``step=<n>/``), in name order."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(Path(part).iterdir()):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def margins_manifest(folder) -> list[dict]:
+    """What the dpo stage writes into run.json: each checkpoint's step, row count and checksum."""
+    import pyarrow.parquet as pq
+
+    out = []
+    for part in sorted(Path(folder).glob("step=*"), key=lambda q: int(q.name.split("=")[1])):
+        rows = sum(pq.ParquetFile(f).metadata.num_rows for f in part.glob("*.parquet"))
+        out.append({"step": int(part.name.split("=")[1]), "rows": int(rows), "sha256": partition_digest(part)})
+    return out
+
+
+def check_margins(folder) -> None:
+    """The margins folder against the manifest in the run.json beside it: a checkpoint missing, added or
+    damaged stops the reader with the step and the command that rebuilds the folder."""
+    import json
+
+    folder = Path(folder)
+    info = folder.parent / "run.json"
+    if not info.exists():
+        return
+    manifest = json.loads(info.read_text()).get("checkpoint_manifest")
+    if manifest is None:
+        return
+    rebuild = f"rebuild it with: snakemake --cores 2 --force {folder}"
+    present = {int(q.name.split("=")[1]) for q in folder.glob("step=*")} if folder.is_dir() else set()
+    listed = {m["step"] for m in manifest}
+    if listed - present:
+        raise MarginsError(f"{folder}: checkpoint step {min(listed - present)} is missing ({info} lists "
+                           f"{len(listed)} checkpoints); {rebuild}")
+    if present - listed:
+        raise MarginsError(f"{folder}: step={min(present - listed)} is not one of the checkpoints {info} lists; {rebuild}")
+    for m in manifest:
+        if partition_digest(folder / f"step={m['step']}") != m["sha256"]:
+            raise MarginsError(f"{folder}: checkpoint step {m['step']} is damaged (its checksum differs from "
+                               f"{info}); {rebuild}")
+
+
 def read_margins(folder) -> pd.DataFrame:
-    """Read a partitioned margins folder back with ``step`` as an integer column, sorted."""
+    """Read a partitioned margins folder back with ``step`` as an integer column, sorted, after checking it
+    against the dpo stage's manifest."""
+    check_margins(folder)
     df = pd.read_parquet(folder)
     df["step"] = df["step"].astype("int64")
     df = df[MARGINS.names]

@@ -283,8 +283,8 @@ def finish(run: Run, checkpoint: MarginWriter, rows, work: Path, out_margins, ou
                     "no files: the backbone is frozen (last_layer), so g(x) is the reference's at every step")
             write_json({"steps": checkpoint.feature_steps, "note": note}, Path(tmp) / "index.json")
     tables.write_metrics(pd.DataFrame(rows), out_metrics)
-    if out_info:
-        write_json(info, out_info)
+    if out_info:  # the manifest lets every reader tell a missing or damaged checkpoint
+        write_json({**info, "checkpoint_manifest": tables.margins_manifest(out_margins)}, out_info)
     last = rows[-1]
     log.info("dpo done: %d steps, train error %.3f, test error %.3f", run.steps, last["train_error"],
              last["test_error"])
