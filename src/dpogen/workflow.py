@@ -8,15 +8,32 @@ import logging
 from .training import setup_logging
 
 
+MODEL_RULES = ("sft", "ref_logps", "dpo")
+
+
+def compute_threads(snakemake) -> int:
+    """The threads a model job computes with: ``threads.train``, never what Snakemake granted, since the
+    thread count changes float order and training amplifies it. A job granted fewer cores still computes
+    with that many threads (slower, same numbers) and says so."""
+    if snakemake.rule not in MODEL_RULES:
+        return max(1, int(snakemake.threads))
+    want = int(snakemake.config["threads"]["train"])
+    if int(snakemake.threads) < want:
+        logging.getLogger("dpogen").warning("rule %s was granted %d cores, computes with threads.train=%d threads "
+                                            "(the numbers depend on it)", snakemake.rule, snakemake.threads, want)
+    return want
+
+
 @contextlib.contextmanager
 def job(snakemake):
     """Log to the rule's log file, use the rule's threads, and record any error in the log before raising."""
     setup_logging(snakemake.log[0] if snakemake.log else None)
     log = logging.getLogger("dpogen")
+    threads = compute_threads(snakemake)
     try:
         import torch
 
-        torch.set_num_threads(max(1, int(snakemake.threads)))
+        torch.set_num_threads(threads)
     except ImportError:
         pass
     from . import model
@@ -40,6 +57,6 @@ def run_model_stage(snakemake, stage: str, args: dict, processes: int) -> None:
     if processes > 1:
         logging.getLogger("dpogen").info("launching %d processes with accelerate", processes)
         launch(stage, args, processes, log_path=snakemake.log[0] if snakemake.log else None,
-               threads=max(1, int(snakemake.threads) // processes))
+               threads=max(1, compute_threads(snakemake) // processes))
     else:
         run_stage(stage, args)

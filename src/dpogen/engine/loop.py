@@ -252,6 +252,7 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
 
 def run_info(cfg: dict, run: Run, seed: int, dist: Dist, params: dict, device, policy: Policy) -> dict:
     """run.json: what produced the numbers, the settings that move them through float order included."""
+    import tokenizers
     import transformers
 
     return {"seed": seed, "loss": loss_name(cfg), "regime": cfg["regime"], "steps": run.steps,
@@ -260,7 +261,8 @@ def run_info(cfg: dict, run: Run, seed: int, dist: Dist, params: dict, device, p
             "processes": dist.world, "parallel": (cfg.get("parallel") or "fsdp") if dist.enabled else "none",
             "gradient_checkpointing": policy.checkpointing, "max_tokens_per_batch": cfg.get("max_tokens_per_batch"),
             "grad_accum": cfg["grad_accum"], "logit_chunk": cfg.get("logit_chunk"), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "numpy": np.__version__,
+            "torch": torch.__version__, "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
+            "numpy": np.__version__,
             "device": str(device), "dtype": cfg["dtype"], "autocast": cfg.get("autocast")}
 
 
