@@ -237,7 +237,7 @@ def test_bad_rows_are_named(tmp_path, name, mutate, row, message):
         run(tmp_path, base_cfg(files={"paths": [str(path)]}, columns={"concept": "topic"}))
     assert str(path) in str(e.value) and message in str(e.value)
     if row is not None:
-        assert f"row {row}" in str(e.value)
+        assert f"line {row + 1}," in str(e.value)  # the file's own 1-based line
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
@@ -245,7 +245,7 @@ def test_truncated_jsonl_names_the_line(tmp_path):
     path = write_jsonl(tmp_path / "t.jsonl", records())
     text = path.read_text()
     path.write_text(text[: len(text) - 20])
-    with pytest.raises(D.DataError, match=r"t\.jsonl: row 15: not valid JSON.*truncated"):
+    with pytest.raises(D.DataError, match=r"t\.jsonl: line 16: not valid JSON.*truncated"):
         run(tmp_path, base_cfg(files={"paths": [str(path)]}))
     assert not (tmp_path / "out").exists()
 
@@ -271,7 +271,7 @@ def test_bad_cluster_value(tmp_path):
     recs = [{**r, "side": 1} for r in records()]
     recs[3]["side"] = 0
     path = write_jsonl(tmp_path / "c.jsonl", recs)
-    with pytest.raises(D.DataError, match=r"row 3, field 'cluster': must be \+1 or -1"):
+    with pytest.raises(D.DataError, match=r"line 4, field 'cluster': must be \+1 or -1"):
         run(tmp_path, base_cfg(files={"paths": [str(path)]}, columns={"cluster": "side"}))
 
 
@@ -281,5 +281,24 @@ def test_truncation_that_makes_responses_identical_is_refused(tmp_path, tiny):
             for i in range(8)]
     path = write_jsonl(tmp_path / "r.jsonl", recs)
     cfg = base_cfg(files={"paths": [str(path)]}, max_response_tokens=1, truncation="truncate")
-    with pytest.raises(D.DataError, match=r"r\.jsonl: row \d+, fields .chosen./.rejected.: identical"):
+    with pytest.raises(D.DataError, match=r"r\.jsonl: line \d+, fields .chosen./.rejected.: identical"):
         run(tmp_path, cfg, tokenizer=tok)
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path):
+    path = write_jsonl(tmp_path / "bom.jsonl", records())
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    train, test, _ = run(tmp_path, base_cfg(files={"paths": [str(path)]}))
+    assert len(train) + len(test) == len(records()) and train["prompt"].str.startswith("Question").all()
+
+
+@pytest.mark.parametrize("text,needle", [
+    ('prompt,chosen,rejected\n"Q one?",yes,no\n"Q "two"?",yes,no\n', "line 3"),  # a stray quote
+    ('prompt,chosen,rejected\n"Q one?",yes,no\n"Q two?,yes,no\n', "line"),  # never closed
+    ('prompt,chosen,rejected\n"Q one?",yes\n', "line 2: 2 fields, the header has 3"),
+])
+def test_csv_is_parsed_strictly(tmp_path, text, needle):
+    path = tmp_path / "d.csv"
+    path.write_text(text)
+    with pytest.raises(D.DataError, match=needle):
+        run(tmp_path, base_cfg(files={"paths": [str(path)]}))

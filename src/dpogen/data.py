@@ -30,7 +30,7 @@ def sample_id(concept: str, prompt: str, chosen: str, rejected: str) -> str:
 
 def _where(df: pd.DataFrame, i: int, source: str) -> str:
     if "_file" in df.columns:
-        return f"{df['_file'].iloc[i]}: row {int(df['_row'].iloc[i])}"
+        return f"{df['_file'].iloc[i]}: {df['_row'].iloc[i]}"
     return f"{source}: row {i}"
 
 

@@ -29,20 +29,20 @@ def read_jsonl(path: Path) -> pd.DataFrame:
     """A JSON-lines file, line by line, so a truncated or malformed line is reported with its number."""
     records = []
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first line
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read ({e})") from None
-    for i, line in enumerate(text.split("\n")):  # not splitlines(): U+2028 may sit inside a JSON string
+    for i, line in enumerate(text.split("\n"), start=1):  # not splitlines(): U+2028 may sit inside a JSON string
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}: row {i}: not valid JSON ({e.msg} at column {e.colno}); "
+            raise DataError(f"{path}: line {i}: not valid JSON ({e.msg} at column {e.colno}); "
                             "is the file truncated?") from None
         if not isinstance(rec, dict):
-            raise DataError(f"{path}: row {i}: expected a JSON object, got {type(rec).__name__}")
-        rec["_row"] = i
+            raise DataError(f"{path}: line {i}: expected a JSON object, got {type(rec).__name__}")
+        rec["_row"] = f"line {i}"
         records.append(rec)
     df = pd.DataFrame.from_records(records)
     df["_file"] = str(path)
@@ -59,14 +59,14 @@ def read_file(path: str | Path) -> pd.DataFrame:
         if suffix in (".jsonl", ".ndjson"):
             return read_jsonl(path)
         if suffix == ".json":
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")
             if text.lstrip().startswith("["):
                 try:
                     records = json.loads(text)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); is the file truncated?") from None
                 df = pd.DataFrame.from_records(records)
-                df["_row"] = range(len(df))
+                df["_row"] = [f"record {i}" for i in range(1, len(df) + 1)]
                 df["_file"] = str(path)
                 return df
             return read_jsonl(path)
@@ -75,17 +75,41 @@ def read_file(path: str | Path) -> pd.DataFrame:
 
             df = pq.read_table(path).to_pandas()
         elif suffix in (".csv", ".tsv"):
-            import pyarrow.csv as pacsv
-
-            opts = pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",", newlines_in_values=True)
-            df = pacsv.read_csv(path, parse_options=opts).to_pandas()
+            return read_csv(path, "\t" if suffix == ".tsv" else ",")
         else:
             raise DataError(f"{path}: unknown file type {suffix!r} (jsonl, json, parquet, csv)")
     except DataError:
         raise
     except Exception as e:  # pyarrow's errors for truncated or corrupt files
         raise DataError(f"{path}: cannot read ({type(e).__name__}: {e}); is the file truncated?") from None
-    df["_row"] = range(len(df))
+    df["_row"] = [f"row {i}" for i in range(1, len(df) + 1)]
+    df["_file"] = str(path)
+    return df
+
+
+def read_csv(path: Path, delimiter: str) -> pd.DataFrame:
+    """CSV parsed strictly (a stray or unterminated quote is an error with its line, never a silently
+    changed text or a lost row); every value a string, as written."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f, delimiter=delimiter, strict=True)
+            header = next(reader, None)
+            if header is None:
+                raise DataError(f"{path}: empty file")
+            rows, lines = [], []
+            for rec in reader:
+                if len(rec) != len(header):
+                    raise DataError(f"{path}: line {reader.line_num}: {len(rec)} fields, the header has {len(header)}")
+                rows.append(rec)
+                lines.append(f"line {reader.line_num}")
+    except csv.Error as e:
+        raise DataError(f"{path}: line {reader.line_num}: {e} (a quote inside a field must be doubled)") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+    df = pd.DataFrame(rows, columns=header)
+    df["_row"] = lines
     df["_file"] = str(path)
     return df
 
@@ -315,4 +339,4 @@ def _where(df: pd.DataFrame, i: int | None = None) -> str:
     if i is None:
         files = list(dict.fromkeys(df["_file"])) if "_file" in df else ["?"]
         return ", ".join(map(str, files[:3])) + (" ..." if len(files) > 3 else "")
-    return f"{df['_file'].iloc[i]}: row {int(df['_row'].iloc[i])}"
+    return f"{df['_file'].iloc[i]}: {df['_row'].iloc[i]}"
