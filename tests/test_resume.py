@@ -47,6 +47,9 @@ def test_kill_9_then_rerun_resumes_and_matches(tmp_path):
     log = (killed_dir / "results" / "tiny" / "logs" / "dpo" / "k2.log").read_text()
     assert "resuming from step" in log, p.stdout[-2000:]
     resumed_at = int(log.split("resuming from step ")[1].split()[0])
+    # the killed attempt's log is kept beside the new one
+    history = (killed_dir / "results" / "tiny" / "logs" / "dpo" / "k2.attempts.log").read_text()
+    assert history.count("=== attempt started") == 2 and "saved training state at step" in history.split("resuming")[0]
     assert 0 < resumed_at < CFG["dpo"]["steps"]
 
     a = tables.read_margins(ref_dir / "results" / "tiny" / "k2" / "dpo" / "margins.parquet")

@@ -68,9 +68,13 @@ class Progress:
                  self.rate(), self.elapsed(), left)
 
 
-def setup_logging(path: str | None = None) -> None:
+def setup_logging(path: str | None = None, history: str | None = None) -> None:
+    """Log to stderr and ``path``; with ``history``, also append to that file, which Snakemake does not
+    own: the log of a failed or killed attempt stays there beside the new attempt's."""
     handlers = [logging.StreamHandler()]
     if path:
         handlers.append(logging.FileHandler(path, mode="a"))
+    if history:
+        handlers.append(logging.FileHandler(history, mode="a"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", handlers=handlers,
                         force=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 
 from .training import setup_logging
 
@@ -27,8 +28,10 @@ def compute_threads(snakemake) -> int:
 @contextlib.contextmanager
 def job(snakemake):
     """Log to the rule's log file, use the rule's threads, and record any error in the log before raising."""
-    setup_logging(snakemake.log[0] if snakemake.log else None)
+    path = snakemake.log[0] if snakemake.log else None
+    setup_logging(path, history=f"{path[:-4] if path.endswith('.log') else path}.attempts.log" if path else None)
     log = logging.getLogger("dpogen")
+    log.info("=== attempt started (pid %d) ===", os.getpid())
     threads = compute_threads(snakemake)
     try:
         import torch
