@@ -53,13 +53,15 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "config" / "experiments").glob("*.yaml")), ids=lambda p: p.stem)
-def test_experiment_configs_are_valid(path):
+def test_experiment_configs_are_valid(path, monkeypatch):
     """Every experiment file, merged over config.yaml as --configfile does, passes the schema and checks,
     and names the compute it needs at its top."""
     from snakemake.utils import validate
 
+    from dpogen import config as C
     from dpogen.config import check, normalize
 
+    monkeypatch.setattr(C, "check_model_path", lambda pre: None)  # model files a clone has not fetched
     text = path.read_text()
     assert text.startswith("# Compute"), path
     cfg = normalize(_merge(yaml.safe_load((REPO / "config" / "config.yaml").read_text()), yaml.safe_load(text)))

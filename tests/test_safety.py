@@ -139,3 +139,13 @@ def test_a_missing_or_damaged_checkpoint_stops_every_reader(tmp_path, tiny_model
     shutil.rmtree(folder / "step=12")
     with pytest.raises(tables.MarginsError, match=r"checkpoint step 12 is missing"):
         tables.read_margins(folder)
+
+
+def test_a_missing_model_file_is_named_with_how_to_get_it():
+    from dpogen.config import ConfigError, check_model_path
+
+    with pytest.raises(ConfigError, match=r"gguf_file: models/nowhere/m\.gguf: no such file"):
+        check_model_path({"path": "models/nowhere", "gguf_file": "m.gguf"})
+    with pytest.raises(ConfigError, match=r"models/smollm2x/: no such folder \(SmolLM2: ./scripts/fetch_smollm2.sh\)"):
+        check_model_path({"path": "models/smollm2x/", "gguf_file": None})
+    check_model_path({"path": "meta-llama/Llama-3.1-8B"})  # a hub id: fetched where there is a network

@@ -129,8 +129,8 @@ def check(cfg: dict) -> None:
             raise ConfigError("model.source: the gaussian source trains its own linear head; set model.source: scratch")
         if cfg["sft"]["target"] != "none":
             raise ConfigError("sft.target: the gaussian source has no text to fine-tune on; set sft.target: none")
-    if cfg["model"]["source"] == "pretrained" and not cfg["model"]["pretrained"].get("path"):
-        raise ConfigError("model.pretrained.path: a pretrained model needs a hub id or a local folder")
+    if cfg["model"]["source"] == "pretrained":
+        check_model_path(cfg["model"]["pretrained"])
     for run in runs(cfg):
         rc = run_config(cfg, run)
         try:
@@ -171,6 +171,21 @@ def check(cfg: dict) -> None:
         if rc["dpo"]["batch_size"] not in (None, "full") and rc["dpo"]["batch_size"] % rc["dpo"]["grad_accum"]:
             raise ConfigError("dpo.grad_accum: must divide dpo.batch_size")
         check_engine(rc, run)
+
+
+def check_model_path(pre: dict) -> None:
+    """A model that is neither a local folder nor a hub id stops the run here, naming how to get it."""
+    path = pre.get("path")
+    if not path:
+        raise ConfigError("model.pretrained.path: a pretrained model needs a hub id or a local folder")
+    local = Path(path).exists() or str(path).startswith((".", "/", "~")) or str(path).count("/") != 1
+    hint = " (SmolLM2: ./scripts/fetch_smollm2.sh)" if "smollm2" in str(path).lower() else ""
+    if local and not Path(path).expanduser().exists():
+        raise ConfigError(f"model.pretrained.path: {path}: no such folder{hint}; give a local folder or a hub id "
+                          f"(owner/name) on a networked machine")
+    gguf = pre.get("gguf_file")
+    if gguf and not (Path(path).expanduser() / gguf).exists():
+        raise ConfigError(f"model.pretrained.gguf_file: {Path(path) / gguf}: no such file{hint}")
 
 
 def check_engine(rc: dict, run: str) -> None:
