@@ -1,12 +1,9 @@
-"""Workflow configuration: the sweep, per-run settings, checks the JSON schema cannot express, code hashes."""
+"""Workflow configuration: the sweep, per-run settings, checks the JSON schema cannot express."""
 
 from __future__ import annotations
 
 import copy
-import hashlib
 from pathlib import Path
-
-SRC = Path(__file__).resolve().parent
 
 
 class ConfigError(ValueError):
@@ -150,24 +147,3 @@ def check(cfg: dict) -> None:
         if rc["dpo"]["batch_size"] not in (None, "full") and rc["dpo"]["batch_size"] % rc["dpo"]["grad_accum"]:
             raise ConfigError("dpo.grad_accum: must divide dpo.batch_size")
 
-
-STAGE_MODULES = {
-    "data": ["data.py", "sources.py", "synthetic.py", "gaussian.py", "logprobs.py", "model.py"],
-    "base": ["model.py", "data.py", "sources.py", "synthetic.py", "gaussian.py", "logprobs.py"],
-    "sft": ["sft.py", "model.py", "training.py"],
-    "ref": ["reference.py", "logprobs.py", "model.py", "gaussian.py"],
-    "dpo": ["dpo.py", "reference.py", "logprobs.py", "model.py", "training.py", "distributed.py", "launch.py",
-            "timescale.py"],
-    "theory": ["theory.py", "timescale.py"],
-    "report": ["report.py", "paper.py", "theory.py", "timescale.py"],
-}
-COMMON_MODULES = ["io.py", "tables.py"]
-
-
-def code_hash(stage: str) -> str:
-    """Hash of the library modules a stage runs; a rule param, so editing them reruns the stage."""
-    h = hashlib.sha256()
-    for name in sorted(STAGE_MODULES[stage] + COMMON_MODULES):
-        h.update(name.encode())
-        h.update((SRC / name).read_bytes())
-    return h.hexdigest()[:16]

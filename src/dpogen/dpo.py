@@ -244,11 +244,11 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
     """DPO from the reference checkpoint ``ref_path``; writes the margins folder and the metrics table."""
     dist = Dist(cfg["device"])
     work = Path(work_dir)
-    from .config import code_hash
+    from .codehash import stage_hash
 
     # what the saved state depends on: settings that change the numbers, the seed, the reference and the code
     ignore = {"processes", "log_every", "save_every", "eval_batch_size"}
-    fp = fingerprint({k: v for k, v in cfg.items() if k not in ignore} | {"seed": seed, "code": code_hash("dpo")},
+    fp = fingerprint({k: v for k, v in cfg.items() if k not in ignore} | {"seed": seed, "code": stage_hash("dpo.py")},
                      ref_logps_path)
     state_path = work / "state.pt"
     if dist.main:
