@@ -16,6 +16,6 @@ rule data:
     params:
         data=lambda w: rcfg(w)["data"],
         tokenizer=BASE,
-        code=code_hash("data"),
+        code=stage_hash("data.py"),
     script:
         "../workflow_scripts/data.py"

@@ -19,7 +19,7 @@ rule ref_logps:
         mem_mb=planned("ref_logps", "mem_mb"),
     params:
         dpo=lambda w: ref_settings(rcfg(w)),
-        code=code_hash("ref"),
+        code=stage_hash("ref_logps.py"),
     script:
         "../workflow_scripts/ref_logps.py"
 
@@ -48,6 +48,6 @@ rule dpo:
         dpo=lambda w: {**rcfg(w)["dpo"], **WITH_LOAD},
         seed=config["seed"],
         work=f"{RUN}/dpo/resume",
-        code=code_hash("dpo"),
+        code=stage_hash("dpo.py"),
     script:
         "../workflow_scripts/dpo.py"

@@ -38,7 +38,7 @@ rule run_report:
         "../envs/dpogen.yaml"
     params:
         sweep_value=lambda w: sweep_label(config, RUNS[w.run]),
-        code=code_hash("report"),
+        code=stage_hash("run_report.py"),
     script:
         "../workflow_scripts/run_report.py"
 
@@ -86,7 +86,7 @@ rule summary:
             "label_smoothing": config["dpo"]["label_smoothing"],
             "paper_model": config["report"]["paper_model"],
         },
-        code=code_hash("report"),
+        code=stage_hash("summary.py"),
     script:
         "../workflow_scripts/summary.py"
 
@@ -113,6 +113,6 @@ rule scaling:
         "../envs/dpogen.yaml"
     params:
         target=config["report"]["scaling_target"],
-        code=code_hash("report"),
+        code=stage_hash("scaling.py"),
     script:
         "../workflow_scripts/scaling.py"

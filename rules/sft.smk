@@ -13,7 +13,7 @@ rule base_model:
         model=config["model"],
         data={k: v for k, v in config["data"].items() if k != "k"},  # the tokenizer's corpus: all concepts
         seed=config["seed"],
-        code=code_hash("base"),  # includes the data modules that read the corpus
+        code=stage_hash("base_model.py"),  # includes the data modules that read the corpus
     script:
         "../workflow_scripts/base_model.py"
 
@@ -41,6 +41,6 @@ rule sft:
             **WITH_LOAD,
         },
         seed=config["seed"],
-        code=code_hash("sft"),
+        code=stage_hash("sft.py"),
     script:
         "../workflow_scripts/sft.py"

@@ -24,6 +24,6 @@ rule theory:
     params:
         theory=lambda w: rcfg(w)["theory"],
         dpo=lambda w: rcfg(w)["dpo"],
-        code=code_hash("theory"),
+        code=stage_hash("theory.py"),
     script:
         "../workflow_scripts/theory.py"

@@ -3,7 +3,8 @@
 import pytest
 import yaml
 
-from dpogen.config import ConfigError, code_hash, run_config, runs
+from dpogen.codehash import stage_hash
+from dpogen.config import ConfigError, run_config, runs
 from tests.conftest import REPO
 from tests.workflow_util import snakemake
 
@@ -40,9 +41,9 @@ def test_run_config_rejects_unknown_key():
         run_config({"sweep": {"param": "data.nope", "values": [1]}, "data": {}}, "nope1")
 
 
-def test_code_hash_follows_module_text():
-    assert code_hash("theory") == code_hash("theory")
-    assert code_hash("theory") != code_hash("dpo")
+def test_stage_hash_differs_by_stage():
+    assert stage_hash("theory.py") == stage_hash("theory.py")
+    assert stage_hash("theory.py") != stage_hash("dpo.py")
 
 
 def _merge(base: dict, over: dict) -> dict:

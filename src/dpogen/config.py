@@ -1,12 +1,9 @@
-"""Workflow configuration: the sweep, per-run settings, checks the JSON schema cannot express, code hashes."""
+"""Workflow configuration: the sweep, per-run settings, checks the JSON schema cannot express."""
 
 from __future__ import annotations
 
 import copy
-import hashlib
 from pathlib import Path
-
-SRC = Path(__file__).resolve().parent
 
 
 class ConfigError(ValueError):
@@ -95,7 +92,7 @@ def run_config(cfg: dict, run: str) -> dict:
     return rc
 
 
-SCHEMA = SRC.parents[1] / "config" / "schema.yaml"
+SCHEMA = Path(__file__).resolve().parents[2] / "config" / "schema.yaml"
 
 
 def validate_runs(cfg: dict, schema_path=SCHEMA) -> None:
@@ -205,26 +202,3 @@ def check_engine(rc: dict, run: str) -> None:
     if limit and str(dpo["device"]).startswith("cuda") and dpo["processes"] > limit:
         raise ConfigError(f"dpo.processes: {dpo['processes']} GPUs asked for, but resources.gpus allows {limit} "
                           f"(run {run})")
-
-
-STAGE_MODULES = {
-    "data": ["data.py", "sources.py", "synthetic.py", "gaussian.py", "logprobs.py", "model.py"],
-    "base": ["model.py", "data.py", "sources.py", "synthetic.py", "gaussian.py", "logprobs.py"],
-    "sft": ["sft.py", "model.py", "training.py", "logprobs.py", "engine/parallel.py", "launch.py"],
-    "ref": ["reference.py", "logprobs.py", "model.py", "gaussian.py", "engine/parallel.py", "launch.py"],
-    "dpo": ["engine/__init__.py", "engine/loop.py", "engine/loss.py", "engine/parallel.py", "engine/policy.py",
-            "engine/schedule.py", "engine/state.py", "reference.py", "logprobs.py", "model.py", "training.py",
-            "launch.py", "timescale.py"],
-    "theory": ["theory.py", "timescale.py"],
-    "report": ["report.py", "paper.py", "theory.py", "timescale.py"],
-}
-COMMON_MODULES = ["io.py", "tables.py"]
-
-
-def code_hash(stage: str) -> str:
-    """Hash of the library modules a stage runs; a rule param, so editing them reruns the stage."""
-    h = hashlib.sha256()
-    for name in sorted(STAGE_MODULES[stage] + COMMON_MODULES):
-        h.update(name.encode())
-        h.update((SRC / name).read_bytes())
-    return h.hexdigest()[:16]

@@ -179,11 +179,11 @@ def nonfinite(step: int, loss: float, gn: float, cfg: dict, resume: ResumeState)
 def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path, cfg: dict, seed: int,
               out_margins, out_metrics, work_dir, out_info=None, ref_features_path=None, out_features=None) -> dict:
     """DPO from the reference checkpoint ``ref_path``; writes the margins folder and the metrics table."""
-    from ..config import code_hash
+    from ..codehash import stage_hash
 
     dist = Dist(cfg["device"])
     fp = fingerprint({k: v for k, v in cfg.items() if k not in EXECUTION_ONLY} | {"seed": seed,
-                     "code": code_hash("dpo")}, ref_logps_path)
+                     "code": stage_hash("dpo.py")}, ref_logps_path)
     resume = ResumeState(work_dir, fp, dist)
     resume.prepare()
 

@@ -1,0 +1,119 @@
+"""Code hashes for the rules: the library modules a workflow script runs, found from its imports, and a hash
+of their code without comments and docstrings, so that only an edit that can change a result reruns a stage.
+
+Pure stdlib: it runs when the Snakefile is parsed, which must stay fast and import neither torch nor
+transformers.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parent  # the package folder, src/dpogen
+SCRIPTS = SRC.parents[1] / "workflow_scripts"
+
+
+def _module_file(root: Path, parts: tuple[str, ...]) -> Path | None:
+    """The file that runs for module ``parts`` of the package at ``root`` (() is the package itself): a
+    subpackage's __init__.py (it wins over a same-named .py, as in Python), or the module's .py."""
+    folder = root.joinpath(*parts)
+    if (folder / "__init__.py").is_file():
+        return folder / "__init__.py"
+    if parts and folder.with_name(parts[-1] + ".py").is_file():
+        return folder.with_name(parts[-1] + ".py")
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _parse(source: bytes, filename: str) -> tuple[str, tuple]:
+    """The digest of the syntax tree without docstrings, and the file's import statements as (level, module,
+    names); keyed by content, so a file edited within one process is parsed again."""
+    tree = ast.parse(source, filename)
+    imports = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            first = node.body[0] if node.body else None
+            if (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+                    and isinstance(first.value.value, str)):
+                node.body = node.body[1:]
+        elif isinstance(node, ast.Import):  # ``import a.b``: level None
+            imports.extend((None, alias.name, ()) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            imports.append((node.level, node.module or "", tuple(a.name for a in node.names if a.name != "*")))
+    # ast.dump leaves out line numbers and columns by default: moving code by a comment's lines keeps the hash
+    return hashlib.sha256(ast.dump(tree).encode()).hexdigest(), tuple(imports)
+
+
+def _read(path: Path) -> tuple[str, tuple]:
+    return _parse(path.read_bytes(), str(path))
+
+
+def _imports(path: Path, root: Path, parts: tuple[str, ...] | None) -> set[tuple[str, ...]]:
+    """Modules of the package at ``root`` that the file imports anywhere (function bodies too: the package
+    imports lazily), as candidates that may not exist (``from x import name`` may name a submodule or
+    not). ``parts``: the file's own module, None for a script outside the package."""
+    pkg = root.name
+    here = None if parts is None else (parts if path.name == "__init__.py" else parts[:-1])
+    found = set()
+    for level, module, names in _read(path)[1]:
+        head, *rest = module.split(".") if module else [""]
+        if level is None:
+            if head == pkg:
+                found.add(tuple(rest))
+            continue
+        if level:
+            if here is None or level - 1 > len(here):
+                continue
+            target = here[: len(here) - level + 1] + (tuple(module.split(".")) if module else ())
+        elif head == pkg:
+            target = tuple(rest)
+        else:
+            continue
+        found.add(target)
+        found.update(target + (name,) for name in names)
+    return found
+
+
+def _closure(script_path: Path, root: Path) -> dict[tuple[str, ...], Path]:
+    """Every module of the package the script runs, followed through the package's own imports."""
+    seen: dict[tuple[str, ...], Path] = {}
+    todo = list(_imports(Path(script_path), root, None))
+    while todo:
+        parts = todo.pop()
+        # importing a.b runs the package's __init__.py, then a's, then a/b.py
+        for i in range(len(parts) + 1):
+            head = parts[:i]
+            if head in seen:
+                continue
+            file = _module_file(root, head)
+            if file is None:
+                break
+            seen[head] = file
+            todo.extend(_imports(file, root, head))
+    return seen
+
+
+def script_modules(script_path, root: Path = SRC) -> list[str]:
+    """The package's module files a workflow script runs, relative to the package folder
+    (e.g. ``["__init__.py", "engine/loop.py", "logprobs.py"]``), sorted."""
+    root = Path(root)
+    return sorted(f.relative_to(root).as_posix() for f in _closure(Path(script_path), root).values())
+
+
+def script_hash(script_path, root: Path = SRC) -> str:
+    """Hash of the code (not comments or docstrings) of the modules a script runs; 16 hex characters."""
+    root = Path(root)
+    h = hashlib.sha256()
+    for name in script_modules(script_path, root):
+        h.update(f"{name}\0{_read(root / name)[0]}\n".encode())
+    return h.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=None)
+def stage_hash(script_name: str) -> str:
+    """The code hash of a rule's script (e.g. ``"dpo.py"`` in workflow_scripts/), a rule param: editing code
+    the stage runs reruns it and what follows. Cached: every rule asks when the Snakefile is parsed."""
+    return script_hash(SCRIPTS / script_name)

@@ -1,0 +1,170 @@
+"""Code hashes: the modules a workflow script runs are found from its imports, and only code changes the hash."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from dpogen.codehash import SCRIPTS, SRC, script_hash, script_modules
+from tests.conftest import REPO
+
+# a throwaway package: a subpackage, relative and lazy imports, a cycle (a <-> b), a module nobody imports
+TOY = {
+    "__init__.py": '''"""Toy package."""''',
+    "a.py": '''
+        """Module a."""
+        from . import b
+
+
+        def f():
+            """Runs the loop."""
+            from .engine import loop  # lazy, as the real package does
+
+            return loop.run() + b.g()
+    ''',
+    "b.py": '''
+        def g():
+            from toy.a import f  # the cycle back to a
+
+            return 1 if f else 0
+    ''',
+    "c.py": '''
+        import toy.deep.sub.x as x
+
+
+        class C:
+            """A class."""
+
+            value = x.X
+    ''',
+    "io.py": '''
+        def atomic_path(p):
+            return p
+    ''',
+    "unused.py": '''
+        def nobody():
+            return 0
+    ''',
+    "engine/__init__.py": '''
+        from .state import State
+    ''',
+    "engine/state.py": '''
+        from ..io import atomic_path
+
+
+        class State:
+            path = atomic_path("x")
+    ''',
+    "engine/loop.py": '''
+        import toy.io
+        from toy.engine import state
+
+
+        def run():
+            return len(toy.io.atomic_path(state.State.path))
+    ''',
+    "deep/__init__.py": "",
+    "deep/sub/__init__.py": "",
+    "deep/sub/x.py": "X = 1\n",
+}
+SCRIPT_A = '''
+    import sys
+
+    import numpy as np
+
+    from toy.a import f
+
+    print(f(), np, sys)
+'''
+SCRIPT_C = '''
+    from toy import c, io
+    from toy.io import atomic_path
+'''
+
+
+@pytest.fixture
+def toy(tmp_path):
+    root = tmp_path / "src" / "toy"
+    for name, text in TOY.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(textwrap.dedent(text).lstrip())
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    (scripts / "a.py").write_text(textwrap.dedent(SCRIPT_A))
+    (scripts / "c.py").write_text(textwrap.dedent(SCRIPT_C))
+    return root, scripts
+
+
+def test_modules_follow_imports_through_the_package(toy):
+    root, scripts = toy
+    assert script_modules(scripts / "a.py", root) == [
+        "__init__.py", "a.py", "b.py", "engine/__init__.py", "engine/loop.py", "engine/state.py", "io.py"]
+    assert script_modules(scripts / "c.py", root) == [
+        "__init__.py", "c.py", "deep/__init__.py", "deep/sub/__init__.py", "deep/sub/x.py", "io.py"]
+
+
+def _edit(path, old, new):
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+
+
+@pytest.mark.parametrize("module,old,new", [
+    ("a.py", "# lazy, as the real package does", "# a different comment"),
+    ("a.py", '"""Module a."""', '"""Module a, now documented at length.\n\nWith a second paragraph."""'),
+    ("a.py", '"""Runs the loop."""', "'''Runs the loop, twice over.'''"),
+    ("a.py", "from . import b\n", "\n\n# moved down\nfrom . import b  # b\n"),
+    ("engine/state.py", "class State:\n", 'class State:\n    """A docstring where there was none."""\n\n'),
+    ("__init__.py", '"""Toy package."""', '"""Toy package."""\n# a comment\n'),
+])
+def test_comments_and_docstrings_keep_the_hash(toy, module, old, new):
+    root, scripts = toy
+    before = script_hash(scripts / "a.py", root)
+    _edit(root / module, old, new)
+    assert script_hash(scripts / "a.py", root) == before
+
+
+@pytest.mark.parametrize("module,old,new", [
+    ("a.py", "+ b.g()", "- b.g()"),
+    ("b.py", "1 if f else 0", "2 if f else 0"),
+    ("engine/state.py", '"x"', '"y"'),
+    ("engine/loop.py", "return len(", "return 1 + len("),
+    ("__init__.py", '"""Toy package."""', '"""Toy package."""\nVERSION = 2\n'),
+])
+def test_a_body_edit_changes_the_hash_of_the_scripts_that_run_it(toy, module, old, new):
+    root, scripts = toy
+    a, c = script_hash(scripts / "a.py", root), script_hash(scripts / "c.py", root)
+    _edit(root / module, old, new)
+    assert script_hash(scripts / "a.py", root) != a
+    assert (script_hash(scripts / "c.py", root) != c) == (module == "__init__.py")
+
+
+def test_a_module_no_script_runs_changes_no_hash(toy):
+    root, scripts = toy
+    a, c = script_hash(scripts / "a.py", root), script_hash(scripts / "c.py", root)
+    _edit(root / "unused.py", "return 0", "return 1")
+    assert (script_hash(scripts / "a.py", root), script_hash(scripts / "c.py", root)) == (a, c)
+
+
+def test_real_package_every_reached_module_is_found():
+    reached = {m for s in SCRIPTS.glob("*.py") for m in script_modules(s)}
+    everything = {p.relative_to(SRC).as_posix() for p in SRC.rglob("*.py")}
+    # config.py runs in the Snakefile, not in a job
+    assert reached == everything - {"config.py"}
+    dpo = script_modules(SCRIPTS / "dpo.py")
+    assert {"dpo.py", "logprobs.py", "reference.py", "launch.py", "__init__.py"} <= set(dpo)
+    assert "theory.py" not in dpo
+    assert {"report.py", "paper.py", "theory.py", "dpo.py"} <= set(script_modules(SCRIPTS / "summary.py"))
+    assert script_modules(SCRIPTS / "sft.py") == sorted(
+        ["__init__.py", "gaussian.py", "io.py", "model.py", "sft.py", "training.py", "workflow.py"])
+
+
+def test_hashing_imports_neither_torch_nor_transformers():
+    code = ("import sys; from dpogen.codehash import SCRIPTS, stage_hash; "
+            "[stage_hash(s.name) for s in SCRIPTS.glob('*.py')]; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in {'torch', 'transformers', 'numpy'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO / "src")}).stdout
+    assert out.strip() == "[]"

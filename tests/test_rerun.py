@@ -1,0 +1,150 @@
+"""What an edit to the library reruns, for every module of src/dpogen: a comment or a docstring nothing; a
+change to the code the rules whose scripts import the module (directly or through the package) and what
+follows them. The expected rules come from this file's own reading of the imports and the rules."""
+
+import ast
+import contextlib
+import functools
+import re
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, copy_repo
+from tests.workflow_util import planned_jobs, snakemake
+
+# about 4 minutes on 2 cores: 45 dry runs of ~4 s (the Snakefile imports torch through dpogen.config)
+pytestmark = pytest.mark.slow
+
+PKG = REPO / "src" / "dpogen"
+MODULES = sorted(p.relative_to(PKG).as_posix() for p in PKG.rglob("*.py"))
+
+
+@pytest.fixture(scope="module")
+def wf(tmp_path_factory):
+    """One finished run (k2) of the tiny config in a copy of the workflow, and its rule graph."""
+    root = tmp_path_factory.mktemp("rerun")
+    repo = copy_repo(root / "repo")
+    work = root / "work"
+    work.mkdir()
+    cfg = yaml.safe_load((REPO / "tests" / "tiny.yaml").read_text())
+    cfg["sweep"] = {"param": "data.k", "values": [2], "prefix": "k"}
+    (work / "one.yaml").write_text(yaml.safe_dump(cfg))
+    args = ("--configfile", str(work / "one.yaml"))
+    snakemake(repo, work, *args)
+    assert planned_jobs(repo, work, *args) == {}
+    dot = snakemake(repo, work, "--rulegraph", *args).stdout
+    names = dict(re.findall(r"^\s*(\d+)\[label = \"(\w+)\"", dot, re.M))
+    edges = [(names[a], names[b]) for a, b in re.findall(r"^\s*(\d+) -> (\d+)", dot, re.M)]
+    return {"repo": repo, "plan": lambda: planned_jobs(repo, work, *args), "rules": set(names.values()),
+            "edges": edges}
+
+
+@functools.cache
+def rule_scripts() -> dict[str, str]:
+    """Rule → its script in workflow_scripts/, from rules/*.smk."""
+    out = {}
+    for smk in (REPO / "rules").glob("*.smk"):
+        for block in re.split(r"^(?=rule )", smk.read_text(), flags=re.M)[1:]:
+            name = re.match(r"rule (\w+):", block).group(1)
+            out[name] = re.search(r'script:\s*"\.\./workflow_scripts/([\w.]+)"', block).group(1)
+    return out
+
+
+def dotted(path) -> str:
+    parts = path.relative_to(PKG.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+FILES = {dotted(p): p.relative_to(PKG).as_posix() for p in PKG.rglob("*.py")}
+
+
+def imported(path, in_package: bool) -> set[str]:
+    """The modules of dpogen one file imports (anywhere in it), with the packages above them."""
+    here = dotted(path).split(".") if in_package else []
+    if in_package and path.name != "__init__.py":
+        here = here[:-1]
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level and not in_package:
+                continue
+            base = node.module or ""
+            if node.level:
+                base = ".".join(here[: len(here) - node.level + 1] + ([base] if base else []))
+            names |= {base} | {f"{base}.{a.name}" for a in node.names}
+    prefixes = {".".join(n.split(".")[:i]) for n in names for i in range(1, n.count(".") + 2)}
+    return {FILES[n] for n in prefixes if n in FILES}
+
+
+@functools.cache
+def runs(script) -> frozenset[str]:
+    """Every module of dpogen a workflow script runs."""
+    todo, seen = list(imported(REPO / "workflow_scripts" / script, False)), set()
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo += imported(PKG / m, True)
+    return frozenset(seen)
+
+
+def expected(wf, module) -> dict[str, int]:
+    """The rules that run ``module`` and every rule after them; one job each (one run)."""
+    stale = {rule for rule, script in rule_scripts().items() if module in runs(script)} & wf["rules"]
+    grew = True
+    while grew:
+        after = {b for a, b in wf["edges"] if a in stale}
+        grew = not after <= stale
+        stale |= after
+    return {rule: 1 for rule in stale}
+
+
+@contextlib.contextmanager
+def edited(path, new_text):
+    """The file rewritten by ``new_text`` for the duration, then restored byte for byte."""
+    old = path.read_bytes()
+    path.write_text(new_text(old.decode()))
+    try:
+        yield
+    finally:
+        path.write_bytes(old)
+
+
+def docstring_changed(text: str) -> str:
+    """The module's docstring (and the first function's or class's) with words added, or a new one."""
+    tree = ast.parse(text)
+    spots = [n.body[0].value for n in [tree, *(n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)))]
+             if ast.get_docstring(n, clean=False) is not None][:2]
+    lines = text.splitlines(keepends=True)
+    for s in sorted(spots, key=lambda s: s.lineno, reverse=True):
+        line = lines[s.lineno - 1]
+        quote = re.match(r"[rRuU]?(\"\"\"|'''|\"|')", line[s.col_offset:]).end()
+        at = s.col_offset + quote
+        lines[s.lineno - 1] = line[:at] + "A probe of the docstring. " + line[at:]
+    if ast.get_docstring(tree, clean=False) is None:
+        lines.insert(0, '"""A probe docstring."""\n')
+    return "".join(lines)
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_comment_and_docstring_edit_reruns_nothing(wf, module):
+    path = wf["repo"] / "src" / "dpogen" / module
+    with edited(path, lambda t: docstring_changed(t) + "\n# a probe comment\n"):
+        assert ast.dump(ast.parse(path.read_text())) != ast.dump(ast.parse((PKG / module).read_text()))
+        assert wf["plan"]() == {}
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_body_edit_reruns_what_imports_it_and_what_follows(wf, module):
+    path = wf["repo"] / "src" / "dpogen" / module
+    with edited(path, lambda t: t + "\n\ndef _probe_edit():\n    return 1\n"):
+        assert wf["plan"]() == expected(wf, module)
+
+
+def test_every_rule_is_checked(wf):
+    """The map from rules to scripts covers the rule graph (but `all`), and some edits rerun each rule."""
+    assert set(rule_scripts()) >= wf["rules"] - {"all"}
+    assert set().union(*(expected(wf, m) for m in MODULES)) == wf["rules"]
