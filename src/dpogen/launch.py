@@ -18,12 +18,19 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1]
 
 
+# the stages' entry points, named rather than imported: a stage's code hash follows only its own imports
+STAGES = {"dpo": "dpogen.engine.loop:train_dpo_files", "sft": "dpogen.sft:train_sft_files",
+          "ref": "dpogen.reference:compute_reference_files"}
+
+
 def launch(stage: str, job: dict, processes: int, log_path: str | None = None, threads: int = 1) -> None:
-    """Run ``stage`` with ``job`` as its arguments in ``processes`` processes; raise if any fails."""
+    """Run ``stage`` (a name of STAGES, or "module:function") on the keyword arguments ``job`` in
+    ``processes`` processes; raise if any fails."""
     from .model import LOAD_OPTIONS
 
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump({"stage": stage, "args": job, "load_options": dict(LOAD_OPTIONS), "threads": threads}, f)
+        json.dump({"stage": STAGES.get(stage, stage), "args": job, "load_options": dict(LOAD_OPTIONS),
+                   "threads": threads}, f)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["OMP_NUM_THREADS"] = str(threads)
@@ -40,31 +47,12 @@ def launch(stage: str, job: dict, processes: int, log_path: str | None = None, t
         os.unlink(f.name)
 
 
-def launch_dpo(job: dict, processes: int, log_path: str | None = None) -> None:
-    launch("dpo", {k: v for k, v in job.items() if k != "threads"}, processes, log_path, job.get("threads", 1))
+def run_stage(stage: str, args: dict) -> None:
+    """The stage's entry point on its arguments, in this process."""
+    import importlib
 
-
-def run_stage(stage: str, a: dict) -> None:
-    """The stage's function on its arguments, in this process."""
-    import pandas as pd
-
-    if stage == "dpo":
-        from .engine.loop import train_dpo
-
-        train_dpo(a["ref_path"], pd.read_parquet(a["train"]), pd.read_parquet(a["test"]), a["ref_logps_path"],
-                  a["cfg"], a["seed"], a["out_margins"], a["out_metrics"], a["work_dir"], out_info=a.get("out_info"),
-                  ref_features_path=a.get("ref_features_path"), out_features=a.get("out_features"))
-    elif stage == "sft":
-        from .sft import train_sft
-
-        train_sft(a["base"], pd.read_parquet(a["train"]), a["cfg"], a["out"], a["seed"])
-    elif stage == "ref":
-        from .reference import compute_reference
-
-        compute_reference(a["ref_path"], pd.read_parquet(a["train"]), pd.read_parquet(a["test"]), a["cfg"],
-                          a["out_logps"], a["out_features"])
-    else:
-        raise ValueError(f"unknown stage {stage!r} (dpo, sft, ref)")
+    module, func = STAGES.get(stage, stage).split(":")
+    getattr(importlib.import_module(module), func)(**args)
 
 
 def main(job_file: str) -> None:

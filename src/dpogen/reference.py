@@ -27,12 +27,6 @@ def encode(tokenizer, pairs: pd.DataFrame, cfg: dict, model=None):
                         max_length=M.positions(model) if model is not None else None)
 
 
-def load_for(path, cfg: dict, dist):
-    """The model on this process's device, or on the CPU when FSDP will shard it onto the device (a
-    process then holds one full copy in host memory, never on its GPU)."""
-    fsdp = dist.enabled and (cfg.get("parallel") or "fsdp") == "fsdp"
-    return M.load(path, cfg["dtype"], "cpu" if fsdp else dist.device(cfg["device"]))
-
 
 def eval_budget(cfg: dict) -> dict:
     """How a checkpoint or reference pass groups rows: at most ``eval_batch_size`` rows and
@@ -83,7 +77,7 @@ def given_features_logps(model, enc, pairs: pd.DataFrame, cfg: dict):
 def compute_reference(ref_path, train: pd.DataFrame, test: pd.DataFrame, cfg: dict, out_logps, out_features) -> None:
     """One pass of the reference model over all pairs → ref_logps.parquet, and g(x) per pair (.npy).
     Launched in several processes, the model is sharded as in training and each computes a share."""
-    from .engine.parallel import Dist, wrap
+    from .engine.parallel import Dist, load_for, wrap
 
     dist = Dist(cfg["device"])
     model, tok = load_for(ref_path, cfg, dist)
@@ -113,3 +107,8 @@ def write_reference(pairs: pd.DataFrame, enc, lp: torch.Tensor, feats: torch.Ten
     with atomic_path(out_features) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, feats.cpu().numpy())  # fp32, or fp64 when the model runs in fp64
+
+
+def compute_reference_files(ref_path, train, test, cfg: dict, out_logps, out_features) -> None:
+    """compute_reference with the pair tables given as Parquet paths (what a launched process receives)."""
+    compute_reference(ref_path, pd.read_parquet(train), pd.read_parquet(test), cfg, out_logps, out_features)

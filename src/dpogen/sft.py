@@ -63,9 +63,8 @@ def train_sft(base_path, train: pd.DataFrame, cfg: dict, out_dir, seed: int) -> 
         target, options = M.resolve(base_path)
         M.save_pointer(Path(target).resolve() if Path(target).exists() else target, out_dir, options)
         return {"steps": 0}
-    from .engine.parallel import Dist, grad_norm, precision, wrap
+    from .engine.parallel import Dist, grad_norm, load_for, precision, wrap
     from .logprobs import pair_logps
-    from .reference import load_for
 
     cfg = {"device": "cpu", "processes": 1, "dtype": "float32", **cfg}
     dist = Dist(cfg["device"])
@@ -119,3 +118,8 @@ def save_trained(model, tok, base_path, cfg: dict, out_dir, dist) -> None:
         plain.load_state_dict(full)
         M.save(plain, tok, out_dir)
     dist.barrier()
+
+
+def train_sft_files(base, train, cfg: dict, out, seed: int) -> dict:
+    """train_sft with the training pairs given as a Parquet path (what a launched process receives)."""
+    return train_sft(base, pd.read_parquet(train), cfg, out, seed)

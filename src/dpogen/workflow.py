@@ -52,14 +52,15 @@ def job(snakemake):
         raise
 
 
-def run_model_stage(snakemake, stage: str, args: dict, processes: int) -> None:
-    """A model stage in this process, or in ``processes`` processes launched with accelerate, each with
-    its share of the rule's threads."""
-    from .launch import launch, run_stage
+def run_model_stage(snakemake, entry, args: dict, processes: int) -> None:
+    """A model stage's ``entry`` function on ``args`` in this process, or in ``processes`` processes launched
+    with accelerate, each with its share of the job's threads."""
+    from .launch import launch
 
     if processes > 1:
         logging.getLogger("dpogen").info("launching %d processes with accelerate", processes)
-        launch(stage, args, processes, log_path=snakemake.log[0] if snakemake.log else None,
+        launch(f"{entry.__module__}:{entry.__name__}", args, processes,
+               log_path=snakemake.log[0] if snakemake.log else None,
                threads=max(1, compute_threads(snakemake) // processes))
     else:
-        run_stage(stage, args)
+        entry(**args)

@@ -20,11 +20,11 @@ import torch
 from .. import model as M
 from .. import tables
 from ..io import atomic_dir, atomic_path, write_json
-from ..reference import encode, load_for, pairs_frame
+from ..reference import encode, pairs_frame
 from ..training import Progress, log, make_optimizer, make_scheduler
 from . import schedule as S
 from .loss import dpo_loss, loss_name
-from .parallel import Dist, grad_norm, local_bytes
+from .parallel import Dist, grad_norm, load_for, local_bytes
 from .policy import Policy
 from .state import ResumeState, fingerprint
 
@@ -290,3 +290,11 @@ def finish(run: Run, checkpoint: MarginWriter, rows, work: Path, out_margins, ou
     last = rows[-1]
     log.info("dpo done: %d steps, train error %.3f, test error %.3f", run.steps, last["train_error"],
              last["test_error"])
+
+
+def train_dpo_files(ref_path, train, test, ref_logps_path, cfg: dict, seed: int, out_margins, out_metrics, work_dir,
+                    out_info=None, ref_features_path=None, out_features=None) -> dict:
+    """train_dpo with the pair tables given as Parquet paths (what a launched process receives)."""
+    return train_dpo(ref_path, pd.read_parquet(train), pd.read_parquet(test), ref_logps_path, cfg, seed, out_margins,
+                     out_metrics, work_dir, out_info=out_info, ref_features_path=ref_features_path,
+                     out_features=out_features)

@@ -70,6 +70,15 @@ class Dist:
             torch.distributed.destroy_process_group()
 
 
+def load_for(path, cfg: dict, dist: Dist):
+    """The model on this process's device, or on the CPU when FSDP will shard it onto the device (a
+    process then holds one full copy in host memory, never on its GPU)."""
+    from ..model import load
+
+    fsdp = dist.enabled and (cfg.get("parallel") or "fsdp") == "fsdp"
+    return load(path, cfg["dtype"], "cpu" if fsdp else dist.device(cfg["device"]))
+
+
 def decoder_layers(model) -> list[torch.nn.Module]:
     """The model's repeated blocks, found as transformers does for device maps (``_no_split_modules``)."""
     inner = unwrap(model)
