@@ -20,6 +20,7 @@ from dpogen.config import (  # noqa: E402
     sweep_title,
 )
 from dpogen.plan import check as check_plan  # noqa: E402
+from dpogen.settings import THEORY_FROM_DPO, value_settings  # noqa: E402
 
 
 configfile: str(REPO / "config" / "config.yaml")

@@ -49,10 +49,20 @@ def planned(stage, key):
             cfg = rcfg(wildcards)
             cuda = str(cfg["dpo"]["device"]).startswith("cuda")
             idle = stage == "sft" and cfg["sft"]["target"] == "none"
-            res = {"gpus": cfg["dpo"]["processes"] if cuda and not idle else 0, "mem_mb": 16000}
+            res = {
+                "gpus": cfg["dpo"]["processes"] if cuda and not idle else 0,
+                "mem_mb": 16000,
+            }
         return res[key]
 
     return value
+
+
+def run_settings(cfg):
+    """What the summary names of each run's settings (a sweep may vary any of them)."""
+    d = cfg["dpo"]
+    keys = ("loss", "label_smoothing", "beta", "optimizer", "lr", "steps", "batch_size")
+    return {k: d[k] for k in keys} | {"confidence": cfg["theory"]["confidence"]}
 
 
 def base_input(wildcards=None):

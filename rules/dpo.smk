@@ -19,6 +19,7 @@ rule ref_logps:
         mem_mb=planned("ref_logps", "mem_mb"),
     params:
         dpo=lambda w: ref_settings(rcfg(w)),
+        threads=config["threads"]["train"],
         code=stage_hash("ref_logps.py"),
     script:
         "../workflow_scripts/ref_logps.py"
@@ -45,9 +46,9 @@ rule dpo:
         gpu=planned("dpo", "gpus"),
         mem_mb=planned("dpo", "mem_mb"),
     params:
-        dpo=lambda w: {**rcfg(w)["dpo"], **WITH_LOAD},
+        dpo=lambda w: {**value_settings(rcfg(w)["dpo"], "dpo"), **WITH_LOAD},
         seed=config["seed"],
-        work=f"{RUN}/dpo/resume",
+        threads=config["threads"]["train"],  # float order: the numbers depend on it
         code=stage_hash("dpo.py"),
     script:
         "../workflow_scripts/dpo.py"

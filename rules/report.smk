@@ -78,14 +78,8 @@ rule summary:
         sweep_label=sweep_title(config),
         experiment=EXP,
         runs=list(RUNS),
-        meta={
-            "beta": config["dpo"]["beta"],
-            "steps": config["dpo"]["steps"],
-            "confidence": config["theory"]["confidence"],
-            "loss": config["dpo"]["loss"],
-            "label_smoothing": config["dpo"]["label_smoothing"],
-            "paper_model": config["report"]["paper_model"],
-        },
+        settings={run: run_settings(run_config(config, run)) for run in RUNS},
+        paper_model=config["report"]["paper_model"],
         code=stage_hash("summary.py"),
     script:
         "../workflow_scripts/summary.py"

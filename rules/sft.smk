@@ -35,12 +35,13 @@ rule sft:
     params:
         base=BASE,
         sft=lambda w: {
-            **rcfg(w)["sft"],
+            **value_settings(rcfg(w)["sft"], "sft"),
             "dtype": MODEL["dtype"],
             **engine_settings(rcfg(w)),
             **WITH_LOAD,
         },
         seed=config["seed"],
+        threads=config["threads"]["train"],
         code=stage_hash("sft.py"),
     script:
         "../workflow_scripts/sft.py"

@@ -23,7 +23,7 @@ rule theory:
         "../envs/dpogen.yaml"
     params:
         theory=lambda w: rcfg(w)["theory"],
-        dpo=lambda w: rcfg(w)["dpo"],
+        dpo=lambda w: {k: rcfg(w)["dpo"][k] for k in THEORY_FROM_DPO},
         code=stage_hash("theory.py"),
     script:
         "../workflow_scripts/theory.py"

@@ -36,7 +36,7 @@ def wf(tmp_path_factory):
     dot = snakemake(repo, work, "--rulegraph", *args).stdout
     names = dict(re.findall(r"^\s*(\d+)\[label = \"(\w+)\"", dot, re.M))
     edges = [(names[a], names[b]) for a, b in re.findall(r"^\s*(\d+) -> (\d+)", dot, re.M)]
-    return {"repo": repo, "plan": lambda: planned_jobs(repo, work, *args), "rules": set(names.values()),
+    return {"repo": repo, "plan": lambda *more: planned_jobs(repo, work, *args, *more), "rules": set(names.values()),
             "edges": edges}
 
 
@@ -148,3 +148,39 @@ def test_every_rule_is_checked(wf):
     """The map from rules to scripts covers the rule graph (but `all`), and some edits rerun each rule."""
     assert set(rule_scripts()) >= wf["rules"] - {"all"}
     assert set().union(*(expected(wf, m) for m in MODULES)) == wf["rules"]
+
+
+def _downstream(wf, rules):
+    stale = set(rules)
+    grew = True
+    while grew:
+        after = {b for a, b in wf["edges"] if a in stale}
+        grew = not after <= stale
+        stale |= after
+    return {r: 1 for r in stale}
+
+
+EXECUTION_CHANGES = [("dpo.log_every", 3), ("dpo.save_every", 7), ("sft.log_every", 3)]
+
+
+@pytest.mark.parametrize("key,value", EXECUTION_CHANGES, ids=[k for k, _ in EXECUTION_CHANGES])
+def test_execution_settings_schedule_nothing(wf, key, value):
+    """Log and save intervals change how a job runs, never a value: nothing is scheduled."""
+    from dpogen.settings import EXECUTION
+
+    section, name = key.split(".")
+    assert name in EXECUTION[section]
+    assert wf["plan"]("--config", f"{section}={{{name}: {value}}}") == {}
+
+
+VALUE_CHANGES = [("dpo.beta", "0.2", {"dpo"}), ("theory.confidence", "0.9", {"theory"}),
+                 ("dpo.eval_batch_size", "7", {"ref_logps", "dpo"}), ("threads.train", "2", {"sft", "ref_logps", "dpo"}),
+                 ("dpo.max_tokens_per_batch", "64", {"dpo"}), ("dpo.logit_chunk", "5", {"sft", "ref_logps", "dpo"})]
+
+
+@pytest.mark.parametrize("key,value,first", VALUE_CHANGES, ids=[k for k, _, _ in VALUE_CHANGES])
+def test_value_settings_rerun_their_stage_and_what_follows(wf, key, value, first):
+    """A setting that can change values, float order included, schedules the first stage it reaches and
+    everything after it; nothing before."""
+    section, name = key.split(".")
+    assert wf["plan"]("--config", f"{section}={{{name}: {value}}}") == _downstream(wf, first)

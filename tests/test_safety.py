@@ -149,3 +149,12 @@ def test_a_missing_model_file_is_named_with_how_to_get_it():
     with pytest.raises(ConfigError, match=r"models/smollm2x/: no such folder \(SmolLM2: ./scripts/fetch_smollm2.sh\)"):
         check_model_path({"path": "models/smollm2x/", "gguf_file": None})
     check_model_path({"path": "meta-llama/Llama-3.1-8B"})  # a hub id: fetched where there is a network
+
+
+def test_the_summary_names_each_runs_own_settings():
+    base = {"loss_name": "dpo-sigmoid", "beta": 0.1, "optimizer": "adamw", "lr": 1e-3, "steps": 100,
+            "batch_size": 16, "confidence": 0.95}
+    shared, varying = report.split_settings({"b1": base, "b2": {**base, "beta": 0.5}})
+    assert varying == ["beta"] and "beta" not in shared and shared["steps"] == 100
+    line = report.settings_line(shared)
+    assert "loss dpo-sigmoid" in line and "beta" not in line

@@ -12,8 +12,8 @@ from dpogen.workflow import job  # noqa: E402
 
 with job(snakemake):
     s = pd.concat([pd.read_csv(p) for p in snakemake.input.runs], ignore_index=True)
-    meta = dict(snakemake.params.meta)
-    meta["loss_name"] = loss_name(meta)
+    settings = {run: {"loss_name": loss_name(st), **st} for run, st in snakemake.params.settings.items()}
+    meta = {"settings": settings, "paper_model": snakemake.params.paper_model}
     report.write_summary_csv(s, snakemake.output.csv)
     report.write_summary_parquet(s, snakemake.output.parquet)
     report.write_summary_csv(report.fit_table(s), snakemake.output.fit)

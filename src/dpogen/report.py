@@ -134,13 +134,15 @@ def markdown(experiment: str, summary: pd.DataFrame, meta: dict, claims: pd.Data
     final = final_rows(summary)
     fit = fit_table(summary).iloc[0]
     a, b, r2 = fit["intercept"], fit["slope"], fit["r2"]
-    lines = [f"# {experiment}: summary", "",
-             f"Loss: {meta.get('loss_name', '?')}, beta = {meta.get('beta')}, {meta.get('steps')} DPO steps; "
-             f"certificates at {meta.get('confidence')} confidence.", "",
-             "| run | K | Q | train margin | test margin | train error | test error | test error upper | v3 bound | v5 bound | conditions (v3/v5) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    settings = meta.get("settings") or {}
+    shared, varying = split_settings(settings)
+    lines = [f"# {experiment}: summary", "", settings_line(shared), "",
+             "| run | " + "".join(f"{k} | " for k in varying) + "K | Q | train margin | test margin | train error | "
+             "test error | test error upper | v3 bound | v5 bound | conditions (v3/v5) |",
+             "|---|" + "---|" * len(varying) + "---|---|---|---|---|---|---|---|---|---|"]
     for _, r in final.iterrows():
-        lines.append(f"| {r['run']} | {r['K']} | {r['Q']} | {r['train_margin_mean']:.4f} | {r['test_margin_mean']:.4f} | "
+        own = "".join(f"{settings.get(r['run'], {}).get(k)} | " for k in varying)
+        lines.append(f"| {r['run']} | {own}{r['K']} | {r['Q']} | {r['train_margin_mean']:.4f} | {r['test_margin_mean']:.4f} | "
                      f"{r['train_error']:.3f} | {r['test_error']:.3f} | {r['test_error_upper']:.3f} | "
                      f"{r['bound_v3']:.3g} | {r['bound_v5']:.3g} | "
                      f"{'hold' if r['bound_v3_conditions_hold'] else 'violated'}/"
@@ -166,6 +168,27 @@ def markdown(experiment: str, summary: pd.DataFrame, meta: dict, claims: pd.Data
             lines.append(f"| {c['run']} | {cell(c['claim'])} | {c['step']} | {c['value']:.4g} | {c['threshold']:.4g} | "
                          f"{c['status']} | {cell(c['note'])} |")
     return "\n".join(lines) + "\n"
+
+
+SETTING_NAMES = {"loss_name": "loss", "beta": "beta", "optimizer": "optimizer", "lr": "lr", "steps": "DPO steps",
+                 "batch_size": "batch", "confidence": "certificate confidence"}
+
+
+def split_settings(settings: dict[str, dict]) -> tuple[dict, list[str]]:
+    """The settings every run shares (name → value) and the names that differ between runs (a column each)."""
+    shared, varying = {}, []
+    for key in SETTING_NAMES:
+        values = {repr(s.get(key)) for s in settings.values()}
+        if len(values) == 1 and settings:
+            shared[key] = next(iter(settings.values())).get(key)
+        elif settings:
+            varying.append(key)
+    return shared, varying
+
+
+def settings_line(shared: dict) -> str:
+    return "Settings of every run: " + ", ".join(f"{SETTING_NAMES[k]} {v}" for k, v in shared.items()) + "." \
+        if shared else "Each run's settings are in the table."
 
 
 def write_summary_csv(summary: pd.DataFrame, path) -> None:
