@@ -19,6 +19,7 @@ from dpogen.config import (  # noqa: E402
     sweep_label,
     sweep_title,
 )
+from dpogen.inputs import data_files  # noqa: E402
 from dpogen.plan import check as check_plan  # noqa: E402
 from dpogen.settings import THEORY_FROM_DPO, value_settings  # noqa: E402
 

@@ -4,6 +4,7 @@
 rule data:
     input:
         base=base_input,
+        files=lambda w: data_files(rcfg(w)["data"]),  # local data files: editing one reruns
     output:
         train=f"{RUN}/data/train.parquet",
         test=f"{RUN}/data/test.parquet",

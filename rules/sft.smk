@@ -3,6 +3,13 @@
 
 
 rule base_model:
+    input:
+        # the tokenizer's corpus when it is trained on the data's text
+        files=(
+            data_files(config["data"], all_concepts=True)
+            if MODEL["source"] == "scratch"
+            else []
+        ),
     output:
         directory(f"{OUT}/base_model"),
     log:

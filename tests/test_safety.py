@@ -158,3 +158,28 @@ def test_the_summary_names_each_runs_own_settings():
     assert varying == ["beta"] and "beta" not in shared and shared["steps"] == 100
     line = report.settings_line(shared)
     assert "loss dpo-sigmoid" in line and "beta" not in line
+
+
+@pytest.mark.slow
+def test_editing_a_local_data_file_reruns_data_and_what_follows(tmp_path):
+    """Data files are inputs: the real workflow on a local .jsonl, then the file edited in place."""
+    import json
+
+    from tests.workflow_util import planned_jobs, snakemake
+
+    rows = [{"prompt": f"Is topic {c} number {i} good?\n", "chosen": " Yes", "rejected": " No", "topic": c}
+            for c in ("alpha", "beta") for i in range(12)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = yaml.safe_load((REPO / "tests" / "tiny.yaml").read_text())
+    cfg["sweep"] = {"param": "data.k", "values": [2], "prefix": "k"}
+    cfg["data"] = {**cfg["data"], "source": "files", "files": {"paths": [str(data)]},
+                   "columns": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "concept": "topic",
+                               "cluster": None}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    args = ("--configfile", str(tmp_path / "c.yaml"))
+    snakemake(REPO, tmp_path, *args)
+    assert planned_jobs(REPO, tmp_path, *args) == {}
+    data.write_text(data.read_text().replace("number 3 good", "number 3 fine"))
+    jobs = planned_jobs(REPO, tmp_path, *args)
+    assert jobs.get("data") == 1 and jobs.get("base_model") == 1 and jobs.get("dpo") == 1, jobs
