@@ -163,14 +163,21 @@ def _downstream(wf, rules):
 EXECUTION_CHANGES = [("dpo.log_every", 3), ("dpo.save_every", 7), ("sft.log_every", 3)]
 
 
+def _changed(tmp_path, key, value) -> tuple[str]:
+    section, name = key.split(".")
+    f = tmp_path / "change.yaml"
+    f.write_text(yaml.safe_dump({section: {name: value}}))
+    return (str(f),)  # a second file after --configfile one.yaml: merged over it, key by key
+
+
 @pytest.mark.parametrize("key,value", EXECUTION_CHANGES, ids=[k for k, _ in EXECUTION_CHANGES])
-def test_execution_settings_schedule_nothing(wf, key, value):
+def test_execution_settings_schedule_nothing(wf, key, value, tmp_path):
     """Log and save intervals change how a job runs, never a value: nothing is scheduled."""
     from dpogen.settings import EXECUTION
 
     section, name = key.split(".")
     assert name in EXECUTION[section]
-    assert wf["plan"]("--config", f"{section}={{{name}: {value}}}") == {}
+    assert wf["plan"](*_changed(tmp_path, key, value)) == {}
 
 
 VALUE_CHANGES = [("dpo.beta", "0.2", {"dpo"}), ("theory.confidence", "0.9", {"theory"}),
@@ -179,8 +186,7 @@ VALUE_CHANGES = [("dpo.beta", "0.2", {"dpo"}), ("theory.confidence", "0.9", {"th
 
 
 @pytest.mark.parametrize("key,value,first", VALUE_CHANGES, ids=[k for k, _, _ in VALUE_CHANGES])
-def test_value_settings_rerun_their_stage_and_what_follows(wf, key, value, first):
+def test_value_settings_rerun_their_stage_and_what_follows(wf, key, value, first, tmp_path):
     """A setting that can change values, float order included, schedules the first stage it reaches and
     everything after it; nothing before."""
-    section, name = key.split(".")
-    assert wf["plan"]("--config", f"{section}={{{name}: {value}}}") == _downstream(wf, first)
+    assert wf["plan"](*_changed(tmp_path, key, yaml.safe_load(value))) == _downstream(wf, first)
