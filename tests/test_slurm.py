@@ -82,7 +82,7 @@ def killed_run(tmp_path_factory):
     (work / "c.yaml").write_text(yaml.safe_dump(cfg))
     p = subprocess.Popen(slurm_cmd(repo, work, work / "c.yaml", "--retries", "1"), stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)
-    state = work / "results" / "tiny" / "k2" / "dpo" / "resume" / "state.pt"
+    state = work / "results" / "tiny" / "k2" / "dpo" / "resume" / "save" / "meta.pt"
     deadline = time.time() + 300
     while not state.exists():
         if p.poll() is not None:
