@@ -93,13 +93,7 @@ def runs(script) -> frozenset[str]:
 
 def expected(wf, module) -> dict[str, int]:
     """The rules that run ``module`` and every rule after them; one job each (one run)."""
-    stale = {rule for rule, script in rule_scripts().items() if module in runs(script)} & wf["rules"]
-    grew = True
-    while grew:
-        after = {b for a, b in wf["edges"] if a in stale}
-        grew = not after <= stale
-        stale |= after
-    return {rule: 1 for rule in stale}
+    return _downstream(wf, {rule for rule, script in rule_scripts().items() if module in runs(script)} & wf["rules"])
 
 
 @contextlib.contextmanager
@@ -150,7 +144,8 @@ def test_every_rule_is_checked(wf):
     assert set().union(*(expected(wf, m) for m in MODULES)) == wf["rules"]
 
 
-def _downstream(wf, rules):
+def _downstream(wf, rules) -> dict[str, int]:
+    """``rules`` and every rule after them in the rule graph; one job each (one run)."""
     stale = set(rules)
     grew = True
     while grew:
