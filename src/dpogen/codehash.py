@@ -115,5 +115,12 @@ def script_hash(script_path, root: Path = SRC) -> str:
 @functools.lru_cache(maxsize=None)
 def stage_hash(script_name: str) -> str:
     """The code hash of a rule's script (e.g. ``"dpo.py"`` in workflow_scripts/), a rule param: editing code
-    the stage runs reruns it and what follows. Cached: every rule asks when the Snakefile is parsed."""
-    return script_hash(SCRIPTS / script_name)
+    the stage runs reruns it and what follows. Cached: every rule asks when the Snakefile is parsed. An
+    installed package has no workflow scripts beside it: then the code of every module counts."""
+    script = SCRIPTS / script_name
+    if script.exists():
+        return script_hash(script)
+    h = hashlib.sha256()
+    for f in sorted(SRC.rglob("*.py")):
+        h.update(f"{f.relative_to(SRC).as_posix()}\0{_read(f)[0]}\n".encode())
+    return h.hexdigest()[:16]
