@@ -9,7 +9,7 @@ min_version("9.0")
 
 REPO = Path(workflow.basedir)
 sys.path.insert(0, str(REPO / "src"))
-from dpogen.codehash import stage_hash  # noqa: E402
+from dpogen.codehash import code_param  # noqa: E402
 from dpogen.config import (  # noqa: E402
     axes,
     check,

@@ -86,3 +86,9 @@ def ref_settings(cfg):
             "eval_max_tokens_per_batch",
         )
     } | engine_settings(cfg)
+
+
+def code(rule):
+    """The rule's code param (dpogen.codehash.code_param): the hash of the code its script runs, or the
+    recorded one where workflow.rerun_on_code keeps results of older code."""
+    return code_param(config, OUT, rule)

@@ -17,6 +17,6 @@ rule data:
     params:
         data=lambda w: rcfg(w)["data"],
         tokenizer=BASE,
-        code=stage_hash("data.py"),
+        code=code("data"),
     script:
         "../workflow_scripts/data.py"

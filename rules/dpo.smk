@@ -20,7 +20,7 @@ rule ref_logps:
     params:
         dpo=lambda w: ref_settings(rcfg(w)),
         threads=config["threads"]["train"],
-        code=stage_hash("ref_logps.py"),
+        code=code("ref_logps"),
     script:
         "../workflow_scripts/ref_logps.py"
 
@@ -49,6 +49,6 @@ rule dpo:
         dpo=lambda w: {**value_settings(rcfg(w)["dpo"], "dpo"), **WITH_LOAD},
         seed=config["seed"],
         threads=config["threads"]["train"],  # float order: the numbers depend on it
-        code=stage_hash("dpo.py"),
+        code=code("dpo"),
     script:
         "../workflow_scripts/dpo.py"

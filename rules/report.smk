@@ -38,7 +38,7 @@ rule run_report:
         "../envs/dpogen.yaml"
     params:
         sweep_value=lambda w: sweep_label(config, RUNS[w.run]),
-        code=stage_hash("run_report.py"),
+        code=code("run_report"),
     script:
         "../workflow_scripts/run_report.py"
 
@@ -80,7 +80,8 @@ rule summary:
         runs=list(RUNS),
         settings={run: run_settings(run_config(config, run)) for run in RUNS},
         paper_model=config["report"]["paper_model"],
-        code=stage_hash("summary.py"),
+        out=OUT,
+        code=code("summary"),
     script:
         "../workflow_scripts/summary.py"
 
@@ -107,6 +108,6 @@ rule scaling:
         "../envs/dpogen.yaml"
     params:
         target=config["report"]["scaling_target"],
-        code=stage_hash("scaling.py"),
+        code=code("scaling"),
     script:
         "../workflow_scripts/scaling.py"

@@ -20,7 +20,7 @@ rule base_model:
         model=config["model"],
         data={k: v for k, v in config["data"].items() if k != "k"},  # the tokenizer's corpus: all concepts
         seed=config["seed"],
-        code=stage_hash("base_model.py"),  # includes the data modules that read the corpus
+        code=code("base_model"),  # includes the data modules that read the corpus
     script:
         "../workflow_scripts/base_model.py"
 
@@ -49,6 +49,6 @@ rule sft:
         },
         seed=config["seed"],
         threads=config["threads"]["train"],
-        code=stage_hash("sft.py"),
+        code=code("sft"),
     script:
         "../workflow_scripts/sft.py"

@@ -24,6 +24,6 @@ rule theory:
     params:
         theory=lambda w: rcfg(w)["theory"],
         dpo=lambda w: {k: rcfg(w)["dpo"][k] for k in THEORY_FROM_DPO},
-        code=stage_hash("theory.py"),
+        code=code("theory"),
     script:
         "../workflow_scripts/theory.py"

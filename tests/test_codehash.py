@@ -1,5 +1,6 @@
 """Code hashes: the modules a workflow script runs are found from its imports, and only code changes the hash."""
 
+import json
 import os
 import subprocess
 import sys
@@ -171,3 +172,31 @@ def test_hashing_imports_neither_torch_nor_transformers():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(REPO / "src")}).stdout
     assert out.strip() == "[]"
+
+
+def test_rerun_on_code_false_keeps_the_recorded_code_param(tmp_path):
+    """The code param is the current hash by default; with workflow.rerun_on_code false (or a list that leaves
+    the rule out) it is the param recorded by the job that made the outputs, the current hash where none is."""
+    from types import SimpleNamespace
+
+    from dpogen.codehash import code_param, code_versions, record_path, stage_hash
+
+    current = stage_hash("theory.py")
+    assert code_param({}, tmp_path, "theory") == current
+    assert code_param({"workflow": {"rerun_on_code": ["theory"]}}, tmp_path, "theory") == current
+    wc = SimpleNamespace(run="k2")
+    for setting in (False, ["run_report", "summary"]):
+        kept = code_param({"workflow": {"rerun_on_code": setting}}, tmp_path, "theory")
+        assert kept(wc) == current  # no record yet
+        path = record_path(tmp_path, "theory", "k2")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"param": "0123456789abcdef", "code": "0123456789abcdef"}))
+        assert kept(wc) == "0123456789abcdef"
+        path.write_text("{not json")  # a damaged record: the current code counts, never a crash
+        assert kept(wc) == current
+        path.unlink()
+    record_path(tmp_path, "dpo", "k2").parent.mkdir(parents=True)
+    record_path(tmp_path, "dpo", "k2").write_text(json.dumps({"param": "x", "code": "old"}))
+    rows = {r["rule"]: r for r in code_versions(tmp_path, ["k2"], rules=("dpo", "theory"))}
+    assert rows["dpo"] == {"run": "k2", "rule": "dpo", "code": "old", "current": False}
+    assert rows["theory"]["code"] is None

@@ -36,7 +36,7 @@ def wf(tmp_path_factory):
     dot = snakemake(repo, work, "--rulegraph", *args).stdout
     names = dict(re.findall(r"^\s*(\d+)\[label = \"(\w+)\"", dot, re.M))
     edges = [(names[a], names[b]) for a, b in re.findall(r"^\s*(\d+) -> (\d+)", dot, re.M)]
-    return {"repo": repo, "plan": lambda *more: planned_jobs(repo, work, *args, *more), "rules": set(names.values()),
+    return {"repo": repo, "work": work, "plan": lambda *more: planned_jobs(repo, work, *args, *more), "rules": set(names.values()),
             "edges": edges}
 
 
@@ -185,3 +185,31 @@ def test_value_settings_rerun_their_stage_and_what_follows(wf, key, value, first
     """A setting that can change values, float order included, schedules the first stage it reaches and
     everything after it; nothing before."""
     assert wf["plan"](*_changed(tmp_path, key, yaml.safe_load(value))) == _downstream(wf, first)
+
+
+def _rerun_on_code(tmp_path, setting) -> tuple[str]:
+    f = tmp_path / "keep.yaml"
+    f.write_text(yaml.safe_dump({"workflow": {"rerun_on_code": setting}}))
+    return (str(f),)
+
+
+def test_rerun_on_code_false_keeps_results_of_older_code_and_the_summary_names_them(wf, tmp_path):
+    """workflow.rerun_on_code: false: a body edit schedules nothing; the summary, remade, marks the stages
+    made with the older code. A list reruns only the rules it names (and what follows them)."""
+    path = wf["repo"] / "src" / "dpogen" / "theory.py"
+    with edited(path, lambda t: t + "\n\ndef _probe_edit():\n    return 1\n"):
+        assert wf["plan"]() == expected(wf, "theory.py")
+        keep = _rerun_on_code(tmp_path, False)
+        assert wf["plan"](*keep) == {}
+        (tmp_path / "list").mkdir()
+        redraw = _rerun_on_code(tmp_path / "list", ["run_report", "summary"])
+        assert wf["plan"](*redraw) == _downstream(wf, {"run_report"})
+        snakemake(wf["repo"], wf["work"], "--configfile", str(wf["work"] / "one.yaml"), *keep,
+                  "--forcerun", "summary")
+        md = (wf["work"] / "results" / "tiny" / "summary.md").read_text()
+    table = md[md.index("## Code each stage was made with"):]
+    header, _, row = ([c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[4:7])
+    cells = dict(zip(header, row))
+    assert cells["run"] == "k2" and cells["theory"].endswith("*") and cells["run_report"].endswith("*"), table
+    assert not cells["data"].endswith("*") and not cells["dpo"].endswith("*"), table
+    assert wf["plan"]() == {}  # the code is back: nothing is stale

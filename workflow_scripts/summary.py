@@ -7,13 +7,16 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).parent / "src"))  # the tracked
 import pandas as pd  # noqa: E402
 
 from dpogen import report  # noqa: E402
+from dpogen.codehash import code_versions  # noqa: E402
 from dpogen.engine.loss import loss_name  # noqa: E402
 from dpogen.workflow import job  # noqa: E402
 
 with job(snakemake):
     s = pd.concat([pd.read_csv(p) for p in snakemake.input.runs], ignore_index=True)
     settings = {run: {"loss_name": loss_name(st), **st} for run, st in snakemake.params.settings.items()}
-    meta = {"settings": settings, "paper_model": snakemake.params.paper_model}
+    meta = {"settings": settings, "paper_model": snakemake.params.paper_model,
+            "code": code_versions(snakemake.params.out, snakemake.params.runs),
+            "rerun_on_code": (snakemake.config.get("workflow") or {}).get("rerun_on_code", True)}
     report.write_summary_csv(s, snakemake.output.csv)
     report.write_summary_parquet(s, snakemake.output.parquet)
     report.write_summary_csv(report.fit_table(s), snakemake.output.fit)

@@ -124,3 +124,62 @@ def stage_hash(script_name: str) -> str:
     for f in sorted(SRC.rglob("*.py")):
         h.update(f"{f.relative_to(SRC).as_posix()}\0{_read(f)[0]}\n".encode())
     return h.hexdigest()[:16]
+
+
+# --- code records: which code each stage's outputs were made with ---------------------------------------------
+# Every finished job writes results/<experiment>/code/<rule>/<run>.json (``<rule>.json`` for a rule of the whole
+# experiment): the code param it was scheduled with and the code hash of what it actually ran. With
+# ``workflow.rerun_on_code: false`` a rule's code param is the recorded one, so Snakemake sees no change and keeps
+# outputs an older version of the code made; the summary reads the records and names every such stage.
+
+# the rules whose outputs make a run's results, in workflow order (the summary and scaling come after)
+RUN_RULES = ("data", "base_model", "sft", "ref_logps", "dpo", "theory", "run_report")
+
+
+def record_path(out, rule: str, run: str | None = None) -> Path:
+    """Where the code record of ``rule`` (for ``run``, or for the whole experiment) lives under ``out``."""
+    return Path(out) / "code" / rule / f"{run or rule}.json"
+
+
+def read_record(path) -> dict | None:
+    """A code record, or None where there is none (or it cannot be read: then the current code counts)."""
+    import json
+
+    try:
+        rec = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) and isinstance(rec.get("param"), str) else None
+
+
+def reruns_on_code(config: dict, rule: str) -> bool:
+    """``workflow.rerun_on_code``: true (every rule), false (none) or a list of the rules that rerun."""
+    setting = (config.get("workflow") or {}).get("rerun_on_code", True)
+    return setting is True or (isinstance(setting, list) and rule in setting)
+
+
+def code_param(config: dict, out, rule: str):
+    """The ``code`` param of ``rule`` (its script is workflow_scripts/<rule>.py): the current code hash, or,
+    where code changes do not rerun the rule, a function of the wildcards giving the recorded one (the current
+    hash where no record exists yet)."""
+    current = stage_hash(f"{rule}.py")
+    if reruns_on_code(config, rule):
+        return current
+
+    def kept(wildcards) -> str:
+        rec = read_record(record_path(out, rule, getattr(wildcards, "run", None)))
+        return rec["param"] if rec else current
+
+    return kept
+
+
+def code_versions(out, runs: list[str], rules=RUN_RULES) -> list[dict]:
+    """Per run and rule: the code hash its outputs were made with (None: no record) and whether it is the
+    current code."""
+    rows = []
+    for run in runs:
+        for rule in rules:
+            rec = read_record(record_path(out, rule, run)) or read_record(record_path(out, rule))
+            made = rec.get("code") if rec else None
+            rows.append({"run": run, "rule": rule, "code": made, "current": made == stage_hash(f"{rule}.py")})
+    return rows

@@ -167,7 +167,31 @@ def markdown(experiment: str, summary: pd.DataFrame, meta: dict, claims: pd.Data
         for _, c in claims.iterrows():
             lines.append(f"| {c['run']} | {cell(c['claim'])} | {c['step']} | {c['value']:.4g} | {c['threshold']:.4g} | "
                          f"{c['status']} | {cell(c['note'])} |")
+    lines += code_lines(meta.get("code"), meta.get("rerun_on_code", True))
     return "\n".join(lines) + "\n"
+
+
+def code_lines(versions: list[dict] | None, rerun_on_code) -> list[str]:
+    """The code each stage's outputs were made with (dpogen.codehash.code_versions): one line when every stage
+    ran the current code and code changes rerun; else a table of each run's stages, older code marked."""
+    if not versions:
+        return []
+    older = [v for v in versions if v["code"] is not None and not v["current"]]
+    if not older and rerun_on_code is True:
+        return ["", "Code: every stage of every run was made with the current code (records in code/)."]
+    rules = list(dict.fromkeys(v["rule"] for v in versions))
+    lines = ["", "## Code each stage was made with", "",
+             f"workflow.rerun_on_code is {rerun_on_code}; a hash marked * is older than the current code, "
+             "- means no record (made before records were kept).", "",
+             "| run | " + " | ".join(rules) + " |", "|---|" + "---|" * len(rules)]
+    by_run: dict[str, dict] = {}
+    for v in versions:
+        by_run.setdefault(v["run"], {})[v["rule"]] = v
+    for run, row in by_run.items():
+        cells = [("-" if row[r]["code"] is None else row[r]["code"][:8] + ("" if row[r]["current"] else "*"))
+                 for r in rules]
+        lines.append(f"| {run} | " + " | ".join(cells) + " |")
+    return lines
 
 
 SETTING_NAMES = {"loss_name": "loss", "beta": "beta", "optimizer": "optimizer", "lr": "lr", "steps": "DPO steps",

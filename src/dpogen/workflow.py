@@ -50,6 +50,26 @@ def job(snakemake):
     except Exception:
         log.exception("rule %s failed", snakemake.rule)
         raise
+    record_code(snakemake)
+
+
+def record_code(snakemake) -> None:
+    """After a job succeeds: the code record of its outputs (dpogen.codehash), the code param it was scheduled
+    with and the hash of the code it ran."""
+    import datetime
+    import json
+
+    from .codehash import record_path, stage_hash
+    from .io import atomic_path
+
+    param = getattr(snakemake.params, "code", None)
+    if param is None:
+        return
+    run = dict(snakemake.wildcards).get("run")
+    rec = {"rule": snakemake.rule, "run": run, "param": param, "code": stage_hash(f"{snakemake.rule}.py"),
+           "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    with atomic_path(record_path(f"results/{snakemake.config['experiment']}", snakemake.rule, run)) as tmp:
+        tmp.write_text(json.dumps(rec, indent=1) + "\n")
 
 
 def run_model_stage(snakemake, entry, args: dict, processes: int) -> None:
