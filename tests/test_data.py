@@ -302,3 +302,35 @@ def test_csv_is_parsed_strictly(tmp_path, text, needle):
     path.write_text(text)
     with pytest.raises(D.DataError, match=needle):
         run(tmp_path, base_cfg(files={"paths": [str(path)]}))
+
+
+def test_a_null_concept_is_named(tmp_path):
+    recs = records()
+    recs[5]["topic"] = None
+    path = write_jsonl(tmp_path / "n.jsonl", recs)
+    with pytest.raises(D.DataError, match=r"n\.jsonl: line 6, field 'topic' \(data.columns.concept\): missing value"):
+        run(tmp_path, base_cfg(files={"paths": [str(path)]}, columns={"concept": "topic"}))
+    assert not (tmp_path / "out").exists()
+
+
+def test_format_auto_reads_every_row_not_the_first(tmp_path):
+    """One message list among strings (or the reverse) is an error naming both rows, never a silent flip."""
+    recs = records()
+    recs[0] = {**recs[0], "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    path = write_jsonl(tmp_path / "m.jsonl", recs)
+    with pytest.raises(D.DataError, match=r"m\.jsonl: line 2, field 'chosen': a string, but .*line 1 has a message "
+                                          r"list; data.format auto"):
+        run(tmp_path, base_cfg(files={"paths": [str(path)]}))
+    recs = records()
+    recs[3] = {**recs[3], "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    write_jsonl(path, recs)
+    with pytest.raises(D.DataError, match=r"line 4, field 'chosen': a message list, but .*line 1 has a string"):
+        run(tmp_path, base_cfg(files={"paths": [str(path)]}))
+
+
+def test_k_larger_than_the_files_concepts_stops_before_a_model_is_built(tmp_path):
+    path = write_jsonl(tmp_path / "two.jsonl", records())
+    cfg = base_cfg(files={"paths": [str(path)]}, columns={"concept": "topic"})
+    assert len(D.corpus(cfg, 4, {"k1": 1, "k2": 2})) == 2 * len(records())
+    with pytest.raises(D.DataError, match=r"data.k: K=4 \(run k4\) is larger than the 2 concept\(s\)"):
+        D.corpus(cfg, 4, {"k1": 1, "k4": 4})

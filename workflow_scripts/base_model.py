@@ -5,6 +5,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent / "src"))  # the tracked library, not an installed copy
 
 from dpogen import model as M  # noqa: E402
+from dpogen.config import run_config, runs  # noqa: E402
 from dpogen.data import corpus  # noqa: E402
 from dpogen.workflow import job  # noqa: E402
 
@@ -20,7 +21,9 @@ with job(snakemake) as log:
         log.info("base model: linear head, d=%d, vocabulary %d", g["d"], len(tok))
     elif m["source"] == "scratch":
         arch = m["scratch"]
-        tok = M.train_tokenizer(corpus(snakemake.params.data, arch["corpus_per_cluster"]), arch["vocab_size"])
+        # every run's K, from the workflow's config (not a param: adding a run must not rebuild the base model)
+        ks = {run: run_config(snakemake.config, run)["data"]["k"] for run in runs(snakemake.config)}
+        tok = M.train_tokenizer(corpus(snakemake.params.data, arch["corpus_per_cluster"], ks), arch["vocab_size"])
         model = M.build_scratch(arch, tok, snakemake.params.seed)
         M.save(model, tok, snakemake.output[0])
         log.info("base model: %s built from the config, %d parameters, vocabulary %d", arch["arch"],

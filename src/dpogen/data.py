@@ -323,14 +323,20 @@ def prepare(cfg: dict, k: int | None, out_train, out_test, out_card_json, out_ca
     return card
 
 
-def corpus(cfg: dict, per_cluster: int) -> list[str]:
+def corpus(cfg: dict, per_cluster: int, ks: dict[str, int | None] | None = None) -> list[str]:
     """Text to train a from-scratch tokenizer on: every concept the source has (independent of K), each
-    prompt followed by either answer. Synthetic: ``per_cluster`` statements per cluster of the pool."""
+    prompt followed by either answer. Synthetic: ``per_cluster`` statements per cluster of the pool.
+    ``ks``: each run's K (run name → K); one larger than the data's concepts stops here, before any model is
+    built, naming the run."""
     if cfg["source"] == "gaussian":
         raise DataError("data.source gaussian has no text corpus: its model is built by model.build_linear_head")
     if cfg["source"] == "synthetic":
         return synthetic.corpus(synthetic.SyntheticSpec.from_config(cfg["synthetic"]), per_cluster)
     frames, _ = _concept_frames(cfg, None, None)
+    if cfg["source"] in ("hf", "files"):  # persona's K is a seeded set size, checked by persona_set
+        for run, k in (ks or {}).items():
+            if k and k > len(frames):
+                raise DataError(f"data.k: K={k} (run {run}) is larger than the {len(frames)} concept(s) in the data")
     df = pd.concat(frames, ignore_index=True)
     return list(df["prompt"] + df["chosen"]) + list(df["prompt"] + df["rejected"])
 

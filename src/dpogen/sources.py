@@ -261,13 +261,7 @@ def to_pairs(df: pd.DataFrame, cfg: dict, tokenizer=None) -> pd.DataFrame:
                             f"have {[c for c in df.columns if not c.startswith('_')]})")
     fmt = cfg["format"]
     if fmt == "auto":
-        first = df[cols["chosen"]].iloc[0] if len(df) else ""
-        if isinstance(first, (list, tuple)) or hasattr(first, "tolist") and not isinstance(first, str):
-            fmt = "messages"
-        elif cols["prompt"] in df.columns:
-            fmt = "strings"
-        else:
-            fmt = "transcripts"
+        fmt = _detect_format(df, cols)
     out = pd.DataFrame({"_file": df["_file"], "_row": df["_row"]})
     if fmt == "strings":
         if cols["prompt"] not in df.columns:
@@ -311,6 +305,10 @@ def to_pairs(df: pd.DataFrame, cfg: dict, tokenizer=None) -> pd.DataFrame:
     if ccol:
         if ccol not in df.columns:
             raise DataError(f"{_where(df)}: missing column '{ccol}' (data.columns.concept)")
+        missing = df[ccol].isna().to_numpy().nonzero()[0]
+        if len(missing):
+            raise DataError(f"{_where(df, int(missing[0]))}, field '{ccol}' (data.columns.concept): missing value; "
+                            "every pair needs a concept")
         out["concept"] = df[ccol].astype(str)
     else:
         out["concept"] = cfg.get("concept_name") or "all"
@@ -325,6 +323,25 @@ def to_pairs(df: pd.DataFrame, cfg: dict, tokenizer=None) -> pd.DataFrame:
             raise DataError(f"{_where(df)}: missing column '{extra}' (data.keep_columns)")
         out[extra] = df[extra]
     return out
+
+
+def _is_list(v) -> bool:
+    return isinstance(v, (list, tuple)) or (hasattr(v, "tolist") and not isinstance(v, str))
+
+
+def _detect_format(df: pd.DataFrame, cols: dict) -> str:
+    """``format: auto`` from every row, not the first: message lists give ``messages``, strings give
+    ``strings`` (with a prompt column) or ``transcripts``; a mix is an error naming the first odd row."""
+    kinds = [_is_list(v) for v in df[cols["chosen"]]]
+    if any(kinds) and not all(kinds):
+        odd = kinds.index(not kinds[0])
+        raise DataError(f"{_where(df, odd)}, field '{cols['chosen']}': "
+                        f"{'a message list' if kinds[odd] else 'a string'}, but {_where(df, 0)} has "
+                        f"{'a message list' if kinds[0] else 'a string'}; data.format auto needs one kind in "
+                        "every row (or set data.format)")
+    if kinds and kinds[0]:
+        return "messages"
+    return "strings" if cols["prompt"] in df.columns else "transcripts"
 
 
 def _messages(v, df, i, field):
