@@ -334,3 +334,40 @@ def test_k_larger_than_the_files_concepts_stops_before_a_model_is_built(tmp_path
     assert len(D.corpus(cfg, 4, {"k1": 1, "k2": 2})) == 2 * len(records())
     with pytest.raises(D.DataError, match=r"data.k: K=4 \(run k4\) is larger than the 2 concept\(s\)"):
         D.corpus(cfg, 4, {"k1": 1, "k4": 4})
+
+
+def test_a_hub_dataset_is_read_at_the_commit_its_first_run_resolved(tmp_path, monkeypatch):
+    """Offline, the hub is a stand-in whose main branch moves: every run of the experiment reads the commit
+    the first resolved (recorded in the pin file and the card); a configured revision is resolved anew."""
+    import datasets
+    import huggingface_hub
+    from types import SimpleNamespace
+
+    head = {"main": "a" * 40, "v2": "b" * 40}
+    asked = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info",
+                        lambda self, repo, revision=None: SimpleNamespace(sha=head[revision or "main"]))
+
+    def load_dataset(path, split, revision=None, **kw):
+        asked.append(revision)
+        return datasets.Dataset.from_list(records(6, ("only",)))
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    pin = tmp_path / "results" / "exp" / "hf_revision.json"
+    cfg = base_cfg(source="hf", hf={"path": "someone/prefs"})
+    _, _, card = run(tmp_path / "a", D.pin_hf_revision(cfg, pin))
+    assert card["hf_revision"] == "a" * 40 and asked == ["a" * 40]
+    head["main"] = "c" * 40  # the hub moved
+    _, _, card = run(tmp_path / "b", D.pin_hf_revision(cfg, pin))
+    assert card["hf_revision"] == "a" * 40 and asked[-1] == "a" * 40
+    cfg2 = base_cfg(source="hf", hf={"path": "someone/prefs", "revision": "v2"})
+    assert D.pin_hf_revision(cfg2, pin)["hf"]["revision"] == "b" * 40
+    local = base_cfg(source="hf", hf={"path": "json", "data_files": "x.jsonl"})
+    assert D.pin_hf_revision(local, pin) is local
+
+
+def test_a_load_failure_names_its_cause(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": ')
+    with pytest.raises(D.DataError, match=r"datasets.load_dataset failed \(.*caused by .*"):
+        S.load_hf({"path": "json", "data_files": str(path), "split": "train"})

@@ -183,3 +183,22 @@ def test_editing_a_local_data_file_reruns_data_and_what_follows(tmp_path):
     data.write_text(data.read_text().replace("number 3 good", "number 3 fine"))
     jobs = planned_jobs(REPO, tmp_path, *args)
     assert jobs.get("data") == 1 and jobs.get("base_model") == 1 and jobs.get("dpo") == 1, jobs
+
+
+@pytest.mark.slow
+def test_diverged_training_stops_the_real_workflow_with_the_step_and_settings(tmp_path):
+    """dpo.lr so large the loss is NaN: the workflow ends with an error naming the step and dpo.lr, no margins,
+    no theory and no summary (never a summary of error 0.000)."""
+    from tests.workflow_util import snakemake
+
+    cfg = yaml.safe_load((REPO / "tests" / "tiny.yaml").read_text())
+    cfg["sweep"] = {"param": "data.k", "values": [1], "prefix": "k"}
+    cfg["dpo"] = {**cfg["dpo"], "optimizer": "sgd", "lr": 1e30, "max_grad_norm": None}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    p = snakemake(REPO, tmp_path, "--configfile", str(tmp_path / "c.yaml"), check=False)
+    assert p.returncode != 0
+    log = (tmp_path / "results" / "tiny" / "logs" / "dpo" / "k1.log").read_text()
+    assert "NonFiniteError" in log and "is not finite" in log and "dpo.lr=1e+30" in log, log[-2000:]
+    out = tmp_path / "results" / "tiny"
+    assert not (out / "k1" / "dpo" / "margins.parquet").exists()
+    assert not (out / "k1" / "theory").exists() and not (out / "summary.md").exists()

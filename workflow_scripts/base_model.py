@@ -6,7 +6,7 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).parent / "src"))  # the tracked
 
 from dpogen import model as M  # noqa: E402
 from dpogen.config import run_config, runs  # noqa: E402
-from dpogen.data import corpus  # noqa: E402
+from dpogen.data import corpus, hf_pin_path, pin_hf_revision  # noqa: E402
 from dpogen.workflow import job  # noqa: E402
 
 with job(snakemake) as log:
@@ -23,7 +23,8 @@ with job(snakemake) as log:
         arch = m["scratch"]
         # every run's K, from the workflow's config (not a param: adding a run must not rebuild the base model)
         ks = {run: run_config(snakemake.config, run)["data"]["k"] for run in runs(snakemake.config)}
-        tok = M.train_tokenizer(corpus(snakemake.params.data, arch["corpus_per_cluster"], ks), arch["vocab_size"])
+        tok = M.train_tokenizer(corpus(pin_hf_revision(snakemake.params.data, hf_pin_path(snakemake.config["experiment"])),
+                                       arch["corpus_per_cluster"], ks), arch["vocab_size"])
         model = M.build_scratch(arch, tok, snakemake.params.seed)
         M.save(model, tok, snakemake.output[0])
         log.info("base model: %s built from the config, %d parameters, vocabulary %d", arch["arch"],

@@ -9,8 +9,11 @@ split stays exactly the authors' for every pair that remains.
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from collections import Counter
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
@@ -253,6 +256,8 @@ def _concept_frames(cfg: dict, k: int | None, tokenizer) -> tuple[list[pd.DataFr
             names = names[:k]
         frames = [pairs[pairs["concept"] == c].reset_index(drop=True) for c in names]
         info = {"concepts": names}
+        if source == "hf" and sources.is_hub_dataset(cfg["hf"]["path"]):
+            info["hf_revision"] = cfg["hf"]["revision"]  # the commit it was read at (pin_hf_revision)
     else:
         raise DataError(f"data.source: unknown source {source!r}")
     return [validate_pairs(f, source) for f in frames], info
@@ -339,6 +344,29 @@ def corpus(cfg: dict, per_cluster: int, ks: dict[str, int | None] | None = None)
                 raise DataError(f"data.k: K={k} (run {run}) is larger than the {len(frames)} concept(s) in the data")
     df = pd.concat(frames, ignore_index=True)
     return list(df["prompt"] + df["chosen"]) + list(df["prompt"] + df["rejected"])
+
+
+def hf_pin_path(experiment: str) -> Path:
+    """Where an experiment records the hub commit its data were read at."""
+    return Path("results") / experiment / "hf_revision.json"
+
+
+def pin_hf_revision(cfg: dict, pin_path) -> dict:
+    """The ``data`` config with a hub dataset's revision pinned to a commit: the configured revision, resolved;
+    with none configured, the commit the experiment's first data job resolved (recorded in ``pin_path``), so
+    every run of an experiment reads the same data however the hub moves. Local data: unchanged."""
+    hf = cfg["hf"]
+    if cfg["source"] != "hf" or not sources.is_hub_dataset(hf["path"]):
+        return cfg
+    pin_path = Path(pin_path)
+    key = {"path": hf["path"], "name": hf.get("name"), "revision": hf.get("revision")}
+    pinned = json.loads(pin_path.read_text()) if pin_path.exists() else None
+    if pinned and {k: pinned.get(k) for k in key} == key:
+        sha = pinned["commit"]
+    else:
+        sha = sources.hub_revision(hf["path"], hf.get("revision"))
+        write_json({**key, "commit": sha}, pin_path)
+    return {**cfg, "hf": {**hf, "revision": sha}}
 
 
 def load_tokenizer(path):

@@ -114,8 +114,35 @@ def read_csv(path: Path, delimiter: str) -> pd.DataFrame:
     return df
 
 
+def is_hub_dataset(path: str) -> bool:
+    """A hub id (``owner/name``), not a local folder or file and not a builder name (json, csv, parquet)."""
+    return bool(path) and "/" in path and not Path(path).exists() and not path.startswith((".", "/", "~"))
+
+
+def hub_revision(path: str, revision: str | None) -> str:
+    """The commit a hub dataset's ``revision`` (a branch, tag or commit; None: main) resolves to now."""
+    from huggingface_hub import HfApi
+
+    try:
+        return HfApi().dataset_info(path, revision=revision).sha
+    except Exception as e:
+        raise DataError(f"data.hf.path: {path}: cannot resolve revision {revision or 'main'} on the hub "
+                        f"({type(e).__name__}: {e}); offline, give a local copy as data.hf.path") from None
+
+
+def _causes(e: BaseException) -> str:
+    """An exception and what caused it, innermost last (datasets wraps the parser's error)."""
+    parts, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        parts.append(f"{type(e).__name__}: {e}")
+        e = e.__cause__ or e.__context__
+    return "; caused by ".join(parts)
+
+
 def load_hf(cfg: dict) -> pd.DataFrame:
-    """Anything ``datasets.load_dataset`` reads: a hub id, a local folder, or a builder with data_files."""
+    """Anything ``datasets.load_dataset`` reads: a hub id, a local folder, or a builder with data_files. A hub
+    dataset is read at ``cfg["revision"]``, which the caller pins to a commit (see data.pin_hf_revision)."""
     import datasets
 
     kwargs = {k: cfg[k] for k in ("name", "data_files", "revision") if cfg.get(k) is not None}
@@ -123,7 +150,7 @@ def load_hf(cfg: dict) -> pd.DataFrame:
     try:
         ds = datasets.load_dataset(cfg["path"], split=cfg.get("split") or "train", **kwargs)
     except Exception as e:
-        raise DataError(f"{where}: datasets.load_dataset failed ({type(e).__name__}: {e})") from None
+        raise DataError(f"{where}: datasets.load_dataset failed ({_causes(e)})") from None
     df = ds.to_pandas()
     df["_row"] = range(len(df))
     df["_file"] = where
