@@ -13,11 +13,14 @@ from dpogen.codehash import code_param  # noqa: E402
 from dpogen.config import (  # noqa: E402
     axes,
     check,
+    group_label,
     normalize,
+    replicate,
     run_config,
     runs,
     sweep_label,
     sweep_title,
+    with_replicate,
 )
 from dpogen.inputs import data_files  # noqa: E402
 from dpogen.plan import check as check_plan  # noqa: E402

@@ -4,7 +4,23 @@ MODEL = config["model"]
 # the workflow builds the base model (offline default) or converts a GGUF checkpoint once; a hub id or a
 # local folder is used where it is
 BUILDS_BASE = MODEL["source"] == "scratch" or bool(MODEL["pretrained"].get("gguf_file"))
-BASE = f"{OUT}/base_model" if BUILDS_BASE else MODEL["pretrained"]["path"]
+
+
+def base_name(run):
+    """The folder name of a run's base model: one per experiment, but a model built from the config gets one
+    per seed (replicates vary its initialisation and its tokenizer's corpus): base_model, base_model-seed1235."""
+    seed = run_config(config, run)["seed"]
+    return "base_model" if MODEL["source"] != "scratch" or seed == config["seed"] else f"base_model-seed{seed}"
+
+
+BASES = {}  # base folder name → the seed it is built with
+for _run in RUNS:
+    BASES.setdefault(base_name(_run), run_config(config, _run)["seed"])
+
+
+def base_of(run):
+    """The run's base model: the folder the workflow makes, or the configured hub id or local folder."""
+    return f"{OUT}/{base_name(run)}" if BUILDS_BASE else MODEL["pretrained"]["path"]
 
 
 # loading options that change what a model job computes; in params only when set, so runs made without
@@ -65,9 +81,13 @@ def run_settings(cfg):
     return {k: d[k] for k in keys} | {"confidence": cfg["theory"]["confidence"]}
 
 
-def base_input(wildcards=None):
+def base_input(wildcards):
     """The base model as a file input when the workflow makes it, else nothing (it is a param)."""
-    return [BASE] if BUILDS_BASE else []
+    return [base_of(wildcards.run)] if BUILDS_BASE else []
+
+
+def base_param(wildcards):
+    return base_of(wildcards.run)
 
 
 def rcfg(wildcards):
@@ -92,3 +112,8 @@ def code(rule):
     """The rule's code param (dpogen.codehash.code_param): the hash of the code its script runs, or the
     recorded one where workflow.rerun_on_code keeps results of older code."""
     return code_param(config, OUT, rule)
+
+
+def vector(*pngs):
+    """The PDF and SVG a figure is saved as beside each PNG (dpogen.figures.VECTOR)."""
+    return [png[: -len(".png")] + ext for png in pngs for ext in (".pdf", ".svg")]

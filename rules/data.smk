@@ -16,7 +16,7 @@ rule data:
         "../envs/dpogen.yaml"
     params:
         data=lambda w: rcfg(w)["data"],
-        tokenizer=BASE,
+        tokenizer=base_param,
         code=code("data"),
     script:
         "../workflow_scripts/data.py"

@@ -47,7 +47,7 @@ rule dpo:
         mem_mb=planned("dpo", "mem_mb"),
     params:
         dpo=lambda w: {**value_settings(rcfg(w)["dpo"], "dpo"), **WITH_LOAD},
-        seed=config["seed"],
+        seed=lambda w: rcfg(w)["seed"],
         threads=config["threads"]["train"],  # float order: the numbers depend on it
         code=code("dpo"),
     script:

@@ -32,12 +32,20 @@ rule run_report:
             subcategory="{run}",
             labels={"run": "{run}", "figure": "predicted margin dynamics"},
         ),
+        # every figure also as PDF and SVG (dpogen.figures.save_fig)
+        vector=vector(
+            f"{RUN}/report/margins.png",
+            f"{RUN}/report/geometry.png",
+            f"{RUN}/report/dynamics.png",
+        ),
     log:
         f"{LOGS}/run_report/{{run}}.log",
     conda:
         "../envs/dpogen.yaml"
     params:
         sweep_value=lambda w: sweep_label(config, RUNS[w.run]),
+        group=lambda w: group_label(config, w.run),
+        replicate=lambda w: replicate(config, w.run),
         code=code("run_report"),
     script:
         "../workflow_scripts/run_report.py"
@@ -70,6 +78,7 @@ rule summary:
             category="sweep",
             labels={"figure": "test error vs K"},
         ),
+        vector=vector(f"{OUT}/margins_by_run.png", f"{OUT}/error_vs_k.png"),
     log:
         f"{LOGS}/summary.log",
     conda:
@@ -102,6 +111,7 @@ rule scaling:
             category="sweep",
             labels={"figure": "smallest Q per K"},
         ),
+        vector=vector(f"{OUT}/scaling.png"),
     log:
         f"{LOGS}/scaling.log",
     conda:

@@ -11,15 +11,19 @@ rule base_model:
             else []
         ),
     output:
-        directory(f"{OUT}/base_model"),
+        directory(f"{OUT}/{{base}}"),
+    wildcard_constraints:
+        base="|".join(BASES),
     log:
-        f"{LOGS}/base_model.log",
+        f"{LOGS}/{{base}}.log",
     conda:
         "../envs/dpogen.yaml"
     params:
         model=config["model"],
-        data={k: v for k, v in config["data"].items() if k != "k"},  # the tokenizer's corpus: all concepts
-        seed=config["seed"],
+        # the tokenizer's corpus: all concepts, the seeds of the replicate
+        data=lambda w: {k: v for k, v in with_replicate(config, BASES[w.base] - config["seed"])["data"].items()
+                        if k != "k"},
+        seed=lambda w: BASES[w.base],
         code=code("base_model"),  # includes the data modules that read the corpus
     script:
         "../workflow_scripts/base_model.py"
@@ -40,14 +44,14 @@ rule sft:
         gpu=planned("sft", "gpus"),
         mem_mb=planned("sft", "mem_mb"),
     params:
-        base=BASE,
+        base=base_param,
         sft=lambda w: {
             **value_settings(rcfg(w)["sft"], "sft"),
             "dtype": MODEL["dtype"],
             **engine_settings(rcfg(w)),
             **WITH_LOAD,
         },
-        seed=config["seed"],
+        seed=lambda w: rcfg(w)["seed"],
         threads=config["threads"]["train"],
         code=code("sft"),
     script:

@@ -8,7 +8,7 @@ import json  # noqa: E402
 
 import pandas as pd  # noqa: E402
 
-from dpogen import report, tables  # noqa: E402
+from dpogen import figures, report, tables  # noqa: E402
 from dpogen.workflow import job  # noqa: E402
 
 with job(snakemake):
@@ -16,10 +16,11 @@ with job(snakemake):
     dyn = pd.read_parquet(i.dynamics)
     s = report.run_summary(snakemake.wildcards.run, snakemake.params.sweep_value, tables.read_margins(i.margins),
                            pd.read_parquet(i.certificates), pd.read_parquet(i.bounds),
-                           json.loads(open(i.card).read()), dyn)
+                           json.loads(open(i.card).read()), dyn, group=snakemake.params.group,
+                           replicate=snakemake.params.replicate)
     report.write_summary_csv(s, snakemake.output.summary)
-    report.plot_run(s, f"run {snakemake.wildcards.run}", snakemake.output.figure)
-    report.plot_geometry(pd.read_parquet(i.geometry), f"run {snakemake.wildcards.run}: geometry of g(x)",
+    figures.plot_run(s, f"run {snakemake.wildcards.run}", snakemake.output.figure)
+    figures.plot_geometry(pd.read_parquet(i.geometry), f"run {snakemake.wildcards.run}: geometry of g(x)",
                          snakemake.output.geometry)
-    report.plot_dynamics(dyn, f"run {snakemake.wildcards.run}: margins, measured and predicted",
+    figures.plot_dynamics(dyn, f"run {snakemake.wildcards.run}: margins, measured and predicted",
                          snakemake.output.dynamics)

@@ -6,12 +6,12 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).parent / "src"))  # the tracked
 
 import pandas as pd  # noqa: E402
 
-from dpogen import report  # noqa: E402
+from dpogen import figures, report  # noqa: E402
 from dpogen.workflow import job  # noqa: E402
 
 with job(snakemake) as log:
     s = pd.read_parquet(snakemake.input.summary)
     table = report.scaling_table(s, snakemake.params.target)
     report.write_summary_csv(table, snakemake.output.csv)
-    report.plot_scaling(s, table, snakemake.output.figure)
+    figures.plot_scaling(s, table, snakemake.output.figure)
     log.info("scaling: %s", table["fit_Q_star_vs_logK"].iloc[0])

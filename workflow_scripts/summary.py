@@ -6,7 +6,7 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).parent / "src"))  # the tracked
 
 import pandas as pd  # noqa: E402
 
-from dpogen import report  # noqa: E402
+from dpogen import figures, report  # noqa: E402
 from dpogen.codehash import code_versions  # noqa: E402
 from dpogen.engine.loss import loss_name  # noqa: E402
 from dpogen.workflow import job  # noqa: E402
@@ -19,9 +19,10 @@ with job(snakemake):
             "rerun_on_code": (snakemake.config.get("workflow") or {}).get("rerun_on_code", True)}
     report.write_summary_csv(s, snakemake.output.csv)
     report.write_summary_parquet(s, snakemake.output.parquet)
-    report.write_summary_csv(report.fit_table(s), snakemake.output.fit)
+    fit = report.fit_table(s)
+    report.write_summary_csv(fit, snakemake.output.fit)
     runs = zip(snakemake.params.runs, snakemake.input.claims)
     claims = pd.concat([pd.read_parquet(p).assign(run=run) for run, p in runs], ignore_index=True)
     report.write_markdown(report.markdown(snakemake.params.experiment, s, meta, claims), snakemake.output.md)
-    report.plot_margins_across(s, snakemake.params.sweep_label, snakemake.output.margins)
-    report.plot_error_vs_k(report.final_rows(s), snakemake.output.error)
+    figures.plot_margins_across(s, snakemake.params.sweep_label, snakemake.output.margins)
+    figures.plot_error_vs_k(report.final_rows(s), fit, snakemake.output.error)

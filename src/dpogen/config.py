@@ -33,7 +33,7 @@ def normalize(cfg: dict) -> dict:
     """Snakemake merges config files key by key: a grid sweep replaces the default's single axis rather
     than joining it. Called on the merged config before validation."""
     if isinstance(cfg.get("sweep"), dict) and "grid" in cfg["sweep"]:
-        cfg["sweep"] = {"grid": cfg["sweep"]["grid"]}
+        cfg["sweep"] = {k: cfg["sweep"][k] for k in ("grid", "seeds") if k in cfg["sweep"]}
     return cfg
 
 
@@ -42,28 +42,73 @@ def axes(cfg: dict) -> list[dict]:
     sweep = cfg.get("sweep")
     if not sweep:
         return []
-    return list(sweep["grid"]) if "grid" in sweep else [sweep]
+    if "grid" in sweep:
+        return list(sweep["grid"])
+    return [{k: v for k, v in sweep.items() if k != "seeds"}] if "param" in sweep else []
 
 
 def _prefix(axis: dict) -> str:
     return axis.get("prefix") or axis["param"].split(".")[-1]
 
 
-def runs(cfg: dict) -> dict[str, object]:
-    """Run name → sweep value, e.g. {'k1': 1, 'k2': 2}; for a grid, name → tuple of values, e.g.
-    {'k1-q8': (1, 8), ...} (every combination, the first axis outermost). Without a sweep, one run 'main'."""
+# the seeds a replicate offsets: model init and batch order, the data subsample and split, the generators
+SEED_KEYS = ("seed", "data.seed", "data.split_seed", "data.synthetic.seed", "data.gaussian.seed")
+
+
+def replicate_seeds(cfg: dict) -> list[int] | None:
+    """``sweep.seeds``: the replicate offsets (None: no replicates)."""
+    sweep = cfg.get("sweep") or {}
+    return list(sweep["seeds"]) if sweep.get("seeds") is not None else None
+
+
+def _table(cfg: dict) -> dict[str, tuple[object, int | None, str]]:
+    """Run name → (sweep value, replicate offset or None, group: the name without the replicate)."""
     import itertools
 
-    ax = axes(cfg)
-    if not ax:
-        return {"main": None}
+    ax, seeds = axes(cfg), replicate_seeds(cfg)
     out = {}
     for combo in itertools.product(*[a["values"] for a in ax]):
-        name = "-".join(f"{_prefix(a)}{v}" for a, v in zip(ax, combo))
-        if name in out:
-            raise ConfigError(f"sweep values: {combo!r} given twice (run {name})")
-        out[name] = combo[0] if len(ax) == 1 else combo
+        # a grid axis over ``seed`` is a replicate axis too: its runs form one group
+        group = "-".join(f"{_prefix(a)}{v}" for a, v in zip(ax, combo) if a["param"] != "seed") or "main"
+        value = combo[0] if len(ax) == 1 else (combo if ax else None)
+        for s in seeds if seeds is not None else [None]:
+            base = "-".join(f"{_prefix(a)}{v}" for a, v in zip(ax, combo)) or "main"
+            name = base if s is None else (f"s{s}" if not ax else f"{base}-s{s}")
+            if name in out:
+                raise ConfigError(f"sweep values: {combo!r} given twice (run {name})")
+            out[name] = (value, s, group)
     return out
+
+
+def runs(cfg: dict) -> dict[str, object]:
+    """Run name → sweep value, e.g. {'k1': 1, 'k2': 2}; for a grid, name → tuple of values, e.g.
+    {'k1-q8': (1, 8), ...} (every combination, the first axis outermost). Without a sweep, one run 'main'.
+    With ``sweep.seeds: [0, 1, 2]`` every combination runs once per replicate: 'k1-s0', 'k1-s1', ..."""
+    return {name: value for name, (value, _, _) in _table(cfg).items()}
+
+
+def replicate(cfg: dict, run: str) -> int | None:
+    """The run's replicate offset (``sweep.seeds``), None without replicates."""
+    return _table(cfg)[run][1]
+
+
+def group_label(cfg: dict, run: str) -> str:
+    """The run's name without its replicate: the runs of one group differ only in their seeds."""
+    return _table(cfg)[run][2]
+
+
+def with_replicate(cfg: dict, s: int | None) -> dict:
+    """``cfg`` with every seed of SEED_KEYS offset by replicate ``s`` (a copy; s 0 or None: unchanged)."""
+    rc = copy.deepcopy(cfg)
+    if s:
+        for key in SEED_KEYS:
+            try:
+                value = get(rc, key)
+            except ConfigError:
+                continue
+            if isinstance(value, int):
+                put(rc, key, value + s)
+    return rc
 
 
 def sweep_title(cfg: dict) -> str:
@@ -81,8 +126,8 @@ def sweep_label(cfg: dict, value) -> str | object:
 
 def run_config(cfg: dict, run: str) -> dict:
     """The full config of one run: the sweep's parameters set to the run's values."""
-    rc = copy.deepcopy(cfg)
-    value = runs(cfg)[run]
+    value, s, _ = _table(cfg)[run]
+    rc = with_replicate(cfg, s)
     ax = axes(cfg)
     for a, v in zip(ax, value if len(ax) > 1 else [value]):
         if v is not None:

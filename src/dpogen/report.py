@@ -1,22 +1,20 @@
-"""The report stage: per-run and across-run tables and figures."""
+"""The report stage's tables: one run's summary per checkpoint, the runs side by side (with replicates:
+means and 95% intervals), the fit of test error against K, and summary.md. The figures are in figures.py."""
 
 from __future__ import annotations
 
 import math
 
-import matplotlib
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from . import tables  # noqa: E402
-from .io import atomic_path, write_text  # noqa: E402
+from . import tables
+from .io import atomic_path, write_text
 
 
 def run_summary(run: str, sweep_value, margins: pd.DataFrame, certs: pd.DataFrame, bounds: pd.DataFrame,
-                card: dict, dynamics: pd.DataFrame | None = None) -> pd.DataFrame:
+                card: dict, dynamics: pd.DataFrame | None = None, group: str | None = None,
+                replicate: int | None = None) -> pd.DataFrame:
     """One row per checkpoint step: mean margins and errors of each split, certificate and bounds; with the
     theory stage's dynamics, τ_1 in steps and the errors at the checkpoint read as τ_1 (the one the claims
     are read at)."""
@@ -31,8 +29,10 @@ def run_summary(run: str, sweep_value, margins: pd.DataFrame, certs: pd.DataFram
     wide = wide.join(c, on="step")
     wide.insert(0, "run", run)
     wide.insert(1, "sweep_value", sweep_value)
-    wide.insert(2, "K", card["K"])
-    wide.insert(3, "Q", card["Q_min"])
+    wide.insert(2, "group", group or run)  # the runs of one group differ only in their seeds
+    wide.insert(3, "replicate", -1 if replicate is None else int(replicate))
+    wide.insert(4, "K", card["K"])
+    wide.insert(5, "Q", card["Q_min"])
     for _, b in bounds.iterrows():
         wide[f"bound_{b['version']}"] = b["value"]
         wide[f"bound_{b['version']}_conditions_hold"] = b["conditions_hold"]
@@ -48,66 +48,42 @@ def run_summary(run: str, sweep_value, margins: pd.DataFrame, certs: pd.DataFram
     return wide
 
 
-def save_fig(fig, path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-
-
-def plot_run(summary: pd.DataFrame, title: str, path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    ax = axes[0]
-    for split, style in (("train", "-"), ("test", "--")):
-        ax.plot(summary["step"], summary[f"{split}_margin_mean"], style, marker="o", ms=3, label=f"{split} margin")
-        ax.fill_between(summary["step"], summary[f"{split}_margin_mean"] - summary[f"{split}_margin_std"],
-                        summary[f"{split}_margin_mean"] + summary[f"{split}_margin_std"], alpha=0.15)
-    ax.set_xlabel("DPO step")
-    ax.set_ylabel("mean reward margin")
-    ax.legend()
-    ax = axes[1]
-    ax.plot(summary["step"], summary["train_error"], "-", marker="o", ms=3, label="train error")
-    ax.plot(summary["step"], summary["test_error"], "--", marker="o", ms=3, label="test error")
-    ax.plot(summary["step"], summary["test_error_upper"], ":", label="test error upper bound (Clopper-Pearson)")
-    ax.set_xlabel("DPO step")
-    ax.set_ylabel("0-1 error")
-    ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=8)
-    fig.suptitle(title)
-    save_fig(fig, path)
-
-
-def plot_margins_across(summary: pd.DataFrame, label: str, path) -> None:
-    """The paper's main figure: train and test margin trajectories, one colour per sweep value."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-    cmap = plt.get_cmap("viridis")
-    values = list(dict.fromkeys(summary["sweep_value"]))
-    for i, v in enumerate(values):
-        s = summary[summary["sweep_value"] == v]
-        col = cmap(i / max(1, len(values) - 1))
-        for ax, split in zip(axes, ("train", "test")):
-            ax.plot(s["step"], s[f"{split}_margin_mean"], color=col, label=f"{label}={v}")
-    for ax, split in zip(axes, ("train", "test")):
-        ax.set_title(f"average {split} reward margin")
-        ax.set_xlabel("DPO step")
-    axes[0].set_ylabel("mean margin")
-    axes[1].legend()
-    save_fig(fig, path)
-
-
-def plot_error_vs_k(final: pd.DataFrame, path) -> None:
-    fig, ax = plt.subplots(figsize=(5, 3.8))
-    ax.plot(final["K"], final["test_error"], "o-", label="test error (end of training)")
-    ax.plot(final["K"], final["test_error_upper"], "v:", label="Clopper-Pearson upper bound")
-    ax.plot(final["K"], final["train_error"], "s--", label="train error")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("K (number of concepts)")
-    ax.set_ylabel("0-1 error")
-    ax.legend(fontsize=8)
-    save_fig(fig, path)
-
-
 def final_rows(summary: pd.DataFrame) -> pd.DataFrame:
     return summary.sort_values("step").groupby("run", sort=False).tail(1).sort_values("K").reset_index(drop=True)
+
+
+# the numbers a table or figure across runs shows, as a mean and a 95% interval over replicates
+METRICS = ("train_margin_mean", "test_margin_mean", "train_error", "test_error", "test_error_upper",
+           "bound_v3", "bound_v5", "train_error_tau1", "test_error_tau1", "test_error_upper_tau1")
+
+
+def _groups(df: pd.DataFrame) -> pd.Series:
+    return df["group"] if "group" in df else df["run"]
+
+
+def across_replicates(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Per group (the runs that differ only in their seeds) and ``keys`` (e.g. step): the mean of every
+    metric, its 95% t interval over the group's replicates (``<metric>_lo``, ``_hi``; NaN for one run) and
+    the number of runs ``n``."""
+    from scipy import stats
+
+    df = df.assign(group=_groups(df))
+    cols = [c for c in METRICS if c in df] + [c for c in ("train_margin_std", "test_margin_std") if c in df]
+    rows = []
+    for key, g in df.groupby(["group", *keys], sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        row = dict(zip(["group", *keys], key)) | {"K": g["K"].iloc[0], "Q": g["Q"].iloc[0], "n": len(g),
+                                                  "runs": " ".join(dict.fromkeys(g["run"]))}
+        if "sweep_value" in g:
+            row["sweep_value"] = g["sweep_value"].iloc[0]
+        for c in cols:
+            x = g[c].astype(float).to_numpy()
+            m = float(np.mean(x))
+            half = (float(stats.t.ppf(0.975, len(x) - 1) * np.std(x, ddof=1) / np.sqrt(len(x)))
+                    if len(x) > 1 else math.nan)
+            row |= {c: m, f"{c}_lo": m - half, f"{c}_hi": m + half}
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def fit_line(x, y) -> tuple[float, float, float]:
@@ -121,52 +97,130 @@ def fit_line(x, y) -> tuple[float, float, float]:
     return float(a), float(b), float(r2)
 
 
-def fit_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """Test error against K at the end of training: the linear fit and its R² (the paper's statistic)."""
-    final = final_rows(summary)
-    a, b, r2 = fit_line(final["K"], final["test_error"])
-    return pd.DataFrame([{"statistic": "test_error ~ K", "intercept": a, "slope": b, "r2": r2, "n_runs": len(final)}])
+BOOTSTRAP = 2000  # resamples of the replicates for the fit's intervals
+MIN_K = 3  # fewer distinct values of K: no fit
+
+
+def fit_table(summary: pd.DataFrame, resamples: int = BOOTSTRAP, seed: int = 0) -> pd.DataFrame:
+    """Test error at the end of training against K and against log K, over every run: intercept, slope and
+    R² (the paper's statistic); with replicates, 95% percentile intervals of slope and R² from resampling
+    each group's replicates with replacement (``resamples`` times, seeded). Fewer than three values of K:
+    no fit (NaN, the note says why)."""
+    final = final_rows(summary).assign(group=lambda d: _groups(d))
+    n_k = final["K"].nunique()
+    groups = [g.index.to_numpy() for _, g in final.groupby("group", sort=False)]
+    replicated = any(len(g) > 1 for g in groups)
+    rng = np.random.default_rng(seed)
+    draws = [np.concatenate([rng.choice(g, len(g)) for g in groups]) for _ in range(resamples)] if replicated else []
+    rows = []
+    for name, transform in (("test_error ~ K", lambda k: k), ("test_error ~ log K", np.log)):
+        x, y = transform(final["K"].to_numpy(float)), final["test_error"].to_numpy(float)
+        row = {"statistic": name, "n_runs": len(final), "n_k": n_k, "n_groups": len(groups),
+               "resamples": len(draws)}
+        if n_k < MIN_K:
+            rows.append(row | {"intercept": math.nan, "slope": math.nan, "r2": math.nan, "slope_lo": math.nan,
+                               "slope_hi": math.nan, "r2_lo": math.nan, "r2_hi": math.nan,
+                               "note": f"no fit: {n_k} value(s) of K, a fit needs {MIN_K}"})
+            continue
+        a, b, r2 = fit_line(x, y)
+        boot = np.array([fit_line(x[d], y[d])[1:] for d in draws]) if draws else np.full((1, 2), math.nan)
+        lo, hi = (np.nanpercentile(boot, [2.5, 97.5], axis=0) if draws else np.full((2, 2), math.nan))
+        rows.append(row | {"intercept": a, "slope": b, "r2": r2, "slope_lo": lo[0], "slope_hi": hi[0],
+                           "r2_lo": lo[1], "r2_hi": hi[1],
+                           "note": "" if draws else "one run per group: no interval"})
+    return pd.DataFrame(rows)
+
+
+def _cell(row, col, digits=3) -> str:
+    """A mean with its 95% interval when the group has replicates."""
+    v = row[col]
+    if row.get("n", 1) > 1 and np.isfinite(row.get(f"{col}_lo", math.nan)):
+        return f"{v:.{digits}f} [{row[f'{col}_lo']:.{digits}f}, {row[f'{col}_hi']:.{digits}f}]"
+    return f"{v:.{digits}f}"
+
+
+def fit_lines(fit: pd.DataFrame) -> list[str]:
+    if fit.empty or not np.isfinite(fit["slope"].iloc[0]):
+        return [f"Test error against K: {fit['note'].iloc[0] if len(fit) else 'no runs'}."]
+    parts = []
+    for _, f in fit.iterrows():
+        what = "K" if f["statistic"].endswith("~ K") else "log K"
+        ci = (f" (slope [{f['slope_lo']:.4f}, {f['slope_hi']:.4f}], R² [{f['r2_lo']:.3f}, {f['r2_hi']:.3f}])"
+              if f["resamples"] else "")
+        parts.append(f"error = {f['intercept']:.4f} + {f['slope']:.4f} {what}, R² = {f['r2']:.3f}{ci}")
+    f = fit.iloc[0]
+    basis = (f"bootstrap of the replicates, {int(f['resamples'])} resamples" if f["resamples"]
+             else "one run per group, no intervals")
+    return [f"Test error against K, linear: {parts[0]}; against log K: {parts[1]}. Over {int(f['n_runs'])} runs at "
+            f"{int(f['n_k'])} values of K ({basis})."]
+
+
+REGIME = ("the theorems' regime", "the theorems' loss")  # premises that put a run outside every theorem
+
+
+def _premises(note: str) -> list[str]:
+    text = str(note)
+    if "premises not met: " not in text:
+        return [text.strip()] if text.strip() else []
+    text = text.split("premises not met: ", 1)[1].split("; measured:")[0]
+    return [p.strip() for p in text.split("; ") if p.strip()]
+
+
+def claims_lines(claims: pd.DataFrame) -> list[str]:
+    """One line per run on the theorems' statements: outside the theorems' regime, or how many hold, fail
+    or miss a premise (each named once on the run's line); the regime premises, shared by such runs, are
+    named once below them."""
+    lines, regime = [], {}
+    for run, c in claims.groupby("run", sort=False):
+        counts = c["status"].value_counts()
+        missing = dict.fromkeys(p for note in c.loc[c["status"] == "not applicable", "note"] for p in _premises(note))
+        outside = [p for p in missing if p.startswith(REGIME)]
+        if outside and not counts.get("holds", 0) and not counts.get("fails", 0):
+            regime.update(dict.fromkeys(outside))
+            lines.append(f"- {run}: outside the theorems' regime")
+            continue
+        line = (f"- {run}: {counts.get('holds', 0)} hold, {counts.get('fails', 0)} fail, "
+                f"{counts.get('not applicable', 0)} not applicable")
+        lines.append(line + (" (missing: " + "; ".join(missing) + ")" if missing else ""))
+    if regime:
+        lines += ["", "Outside the regime means missing: " + "; ".join(regime) + "."]
+    return lines
 
 
 def markdown(experiment: str, summary: pd.DataFrame, meta: dict, claims: pd.DataFrame | None = None) -> str:
+    """summary.md, one screen for the default: the final numbers (means and 95% intervals over replicates),
+    the fit, one line per run on the theorems' claims, links to the per-run tables, the code versions."""
     from .paper import comparison_rows
 
     final = final_rows(summary)
-    fit = fit_table(summary).iloc[0]
-    a, b, r2 = fit["intercept"], fit["slope"], fit["r2"]
+    agg = across_replicates(final, []).sort_values("K", kind="stable")
     settings = meta.get("settings") or {}
     shared, varying = split_settings(settings)
-    lines = [f"# {experiment}: summary", "", settings_line(shared), "",
-             "| run | " + "".join(f"{k} | " for k in varying) + "K | Q | train margin | test margin | train error | "
-             "test error | test error upper | v3 bound | v5 bound | conditions (v3/v5) |",
-             "|---|" + "---|" * len(varying) + "---|---|---|---|---|---|---|---|---|---|"]
-    for _, r in final.iterrows():
-        own = "".join(f"{settings.get(r['run'], {}).get(k)} | " for k in varying)
-        lines.append(f"| {r['run']} | {own}{r['K']} | {r['Q']} | {r['train_margin_mean']:.4f} | {r['test_margin_mean']:.4f} | "
-                     f"{r['train_error']:.3f} | {r['test_error']:.3f} | {r['test_error_upper']:.3f} | "
-                     f"{r['bound_v3']:.3g} | {r['bound_v5']:.3g} | "
-                     f"{'hold' if r['bound_v3_conditions_hold'] else 'violated'}/"
-                     f"{'hold' if r['bound_v5_conditions_hold'] else 'violated'} |")
-    lines += ["", f"Test error against K: linear fit error = {a:.4f} + {b:.4f} K, R² = {r2:.3f}.", ""]
+    replicated = bool((agg["n"] > 1).any())
+    lines = [f"# {experiment}: summary", "", settings_line(shared), ""]
+    if replicated:
+        lines += [f"Each row: the mean over a group's {int(agg['n'].max())} replicates (sweep.seeds) and its 95% "
+                  "t interval.", ""]
+    lines += ["| run | " + "".join(f"{k} | " for k in varying) + "K | Q | train margin | test margin | train error | "
+              "test error | test error upper (95%) | bound v3 / v5 |",
+              "|---|" + "---|" * len(varying) + "---|---|---|---|---|---|---|---|"]
+    for _, r in agg.iterrows():
+        first = r["runs"].split()[0]
+        own = "".join(f"{settings.get(first, {}).get(k)} | " for k in varying)
+        lines.append(f"| {r['group']} | {own}{r['K']} | {r['Q']} | {_cell(r, 'train_margin_mean')} | "
+                     f"{_cell(r, 'test_margin_mean')} | {_cell(r, 'train_error')} | {_cell(r, 'test_error')} | "
+                     f"{_cell(r, 'test_error_upper')} | {r['bound_v3']:.3g} / {r['bound_v5']:.3g} |")
+    lines += [""] + fit_lines(fit_table(summary)) + [""]
     if meta.get("paper_model"):
-        lines += comparison_rows(meta["paper_model"], final)
-    order = final.sort_values("K")["train_margin_mean"].to_numpy()
-    if len(order) > 1:
-        mono = bool(np.all(np.diff(order) < 0))
-        lines.append(f"Final mean train margin {'decreases' if mono else 'does not decrease monotonically'} as K grows.")
-    lines.append("Bounds above 1 are vacuous; the Clopper-Pearson column is a valid high-probability upper bound "
-                 "on the population error R(P) of the final model, from its held-out pairs.")
+        lines += comparison_rows(meta["paper_model"], agg)
+    lines.append("Bounds above 1 are vacuous; the Clopper-Pearson upper bound is a valid 95% bound on the "
+                 "population error of the final model, from its held-out pairs.")
     if claims is not None and len(claims):
-        lines += ["", "## The theorems' statements on each run", "",
-                  "Read at the last checkpoint at or before tau_1 (v3 Theorem 4.1); 'not applicable' when the run "
-                  "is outside a statement's premises (the note says why).", "",
-                  "| run | claim | step | value | threshold | status | note |", "|---|---|---|---|---|---|---|"]
-        def cell(x) -> str:
-            return str(x).replace("|", "\\|")
-
-        for _, c in claims.iterrows():
-            lines.append(f"| {c['run']} | {cell(c['claim'])} | {c['step']} | {c['value']:.4g} | {c['threshold']:.4g} | "
-                         f"{c['status']} | {cell(c['note'])} |")
+        lines += ["", "The theorems' statements, per run (in full: <run>/theory/claims.parquet and the HTML report):",
+                  ""] + claims_lines(claims)
+    runs = list(final["run"])
+    lines += ["", "Every checkpoint of each run: " + ", ".join(f"[{r}]({r}/report/summary.csv)" for r in runs)
+              + "; its data card: <run>/data/card.md."]
     lines += code_lines(meta.get("code"), meta.get("rerun_on_code", True))
     return "\n".join(lines) + "\n"
 
@@ -228,64 +282,6 @@ def write_summary_parquet(summary: pd.DataFrame, path) -> None:
     write_table(pa.Table.from_pandas(summary, preserve_index=False), path)
 
 
-def plot_dynamics(dyn: pd.DataFrame, title: str, path) -> None:
-    """Measured mean margins against the recursion's prediction (kernel from g(x)) and the envelope
-    [r_L, r_U] of v3 Theorem 4.1 up to τ_1; the method says whether the prediction is exact or fitted."""
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    if dyn["step"].min() < 0:
-        ax.text(0.5, 0.5, dyn["method"].iloc[0], ha="center", va="center", wrap=True)
-        ax.set_axis_off()
-    else:
-        for split, col in (("train", "C0"), ("test", "C1")):
-            d = dyn[dyn["split"] == split]
-            ax.plot(d["step"], d["measured_margin"], "o-", color=col, ms=3, label=f"{split}: measured")
-            ax.plot(d["step"], d["predicted_margin"], "--", color=col, label=f"{split}: predicted")
-        d = dyn[dyn["split"] == "train"]
-        ax.fill_between(d["step"], d["r_L"], d["r_U"], color="grey", alpha=0.2, label="[r_L, r_U] up to tau_1")
-        tau1 = d["tau1_steps"].iloc[0] if len(d) else math.nan
-        if np.isfinite(tau1) and tau1 <= d["step"].max():
-            ax.axvline(tau1, color="k", lw=0.8, ls=":", label=f"tau_1 = {tau1:.3g} steps")
-        ax.set_xlabel("DPO step")
-        ax.set_ylabel("mean reward margin")
-        ax.set_title(dyn["method"].iloc[0], fontsize=8)
-        ax.legend(fontsize=7)
-    fig.suptitle(title)
-    save_fig(fig, path)
-
-
-def plot_geometry(geo: pd.DataFrame, title: str, path) -> None:
-    """The paper's first figure: average cosine similarity between clusters of g(x), raw (a shared component
-    makes everything similar) and with the global mean removed (near 0 between concepts)."""
-    steps = sorted(geo["step"].unique()) if "step" in geo else [0]
-    fig, axes = plt.subplots(1, 3 if len(steps) > 1 else 2, figsize=(19 if len(steps) > 1 else 13, 5.4),
-                             layout="constrained")
-    ref = geo[geo["step"] == 0] if "step" in geo else geo
-    if len(steps) > 1:  # the backbone trained: how the geometry moved between checkpoints
-        ax = axes[2]
-        for q, label in (("l_b", "l_b (shared component)"), ("v", "v (within-cluster spread)"),
-                         ("cos_concepts", "mean cosine between concept vectors")):
-            vals = [geo[(geo["step"] == s_) & (geo["quantity"] == q)]["value"].mean() for s_ in steps]
-            ax.plot(steps, vals, "o-", label=label)
-        ax.set_xlabel("DPO step (0: reference)")
-        ax.set_title("geometry of g(x) at checkpoints (units: concept norms average 1)", fontsize=9)
-        ax.legend(fontsize=7)
-    for ax, q, name in zip(axes, ("cluster_cos_raw", "cluster_cos_centered"), ("raw", "mean removed")):
-        g = ref[ref["quantity"] == q]
-        if g.empty:
-            ax.set_axis_off()
-            continue
-        labels = list(dict.fromkeys(g["concept"]))
-        m = g.pivot(index="concept", columns="concept_b", values="value").loc[labels, labels].to_numpy()
-        im = ax.imshow(m, vmin=-1, vmax=1, cmap="RdBu_r")
-        short = [lab if len(lab) < 28 else lab[:12] + "…" + lab[-12:] for lab in labels]
-        ax.set_xticks(range(len(labels)), short, rotation=90, fontsize=6)
-        ax.set_yticks(range(len(labels)), short, fontsize=6)
-        ax.set_title(f"cluster cosine similarity, {name}")
-        fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.suptitle(title)
-    save_fig(fig, path)
-
-
 def write_markdown(text: str, path) -> None:
     write_text(text, path)
 
@@ -298,7 +294,7 @@ def scaling_table(summary: pd.DataFrame, target: float) -> pd.DataFrame:
     smallest Q at which the v5 bound 2KQ² exp(−Q/45) is ≤ ``target`` (THEORY.md section 4: Θ(log K))."""
     from .theory import smallest_q
 
-    final = final_rows(summary)
+    final = across_replicates(final_rows(summary), [])  # with replicates: their means
     rows = []
     for K, g in final.groupby("K", sort=True):
         g = g.sort_values("Q")
@@ -316,35 +312,3 @@ def scaling_table(summary: pd.DataFrame, target: float) -> pd.DataFrame:
     fit = f"Q* = {a:.3g} + {b:.3g} log K, R2 = {r2:.3f}" if np.isfinite(a) else "not enough points"
     out["fit_Q_star_vs_logK"] = fit
     return out
-
-
-def plot_scaling(summary: pd.DataFrame, table: pd.DataFrame, path) -> None:
-    """Left: test error at τ_1 over the K × Q grid. Right: the smallest Q reaching the target per K,
-    measured, beside the v5 bound's Q = Θ(log K) curve."""
-    final = final_rows(summary)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    ax = axes[0]
-    for i, (K, g) in enumerate(final.groupby("K", sort=True)):
-        g = g.sort_values("Q")
-        ax.plot(g["Q"], g["test_error_tau1"], "o-", color=plt.get_cmap("viridis")(i / max(1, final["K"].nunique() - 1)),
-                label=f"K={K}")
-    ax.axhline(table["target"].iloc[0], color="k", ls=":", lw=0.8, label=f"target {table['target'].iloc[0]:g}")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("Q (samples per cluster)")
-    ax.set_ylabel("test error at tau_1")
-    ax.legend(fontsize=7)
-    ax = axes[1]
-    found = table[table["Q_star_found"]]
-    ax.plot(found["K"], found["Q_star"], "o-", label="measured: smallest Q with test error <= target")
-    ks = np.unique(np.geomspace(1, max(2, table["K"].max()), 50).round().astype(int))
-    from .theory import smallest_q
-
-    ax.plot(ks, [smallest_q("v5", int(k), table["target"].iloc[0]) for k in ks], "--",
-            label="v5 bound <= target: Q = Theta(log K)")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("K (number of concepts)")
-    ax.set_ylabel("Q")
-    ax.set_title(table["fit_Q_star_vs_logK"].iloc[0], fontsize=8)
-    ax.legend(fontsize=7)
-    save_fig(fig, path)

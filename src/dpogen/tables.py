@@ -146,6 +146,8 @@ DYNAMICS = pa.schema(
         ("tau1_steps", pa.float64()),
         ("eta", pa.float64()),
         ("method", pa.string()),
+        # |predicted - measured| / |measured| (floored at 1% of the largest |measured|): NaN at step 0 exactly
+        ("prediction_rel_error", pa.float64()),
     ]
 )
 

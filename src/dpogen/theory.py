@@ -378,7 +378,7 @@ def run_theory(train: pd.DataFrame, card: dict, features: np.ndarray, ref: pd.Da
                                  [("step", "int64"), ("split", str), ("sample_id", str), ("predicted", float), ("measured", float)]})
         dyn = pd.DataFrame([{"step": -1, "split": "", "measured_margin": np.nan, "predicted_margin": np.nan,
                              "measured_error": np.nan, "predicted_error": np.nan, "r_L": np.nan, "r_U": np.nan,
-                             "tau1_steps": np.nan, "eta": np.nan, "method": dyn}])
+                             "tau1_steps": np.nan, "eta": np.nan, "method": dyn, "prediction_rel_error": np.nan}])
     return {
         "claims": claims(per_pair if applies else None, dyn, bounds, conds, dpo_cfg),
         "geometry": geo,
@@ -513,4 +513,12 @@ def dynamics(features: np.ndarray, ref: pd.DataFrame, margins: pd.DataFrame, dpo
                      "predicted_error": float(margin_errors(grp["predicted"]).mean()),
                      "r_L": env["r_L_per_step"] * t, "r_U": env["r_U_per_step"] * t, "tau1_steps": env["tau1_steps"],
                      "eta": eta, "method": method})
-    return per_pair, pd.DataFrame(rows)
+    return per_pair, with_prediction_error(pd.DataFrame(rows))
+
+
+def with_prediction_error(dyn: pd.DataFrame) -> pd.DataFrame:
+    """The prediction's error at every checkpoint: |predicted − measured| mean margin relative to the measured
+    one, floored at 1% of the split's largest measured mean margin (at step 0 both are about 0)."""
+    floor = dyn.groupby("split")["measured_margin"].transform(lambda m: 0.01 * m.abs().max())
+    denom = np.maximum(dyn["measured_margin"].abs(), floor).replace(0, np.nan)
+    return dyn.assign(prediction_rel_error=(dyn["predicted_margin"] - dyn["measured_margin"]).abs() / denom)

@@ -1,0 +1,254 @@
+"""The report's figures: one style for all (fonts of 9 pt or more at the saved size, a colour-blind-safe
+palette, every band and marker in a legend), each saved as PNG at 200 dpi, PDF and SVG."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from .io import atomic_path  # noqa: E402
+
+DPI = 200
+VECTOR = (".pdf", ".svg")  # saved beside every PNG
+STYLE = {"font.size": 10, "axes.titlesize": 10, "axes.labelsize": 10, "legend.fontsize": 9,
+         "xtick.labelsize": 9, "ytick.labelsize": 9, "figure.titlesize": 11, "svg.fonttype": "none",
+         "pdf.fonttype": 42}
+# Okabe and Ito's palette, distinguishable with every common colour-vision deficiency
+OKABE_ITO = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]
+WARN = 0.5  # a prediction off by more than this (relative) anywhere says so on its figure
+
+
+def ordered_colors(n: int) -> list:
+    """``n`` colours ordered light to dark along viridis (perceptually ordered, colour-blind safe), for K."""
+    cmap = plt.get_cmap("viridis")
+    return [cmap(0.85 * i / max(1, n - 1)) for i in range(n)]
+
+
+def vector_paths(png) -> list[Path]:
+    png = Path(png)
+    return [png.with_suffix(ext) for ext in VECTOR]
+
+
+def save_fig(fig, png) -> None:
+    """The figure as PNG (200 dpi) at ``png`` and as PDF and SVG beside it, each written atomically."""
+    for path, fmt in [(Path(png), "png")] + [(p, p.suffix[1:]) for p in vector_paths(png)]:
+        with atomic_path(path) as tmp, plt.rc_context(STYLE):  # SVG text stays text, PDF fonts embedded
+            fig.savefig(tmp, format=fmt, dpi=DPI, bbox_inches="tight", metadata={"Date": None}
+                        if fmt in ("svg", "pdf") else None)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------- one run
+
+
+def plot_run(summary: pd.DataFrame, title: str, path) -> None:
+    """Mean train and test margins (band: ±1 sd over pairs) and errors over DPO steps."""
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        ax = axes[0]
+        for (split, style), col in zip((("train", "-"), ("test", "--")), OKABE_ITO):
+            m, sd = summary[f"{split}_margin_mean"], summary[f"{split}_margin_std"]
+            ax.plot(summary["step"], m, style, color=col, marker="o", ms=3, label=f"{split} margin (mean)")
+            ax.fill_between(summary["step"], m - sd, m + sd, color=col, alpha=0.15, label=f"{split}: ±1 sd over pairs")
+        ax.set_xlabel("DPO step")
+        ax.set_ylabel("reward margin")
+        ax.legend()
+        ax = axes[1]
+        ax.plot(summary["step"], summary["train_error"], "-", color=OKABE_ITO[0], marker="o", ms=3, label="train error")
+        ax.plot(summary["step"], summary["test_error"], "--", color=OKABE_ITO[1], marker="s", ms=3, label="test error")
+        ax.plot(summary["step"], summary["test_error_upper"], ":", color=OKABE_ITO[2],
+                label="test error upper bound (Clopper-Pearson)")
+        ax.set_xlabel("DPO step")
+        ax.set_ylabel("0-1 error")
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend()
+        fig.suptitle(title)
+    save_fig(fig, path)
+
+
+def plot_dynamics(dyn: pd.DataFrame, title: str, path) -> None:
+    """Measured mean margins beside the recursion's prediction, its method in the title and its relative
+    error at every checkpoint below; the envelope [r_L, r_U] of v3 Theorem 4.1 only where the run is in the
+    theorems' regime (an exact recursion); a prediction off by more than 50% anywhere says so."""
+    with plt.rc_context(STYLE):
+        if dyn["step"].min() < 0:  # no prediction: the reason, as the figure
+            fig, ax = plt.subplots(figsize=(7, 3))
+            ax.text(0.5, 0.5, dyn["method"].iloc[0], ha="center", va="center", wrap=True)
+            ax.set_axis_off()
+            fig.suptitle(title)
+            save_fig(fig, path)
+            return
+        method = dyn["method"].iloc[0]
+        fig, (ax, axe) = plt.subplots(2, 1, figsize=(7, 5.6), sharex=True, height_ratios=(3, 1.4))
+        for split, col in zip(("train", "test"), OKABE_ITO):
+            d = dyn[dyn["split"] == split]
+            ax.plot(d["step"], d["measured_margin"], "o-", color=col, ms=3, label=f"{split}: measured")
+            ax.plot(d["step"], d["predicted_margin"], "--", color=col, label=f"{split}: predicted")
+            axe.plot(d["step"], 100 * d["prediction_rel_error"], "o-", color=col, ms=3, label=split)
+        d = dyn[dyn["split"] == "train"]
+        tau1 = d["tau1_steps"].iloc[0] if len(d) else math.nan
+        if method.startswith("exact"):
+            ax.fill_between(d["step"], d["r_L"], d["r_U"], color="grey", alpha=0.2, label="[r_L, r_U] up to tau_1 (v3 Thm 4.1)")
+            if np.isfinite(tau1) and tau1 <= d["step"].max():
+                ax.axvline(tau1, color="k", lw=0.8, ls=":", label=f"tau_1 = {tau1:.3g} steps")
+        worst = float(dyn["prediction_rel_error"].max())
+        if np.isfinite(worst) and worst > WARN:
+            at = dyn.loc[dyn["prediction_rel_error"].idxmax()]
+            ax.text(0.02, 0.97, f"prediction fails: off by {100 * worst:.0f}% ({at['split']}, step {int(at['step'])})",
+                    transform=ax.transAxes, va="top", color=OKABE_ITO[1], fontweight="bold")
+        ax.set_ylabel("mean reward margin")
+        ax.set_title(f"prediction: {method}", fontsize=9, wrap=True)
+        ax.legend(loc="lower right")
+        axe.axhline(100 * WARN, color="grey", lw=0.8, ls=":", label="50%")
+        axe.set_ylabel("prediction error (%)")
+        axe.set_xlabel("DPO step")
+        axe.legend(loc="upper left", ncols=3)
+        fig.suptitle(title)
+    save_fig(fig, path)
+
+
+def _geometry_over_steps(ax, geo: pd.DataFrame, steps: list) -> None:
+    """l_b and v at each checkpoint in one unit, the reference model's (its concept norms average 1), and
+    the mean cosine between concept vectors (no unit)."""
+    def value(q, s):
+        return geo[(geo["step"] == s) & (geo["quantity"] == q)]["value"].mean()
+
+    ref_scale = value("scale", 0)
+    for (q, label), col in zip((("l_b", "l_b (shared component)"), ("v", "v (within-cluster spread)")), OKABE_ITO):
+        ax.plot(steps, [value(q, s) * value("scale", s) / ref_scale for s in steps], "o-", color=col, label=label)
+    ax.set_ylabel("reference model's units")
+    ax2 = ax.twinx()
+    ax2.plot(steps, [value("cos_concepts", s) for s in steps], "s--", color=OKABE_ITO[2], label="mean cos(concepts)")
+    ax2.set_ylabel("cosine")
+    lines = ax.get_legend_handles_labels()
+    more = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="center right")
+    ax.set_xlabel("DPO step (0: reference)")
+    ax.set_title("geometry of g(x) at checkpoints")
+
+
+def plot_geometry(geo: pd.DataFrame, title: str, path) -> None:
+    """The paper's first figure: average cosine similarity between clusters of g(x), raw (a shared component
+    makes everything similar) and with the global mean removed; each heatmap's colours span its own range."""
+    steps = sorted(geo["step"].unique()) if "step" in geo else [0]
+    with plt.rc_context(STYLE):
+        n = 3 if len(steps) > 1 else 2
+        fig, axes = plt.subplots(1, n, figsize=(6.2 * n, 5.6), layout="constrained")
+        ref = geo[geo["step"] == 0] if "step" in geo else geo
+        if len(steps) > 1:
+            _geometry_over_steps(axes[2], geo, steps)
+        for ax, q, name in zip(axes, ("cluster_cos_raw", "cluster_cos_centered"), ("raw", "mean removed")):
+            g = ref[ref["quantity"] == q]
+            if g.empty:
+                ax.set_axis_off()
+                continue
+            labels = list(dict.fromkeys(g["concept"]))
+            m = g.pivot(index="concept", columns="concept_b", values="value").loc[labels, labels].to_numpy()
+            lo, hi = float(np.nanmin(m)), float(np.nanmax(m))
+            if hi - lo < 1e-9:
+                lo, hi = lo - 0.5, hi + 0.5
+            im = ax.imshow(m, vmin=lo, vmax=hi, cmap="cividis")
+            short = [lab if len(lab) < 28 else lab[:12] + "…" + lab[-12:] for lab in labels]
+            ax.set_xticks(range(len(labels)), short, rotation=90)
+            ax.set_yticks(range(len(labels)), short)
+            ax.set_title(f"cluster cosine similarity, {name} (range {lo:.3f} to {hi:.3f})")
+            fig.colorbar(im, ax=ax, fraction=0.046)
+        fig.suptitle(title)
+    save_fig(fig, path)
+
+
+# --------------------------------------------------------------------------------------- across runs
+
+
+def plot_margins_across(summary: pd.DataFrame, label: str, path) -> None:
+    """The paper's main figure: train and test margin trajectories, one colour per sweep value, ordered by K
+    (with replicates: their mean, the band their 95% interval)."""
+    from .report import across_replicates
+
+    agg = across_replicates(summary, ["step"])
+    values = list(dict.fromkeys(agg.sort_values("K", kind="stable")["group"]))
+    shown = dict(zip(agg["group"], agg["sweep_value"] if "sweep_value" in agg else agg["group"]))
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+        for v, col in zip(values, ordered_colors(len(values))):
+            s = agg[agg["group"] == v].sort_values("step")
+            for ax, split in zip(axes, ("train", "test")):
+                ax.plot(s["step"], s[f"{split}_margin_mean"], color=col, label=f"{label}={shown[v]}")
+                if (s["n"] > 1).any():
+                    ax.fill_between(s["step"], s[f"{split}_margin_mean_lo"], s[f"{split}_margin_mean_hi"], color=col,
+                                    alpha=0.2, lw=0)
+        for ax, split in zip(axes, ("train", "test")):
+            ax.set_title(f"mean {split} reward margin")
+            ax.set_xlabel("DPO step")
+        axes[0].set_ylabel("reward margin")
+        axes[1].legend(title="bands: 95% t interval over replicates" if (agg["n"] > 1).any() else None)
+    save_fig(fig, path)
+
+
+def plot_error_vs_k(final: pd.DataFrame, fit: pd.DataFrame, path) -> None:
+    """Test error at the end of training against K on a linear axis (the paper's fit is linear in K), with
+    the fit drawn and its R²; with replicates, means and 95% intervals."""
+    from .report import across_replicates
+
+    agg = across_replicates(final, []).sort_values("K")
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        for (col, name, marker, style), c in zip((("test_error", "test error (end of training)", "o", "-"),
+                                                  ("test_error_upper", "Clopper-Pearson upper bound (95%)", "v", ":"),
+                                                  ("train_error", "train error", "s", "--")), OKABE_ITO):
+            yerr = None
+            if (agg["n"] > 1).any():
+                yerr = np.vstack([agg[col] - agg[f"{col}_lo"], agg[f"{col}_hi"] - agg[col]])
+            ax.errorbar(agg["K"], agg[col], yerr=yerr, fmt=marker + style, color=c, ms=4, capsize=3, label=name)
+        lin = fit[fit["statistic"] == "test_error ~ K"]
+        if len(lin) and np.isfinite(lin["slope"].iloc[0]):
+            r = lin.iloc[0]
+            ks = np.linspace(agg["K"].min(), agg["K"].max(), 50)
+            ax.plot(ks, r["intercept"] + r["slope"] * ks, color="grey", lw=1,
+                    label=f"linear fit: {r['intercept']:.3f} + {r['slope']:.4f} K, R² = {r['r2']:.3f}")
+        ax.set_xlabel("K (number of concepts)")
+        ax.set_ylabel("0-1 error")
+        ax.legend()
+    save_fig(fig, path)
+
+
+def plot_scaling(summary: pd.DataFrame, table: pd.DataFrame, path) -> None:
+    """Left: test error at τ_1 over the K × Q grid. Right: the smallest Q reaching the target per K,
+    measured, beside the v5 bound's Q = Θ(log K) curve."""
+    from .report import across_replicates, final_rows
+    from .theory import smallest_q
+
+    final = across_replicates(final_rows(summary), [])
+    ks_seen = sorted(final["K"].unique())
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        ax = axes[0]
+        for K, col in zip(ks_seen, ordered_colors(len(ks_seen))):
+            g = final[final["K"] == K].sort_values("Q")
+            ax.plot(g["Q"], g["test_error_tau1"], "o-", color=col, label=f"K={K}")
+        target = table["target"].iloc[0]
+        ax.axhline(target, color="k", ls=":", lw=0.8, label=f"target {target:g}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("Q (samples per cluster)")
+        ax.set_ylabel("test error at tau_1")
+        ax.legend()
+        ax = axes[1]
+        found = table[table["Q_star_found"]]
+        ax.plot(found["K"], found["Q_star"], "o-", color=OKABE_ITO[0], label="measured: smallest Q with test error <= target")
+        ks = np.unique(np.geomspace(1, max(2, table["K"].max()), 50).round().astype(int))
+        ax.plot(ks, [smallest_q("v5", int(k), target) for k in ks], "--", color=OKABE_ITO[1],
+                label="v5 bound <= target: Q = Theta(log K)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("K (number of concepts)")
+        ax.set_ylabel("Q")
+        ax.set_title(table["fit_Q_star_vs_logK"].iloc[0])
+        ax.legend()
+    save_fig(fig, path)

@@ -1,0 +1,136 @@
+"""The report's tables and figures: replicate intervals, the fit and its bootstrap, summary.md on one screen,
+figures as PNG, PDF and SVG; and replicates through the real workflow."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from dpogen import figures, report
+from dpogen.paper import PAPER
+from tests.conftest import REPO
+
+
+def _final(rows):
+    """Summary rows at one final step: (run, group, K, test_error)."""
+    return pd.DataFrame([{"run": r, "group": g, "sweep_value": k, "K": k, "Q": 8, "step": 10, "test_error": e,
+                          "train_error": e / 2, "train_margin_mean": 1 / k, "test_margin_mean": 0.8 / k,
+                          "test_error_upper": e + 0.1, "bound_v3": 9.0, "bound_v5": 7.0} for r, g, k, e in rows])
+
+
+def test_a_groups_interval_is_the_t_interval_of_its_replicates():
+    s = _final([("k1-s0", "k1", 1, 1.0), ("k1-s1", "k1", 1, 2.0), ("k1-s2", "k1", 1, 3.0), ("k2", "k2", 2, 0.5)])
+    a = report.across_replicates(s, []).set_index("group")
+    half = 4.302652729911275 / math.sqrt(3)  # t(0.975, 2) · sd 1 / √3
+    assert a.loc["k1", "test_error"] == pytest.approx(2.0) and a.loc["k1", "n"] == 3
+    assert (a.loc["k1", "test_error_lo"], a.loc["k1", "test_error_hi"]) == pytest.approx((2 - half, 2 + half))
+    assert a.loc["k2", "n"] == 1 and math.isnan(a.loc["k2", "test_error_lo"])
+
+
+def test_the_fit_has_bootstrap_intervals_over_replicates_and_none_below_three_ks():
+    rng = np.random.default_rng(1)
+    rows = [(f"k{k}-s{s}", f"k{k}", k, 0.04 * k + rng.normal(0, 0.01)) for k in (1, 2, 4, 8) for s in range(3)]
+    fit = report.fit_table(_final(rows), resamples=500).set_index("statistic")
+    lin = fit.loc["test_error ~ K"]
+    assert lin["n_runs"] == 12 and lin["n_groups"] == 4 and lin["resamples"] == 500
+    assert lin["slope_lo"] < lin["slope"] < lin["slope_hi"] and abs(lin["slope"] - 0.04) < 0.005
+    assert lin["r2_lo"] <= lin["r2"] <= 1 and fit.loc["test_error ~ log K", "r2"] < lin["r2"]
+    one = report.fit_table(_final([(f"k{k}", f"k{k}", k, 0.1 * k) for k in (1, 2, 4)]))
+    assert one["resamples"].eq(0).all() and one["slope_lo"].isna().all() and one["r2"].iloc[0] == pytest.approx(1)
+    few = report.fit_table(_final([("k1", "k1", 1, 0.0), ("k2", "k2", 2, 0.1)]))
+    assert few["slope"].isna().all() and few["note"].str.contains("2 value").all()
+    assert "no fit: 2 value(s) of K, a fit needs 3" in report.fit_lines(few)[0]
+
+
+def test_summary_md_fits_on_one_screen_with_one_claims_line_per_run():
+    rows = [(f"k{k}-s{s}", f"k{k}", k, 0.04 * k + 0.01 * s) for k in (1, 2, 4, 8) for s in range(3)]
+    final = _final(rows)
+    premise = ("premises not met: the theorems' regime (last_layer, full-batch sgd); this run: adam; "
+               "the v3 bound's conditions")
+    claims = pd.DataFrame([{"run": r, "claim": f"claim {i}", "status": "not applicable", "note": premise}
+                           for r, *_ in rows for i in range(7)])
+    md = report.markdown("exp", final, {"settings": {}}, claims)
+    lines = md.splitlines()
+    assert len(lines) <= 40 and max(map(len, lines)) < 700
+    assert sum(line.startswith("- k") for line in lines) == 12
+    assert md.count("the theorems' regime (last_layer") == 1  # the premise named once
+    assert "| k8 | 8 | 8 | " in md and " [" in md.split("| k8 |")[1].splitlines()[0]  # mean [interval]
+    assert "bootstrap of the replicates, 2000 resamples" in md
+
+
+@pytest.mark.parametrize("model", sorted(PAPER))
+def test_every_paper_model_prints_what_the_paper_gives(model):
+    final = _final([(f"k{k}", f"k{k}", k, 0.01 * k) for k in (1, 2, 4, 8)])
+    text = "\n".join(report.markdown("exp", final, {"settings": {}, "paper_model": model}).splitlines())
+    assert f"{model}" in text
+    assert ("| 8 | 0.080 | " in text) == (PAPER[model]["per_k"] is not None)
+    if PAPER[model]["r2"] is not None:
+        assert f"R² of test error against K for {model}: {PAPER[model]['r2']:.2f}" in text
+
+
+def test_every_experiment_config_names_a_paper_model_it_reproduces():
+    """A config reproducing a paper experiment (v3-*, v5-*) names its model, and the paper has an entry."""
+    for path in sorted((REPO / "config" / "experiments").glob("v[35]-*.yaml")):
+        model = (yaml.safe_load(path.read_text()).get("report") or {}).get("paper_model")
+        assert model in PAPER, path.name
+
+
+def test_figures_are_png_pdf_and_svg_with_legible_fonts(tmp_path):
+    s = pd.concat([_final([(f"k{k}-s{r}", f"k{k}", k, 0.04 * k + 0.01 * r)]).assign(step=st) for k in (1, 2, 4)
+                   for r in range(2) for st in (0, 5, 10)], ignore_index=True)
+    s["train_margin_std"] = s["test_margin_std"] = 0.1
+    figures.plot_margins_across(s, "k", tmp_path / "m.png")
+    fin = report.final_rows(s)
+    figures.plot_error_vs_k(fin, report.fit_table(fin), tmp_path / "e.png")
+    for name in ("m", "e"):
+        for ext in (".png", ".pdf", ".svg"):
+            assert (tmp_path / f"{name}{ext}").stat().st_size > 1000
+    from PIL import Image
+
+    assert Image.open(tmp_path / "e.png").info["dpi"][0] == pytest.approx(200, abs=1)
+    svg = (tmp_path / "e.svg").read_text()
+    sizes = [float(x) for x in __import__("re").findall(r"font-size:\s*([\d.]+)px", svg)]
+    assert sizes and min(sizes) >= 9 * 0.99  # matplotlib writes pt as px in SVG
+    assert "linear fit" in svg and "R²" in svg
+
+
+def test_a_failing_prediction_says_so_and_the_envelope_needs_the_regime(tmp_path):
+    from dpogen.theory import with_prediction_error
+
+    def dyn(method, factor):
+        rows = [{"step": st, "split": sp, "measured_margin": 0.1 * st, "predicted_margin": 0.1 * st * factor,
+                 "r_L": 0.01 * st, "r_U": 0.2 * st, "tau1_steps": 50.0, "method": method, "measured_error": 0.0,
+                 "predicted_error": 0.0, "eta": 1.0} for st in (0, 5, 10) for sp in ("train", "test")]
+        return with_prediction_error(pd.DataFrame(rows))
+
+    d = dyn("recursion with a fitted time scale", 0.3)
+    assert d.loc[d["step"] == 10, "prediction_rel_error"].to_numpy() == pytest.approx([0.7, 0.7])
+    figures.plot_dynamics(d, "t", tmp_path / "fail.png")
+    svg = (tmp_path / "fail.svg").read_text()
+    assert "prediction fails: off by 70%" in svg and "r_L, r_U" not in svg
+    figures.plot_dynamics(dyn("exact recursion (last_layer, full-batch sgd)", 1.01), "t", tmp_path / "ok.png")
+    svg = (tmp_path / "ok.svg").read_text()
+    assert "prediction fails" not in svg and "r_L, r_U" in svg
+
+
+@pytest.mark.slow
+def test_replicates_through_the_workflow(tmp_path):
+    """sweep.seeds: every run once per replicate, each with its own seeds (data, init, batch order) and base
+    model; the summary shows means with intervals, and a fit over fewer than three K says it makes none."""
+    from tests.workflow_util import snakemake
+
+    cfg = yaml.safe_load((REPO / "tests" / "tiny.yaml").read_text())
+    cfg["sweep"] = {"param": "data.k", "values": [1, 2], "prefix": "k", "seeds": [0, 1]}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    snakemake(REPO, tmp_path, "--configfile", str(tmp_path / "c.yaml"))
+    out = tmp_path / "results" / "tiny"
+    assert (out / "base_model").is_dir() and (out / "base_model-seed1235").is_dir()
+    a, b = (pd.read_parquet(out / f"k2-s{s}" / "data" / "train.parquet") for s in (0, 1))
+    assert set(a["sample_id"]) != set(b["sample_id"])  # the generator's seed moved
+    s = pd.read_csv(out / "summary.csv")
+    assert set(s["group"]) == {"k1", "k2"} and set(s["replicate"]) == {0, 1}
+    md = (out / "summary.md").read_text()
+    assert "mean over a group's 2 replicates" in md and "no fit: 2 value(s) of K" in md
+    assert "nan" not in md.lower()
