@@ -134,3 +134,35 @@ def test_replicates_through_the_workflow(tmp_path):
     md = (out / "summary.md").read_text()
     assert "mean over a group's 2 replicates" in md and "no fit: 2 value(s) of K" in md
     assert "nan" not in md.lower()
+
+
+def test_report_to_tensorboard_writes_trls_metric_names(tmp_path, tiny_model_dir, spec):
+    """dpo.report_to: [tensorboard]: event files under the run's dpo folder, every step's batch metrics and
+    every checkpoint's held-out margins under TRL's names, equal to the metrics and margin tables."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dpogen import reference, tables
+    from dpogen.data import validate_pairs
+    from dpogen.engine import loop
+    from dpogen.synthetic import generate
+
+    train, test = generate(2, 4, 2, spec)
+    train, test = validate_pairs(train, "train"), validate_pairs(test, "test")
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["dpo"]
+    cfg.update(steps=6, batch_size=4, eval_every=3, save_every=2, log_every=2, report_to=["tensorboard"])
+    reference.compute_reference(tiny_model_dir, train, test, cfg, tmp_path / "ref.parquet", tmp_path / "feat.npy")
+    out = tmp_path / "k2" / "dpo"
+    loop.train_dpo(tiny_model_dir, train, test, tmp_path / "ref.parquet", cfg, 0, out / "margins.parquet",
+                   out / "metrics.parquet", out / "work", out_info=out / "run.json")
+    ev = EventAccumulator(str(out / "tensorboard"))
+    ev.Reload()
+    tags = set(ev.Tags()["scalars"])
+    assert {"train/loss", "train/rewards/margins", "train/rewards/accuracies", "train/logps/chosen", "train/lr",
+            "eval/rewards/margins", "eval/rewards/accuracies", "train/full/rewards/margins"} <= tags
+    metrics = pd.read_parquet(out / "metrics.parquet")
+    loss = {e.step: e.value for e in ev.Scalars("train/loss")}
+    assert sorted(loss) == list(range(1, 7))
+    assert [loss[s] for s in range(1, 7)] == pytest.approx(metrics.set_index("step").loc[1:6, "loss"].tolist(), rel=1e-6)
+    m = tables.read_margins(out / "margins.parquet")
+    held = m[m["split"] == "test"].groupby("step")["margin"].mean()
+    assert {e.step: e.value for e in ev.Scalars("eval/rewards/margins")} == pytest.approx(held.to_dict(), rel=1e-6)

@@ -155,7 +155,7 @@ def _downstream(wf, rules) -> dict[str, int]:
     return {r: 1 for r in stale}
 
 
-EXECUTION_CHANGES = [("dpo.log_every", 3), ("dpo.save_every", 7), ("sft.log_every", 3)]
+EXECUTION_CHANGES = [("dpo.log_every", 3), ("dpo.save_every", 7), ("sft.log_every", 3), ("dpo.report_to", ["tensorboard"])]
 
 
 def _changed(tmp_path, key, value) -> tuple[str]:

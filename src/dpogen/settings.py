@@ -8,7 +8,7 @@ value-changing: training amplifies such differences, so they are params and dpo/
 
 EXECUTION = {
     "sft": ("log_every",),
-    "dpo": ("log_every", "save_every"),
+    "dpo": ("log_every", "save_every", "report_to"),
 }
 
 # what the theory stage reads of the dpo settings (its other inputs are the dpo stage's outputs)

@@ -27,9 +27,10 @@ from .loss import dpo_loss, loss_name
 from .parallel import Dist, grad_norm, load_for, local_bytes
 from .policy import Policy
 from .state import ResumeState, fingerprint
+from .tracking import Tracker
 
 # settings that cannot change a saved state's numbers: a save made with other values is still resumed
-EXECUTION_ONLY = {"processes", "log_every", "save_every", "eval_batch_size", "eval_max_tokens_per_batch"}
+EXECUTION_ONLY = {"processes", "log_every", "save_every", "eval_batch_size", "eval_max_tokens_per_batch", "report_to"}
 # batch sums of each step, in TRL's metric names (means over the batch once divided by its size)
 STAT_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
               "logps/chosen", "logps/rejected")
@@ -82,8 +83,8 @@ def prepare_run(train, test, tok, model, ref_logps_path, ref_features_path, cfg:
 class MarginWriter:
     """Margin checkpoints: every pair's log-probs under the policy, gathered, written by the first process."""
 
-    def __init__(self, policy: Policy, run: Run, cfg: dict, work: Path, dist: Dist):
-        self.policy, self.run, self.cfg, self.dist = policy, run, cfg, dist
+    def __init__(self, policy: Policy, run: Run, cfg: dict, work: Path, dist: Dist, tracker: Tracker):
+        self.policy, self.run, self.cfg, self.dist, self.tracker = policy, run, cfg, dist, tracker
         self.margins, self.features = work / "margins", work / "features"
         self.feature_steps = S.geometry_steps(cfg, run.schedule) if policy.cache is None else []
 
@@ -111,6 +112,7 @@ class MarginWriter:
                                  f"{self.cfg['lr']} too large, dpo.beta={self.cfg['beta']} or dpo.dtype="
                                  f"{self.cfg['dtype']}; no margin table was written")
         tables.write_margins_checkpoint(df, self.margins, step)
+        self.tracker.checkpoint(step, df)
         err = pd.Series(tables.margin_errors(df["margin"])).groupby(df["split"].to_numpy()).mean()
         return float(err.get("train", np.nan)), float(err.get("test", np.nan))
 
@@ -205,7 +207,9 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
              cfg["regime"], sum(p.numel() for p in params.values()), local_bytes(params.values()) / 1e6, run.n_train,
              len(test), run.bsz, run.steps, seed, dist.world, cfg.get("parallel") or "fsdp", policy.checkpointing)
 
-    checkpoint = MarginWriter(policy, run, cfg, resume.work, dist)
+    tracker = Tracker(cfg.get("report_to"), Path(out_metrics).parent, Path(out_metrics).parent.parent.name, cfg,
+                      start, dist.main)
+    checkpoint = MarginWriter(policy, run, cfg, resume.work, dist, tracker)
     empty = {k: math.nan for k in tables.METRICS.names}
     if start == 0:
         tr, te = checkpoint(0)
@@ -239,8 +243,10 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
         if done in run.schedule:
             row["train_error"], row["test_error"] = checkpoint(done)
         rows.append(row)
+        tracker.step(row, STAT_NAMES)
         if cfg["save_every"] and done % cfg["save_every"] == 0 and done < run.steps:
             resume.save(done, policy.model, opt, sched, rows)
+    tracker.close()
     info = run_info(cfg, run, seed, dist, params, device, policy) | {"skipped_steps": skipped}
     dist.barrier()
     if dist.main:
