@@ -136,3 +136,42 @@ def test_html_report(wf):
     html = report.read_text(errors="replace")
     assert "margins_by_run.png" in html and "error_vs_k.png" in html
     assert "main figure" in html  # a caption made it in
+
+
+@pytest.mark.skipif(not __import__("tests.browser_util", fromlist=["CHROMIUM"]).CHROMIUM,
+                    reason="no chromium on this machine (Debian: apt-get install chromium; .ci/run installs it)")
+def test_html_report_in_a_real_browser(wf):
+    """The HTML report rendered by headless Chromium: the app starts, every figure in it decodes to an image
+    of its saved size, and every entry has its caption."""
+    from PIL import Image
+
+    from tests.browser_util import Browser
+
+    wf["run"]()
+    report = wf["work"] / "report.html"
+    wf["run"]("--report", str(report))
+    browser = Browser()
+    try:
+        browser.open(report.as_uri())
+        menu = browser.evaluate("document.body.innerText")
+        assert {"RESULTS", "Workflow", "dpo", "sweep", "theory"} <= set(menu.split("\n")), menu[:500]
+        entries = browser.evaluate("""(async () => Promise.all(Object.entries(results).map(async ([path, r]) => {
+            let width = null;
+            if (r.mime_type.startsWith("image/")) {
+                const img = new Image();
+                width = await new Promise(ok => { img.onload = () => ok(img.naturalWidth); img.onerror = () => ok(-1);
+                                                  img.src = r.data_uri; });
+            }
+            const caption = document.createElement("div");
+            caption.innerHTML = r.caption;
+            return {path, mime: r.mime_type, width, caption: caption.innerText.trim()};
+        })))()""")
+    finally:
+        browser.close()
+    figures = [e for e in entries if e["mime"].startswith("image/")]
+    expected = {f"results/tiny/{run}/report/{name}.png" for run in RUNS for name in ("margins", "geometry", "dynamics")}
+    expected |= {"results/tiny/margins_by_run.png", "results/tiny/error_vs_k.png"}
+    assert {e["path"] for e in figures} == expected
+    for e in figures:
+        assert e["width"] == Image.open(wf["work"] / e["path"]).width, e["path"]
+    assert all(len(e["caption"]) > 20 for e in entries), [e["path"] for e in entries if len(e["caption"]) <= 20]
