@@ -8,9 +8,14 @@ BUILDS_BASE = MODEL["source"] == "scratch" or bool(MODEL["pretrained"].get("gguf
 
 def base_name(run):
     """The folder name of a run's base model: one per experiment, but a model built from the config gets one
-    per seed (replicates vary its initialisation and its tokenizer's corpus): base_model, base_model-seed1235."""
+    per seed (replicates vary its initialisation and its tokenizer's corpus): base_model, base_model-seed1235.
+    """
     seed = run_config(config, run)["seed"]
-    return "base_model" if MODEL["source"] != "scratch" or seed == config["seed"] else f"base_model-seed{seed}"
+    return (
+        "base_model"
+        if MODEL["source"] != "scratch" or seed == config["seed"]
+        else f"base_model-seed{seed}"
+    )
 
 
 BASES = {}  # base folder name → the seed it is built with

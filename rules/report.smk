@@ -89,7 +89,6 @@ rule summary:
         runs=list(RUNS),
         settings={run: run_settings(run_config(config, run)) for run in RUNS},
         paper_model=config["report"]["paper_model"],
-        out=OUT,
         code=code("summary"),
     script:
         "../workflow_scripts/summary.py"

@@ -12,17 +12,22 @@ rule base_model:
         ),
     output:
         directory(f"{OUT}/{{base}}"),
-    wildcard_constraints:
-        base="|".join(BASES),
     log:
         f"{LOGS}/{{base}}.log",
+    wildcard_constraints:
+        base="|".join(BASES),
     conda:
         "../envs/dpogen.yaml"
     params:
         model=config["model"],
         # the tokenizer's corpus: all concepts, the seeds of the replicate
-        data=lambda w: {k: v for k, v in with_replicate(config, BASES[w.base] - config["seed"])["data"].items()
-                        if k != "k"},
+        data=lambda w: {
+            k: v
+            for k, v in with_replicate(config, BASES[w.base] - config["seed"])[
+                "data"
+            ].items()
+            if k != "k"
+        },
         seed=lambda w: BASES[w.base],
         code=code("base_model"),  # includes the data modules that read the corpus
     script:

@@ -21,11 +21,14 @@ def _final(rows):
 
 
 def test_a_groups_interval_is_the_t_interval_of_its_replicates():
-    s = _final([("k1-s0", "k1", 1, 1.0), ("k1-s1", "k1", 1, 2.0), ("k1-s2", "k1", 1, 3.0), ("k2", "k2", 2, 0.5)])
+    s = _final([("k1-s0", "k1", 1, 0.0), ("k1-s1", "k1", 1, 0.1), ("k1-s2", "k1", 1, 0.2), ("k2", "k2", 2, 0.5)])
+    s["test_margin_mean"] = [1.0, 2.0, 3.0, 0.5]
     a = report.across_replicates(s, []).set_index("group")
     half = 4.302652729911275 / math.sqrt(3)  # t(0.975, 2) · sd 1 / √3
-    assert a.loc["k1", "test_error"] == pytest.approx(2.0) and a.loc["k1", "n"] == 3
-    assert (a.loc["k1", "test_error_lo"], a.loc["k1", "test_error_hi"]) == pytest.approx((2 - half, 2 + half))
+    assert a.loc["k1", "test_margin_mean"] == pytest.approx(2.0) and a.loc["k1", "n"] == 3
+    assert (a.loc["k1", "test_margin_mean_lo"], a.loc["k1", "test_margin_mean_hi"]) == pytest.approx((2 - half, 2 + half))
+    # an error rate's interval is cut at 0: 0.1 ± 0.248
+    assert (a.loc["k1", "test_error_lo"], a.loc["k1", "test_error_hi"]) == pytest.approx((0.0, 0.1 + half / 10))
     assert a.loc["k2", "n"] == 1 and math.isnan(a.loc["k2", "test_error_lo"])
 
 

@@ -15,7 +15,7 @@ with job(snakemake):
     s = pd.concat([pd.read_csv(p) for p in snakemake.input.runs], ignore_index=True)
     settings = {run: {"loss_name": loss_name(st), **st} for run, st in snakemake.params.settings.items()}
     meta = {"settings": settings, "paper_model": snakemake.params.paper_model,
-            "code": code_versions(snakemake.params.out, snakemake.params.runs),
+            "code": code_versions(Path(snakemake.output.csv).parent, snakemake.params.runs),
             "rerun_on_code": (snakemake.config.get("workflow") or {}).get("rerun_on_code", True)}
     report.write_summary_csv(s, snakemake.output.csv)
     report.write_summary_parquet(s, snakemake.output.parquet)

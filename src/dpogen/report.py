@@ -63,8 +63,8 @@ def _groups(df: pd.DataFrame) -> pd.Series:
 
 def across_replicates(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """Per group (the runs that differ only in their seeds) and ``keys`` (e.g. step): the mean of every
-    metric, its 95% t interval over the group's replicates (``<metric>_lo``, ``_hi``; NaN for one run) and
-    the number of runs ``n``."""
+    metric, its 95% t interval over the group's replicates (``<metric>_lo``, ``_hi``; NaN for one run; an
+    error rate's cut to [0, 1]) and the number of runs ``n``."""
     from scipy import stats
 
     df = df.assign(group=_groups(df))
@@ -81,7 +81,10 @@ def across_replicates(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
             m = float(np.mean(x))
             half = (float(stats.t.ppf(0.975, len(x) - 1) * np.std(x, ddof=1) / np.sqrt(len(x)))
                     if len(x) > 1 else math.nan)
-            row |= {c: m, f"{c}_lo": m - half, f"{c}_hi": m + half}
+            lo, hi = m - half, m + half
+            if "error" in c:  # an error rate's interval stays within [0, 1]
+                lo, hi = max(lo, 0.0), min(hi, 1.0)
+            row |= {c: m, f"{c}_lo": lo, f"{c}_hi": hi}
         rows.append(row)
     return pd.DataFrame(rows)
 
