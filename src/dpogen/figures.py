@@ -232,12 +232,14 @@ def plot_scaling(summary: pd.DataFrame, table: pd.DataFrame, path) -> None:
         ax = axes[0]
         for K, col in zip(ks_seen, ordered_colors(len(ks_seen))):
             g = final[final["K"] == K].sort_values("Q")
-            ax.plot(g["Q"], g["test_error_tau1"], "o-", color=col, label=f"K={K}")
+            yerr = (np.vstack([g["test_error_tau1"] - g["test_error_tau1_lo"], g["test_error_tau1_hi"] - g["test_error_tau1"]])
+                    if (g["n"] > 1).any() else None)
+            ax.errorbar(g["Q"], g["test_error_tau1"], yerr=yerr, fmt="o-", color=col, capsize=3, label=f"K={K}")
         target = table["target"].iloc[0]
         ax.axhline(target, color="k", ls=":", lw=0.8, label=f"target {target:g}")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("Q (samples per cluster)")
-        ax.set_ylabel("test error at tau_1")
+        ax.set_ylabel("test error at tau_1" + (" (mean, 95% t interval)" if (final["n"] > 1).any() else ""))
         ax.legend()
         ax = axes[1]
         found = table[table["Q_star_found"]]
