@@ -139,7 +139,7 @@ def test_hf_source_with_data_files_and_local_folder(tmp_path):
     a = run(tmp_path / "a", base_cfg(source="hf", hf={"path": "json", "data_files": str(folder / "train.jsonl")}))
     b = run(tmp_path / "b", base_cfg(source="hf", hf={"path": str(folder)}))
     pd.testing.assert_frame_equal(a[0], b[0])
-    assert set(a[0]["concept"]) == {"all"} and (a[0]["cluster"] == 1).all()
+    assert set(a[0]["concept"]) == {"all"} and (a[0]["cluster"] == 0).all()  # no answer pairs to derive clusters from
 
 
 def test_conversational_messages(tmp_path):
@@ -210,7 +210,7 @@ def test_card_has_counts_and_lengths(tmp_path, tiny):
     assert card["N"] == 12 and card["n_test"] == 4 and card["K"] == 2 and card["Q_min"] == 6
     assert set(card["tokens"]["train"]) == {"prompt", "chosen", "rejected"}
     md = (tmp_path / "out" / "card.md").read_text()
-    assert "| alpha | +1 | train | 6 |" in md
+    assert "| alpha | 0 (none) | train | 6 |" in md  # distinct answers in every row: no clusters
 
 
 # ------------------------------------------------------------------------------------- bad input
@@ -271,7 +271,7 @@ def test_bad_cluster_value(tmp_path):
     recs = [{**r, "side": 1} for r in records()]
     recs[3]["side"] = 0
     path = write_jsonl(tmp_path / "c.jsonl", recs)
-    with pytest.raises(D.DataError, match=r"line 4, field 'cluster': must be \+1 or -1"):
+    with pytest.raises(D.DataError, match=r"line 4, field 'side' \(cluster\): must be \+1 or -1"):
         run(tmp_path, base_cfg(files={"paths": [str(path)]}, columns={"cluster": "side"}))
 
 
@@ -371,3 +371,91 @@ def test_a_load_failure_names_its_cause(tmp_path):
     path.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": ')
     with pytest.raises(D.DataError, match=r"datasets.load_dataset failed \(.*caused by .*"):
         S.load_hf({"path": "json", "data_files": str(path), "split": "train"})
+
+
+# ------------------------------------------------------------------- researchers' own files (issue 12)
+
+
+def mc_file(path, n=8, flip_every=2):
+    """A behaviour file of multiple-choice pairs: answers " (A)"/" (B)", matching in both orders."""
+    path.parent.mkdir(exist_ok=True)
+    recs = [{"question": f"{path.stem} question {i}?\n", "answer_matching_behavior": " (A)" if i % flip_every else " (B)",
+             "answer_not_matching_behavior": " (B)" if i % flip_every else " (A)"} for i in range(n)]
+    return write_jsonl(path, recs)
+
+
+MC_COLUMNS = {"prompt": "question", "chosen": "answer_matching_behavior", "rejected": "answer_not_matching_behavior"}
+
+
+def test_one_concept_per_file_with_clusters_from_swapped_answers(tmp_path):
+    paths = [mc_file(tmp_path / d / f"{name}.jsonl") for d, name in (("a", "power-seeking"), ("b", "self-awareness"),
+                                                                      ("c", "wealth-seeking"))]
+    cfg = base_cfg(files={"paths": [str(p) for p in paths]}, columns=MC_COLUMNS, concept="file")
+    train, test, card = run(tmp_path, cfg)
+    both = pd.concat([train, test])
+    assert card["K"] == 3 and sorted(both["concept"].unique()) == ["power-seeking", "self-awareness", "wealth-seeking"]
+    assert set(both["cluster"]) == {1, -1}
+    assert (both.loc[both["cluster"] == 1, "chosen"] == " (A)").all()  # the answer that sorts first is +1
+    assert card["cluster_plus_one"]["power-seeking"] == "' (A)' over ' (B)'"
+    # sample ids depend on the texts and the file's stem, never its folder
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    copies = [moved / p.name for p in paths]
+    for p, q in zip(paths, copies):
+        q.write_bytes(p.read_bytes())
+    train2, _, _ = run(tmp_path / "m", base_cfg(files={"paths": [str(q) for q in copies]}, columns=MC_COLUMNS,
+                                                 concept="file"))
+    assert set(train2["sample_id"]) == set(train["sample_id"])
+
+
+def test_k_of_a_files_source_is_the_seeded_draw(tmp_path):
+    paths = [mc_file(tmp_path / f"c{i}.jsonl") for i in range(5)]
+    cfg = base_cfg(files={"paths": [str(p) for p in paths]}, columns=MC_COLUMNS, concept="file")
+    _, _, card = run(tmp_path, cfg, k=2)
+    rng = random.Random(1234)  # the persona rule: one generator, sample(n, 1) then sample(n, 2)
+    rng.sample(range(5), 1)
+    assert card["concepts"] == [f"c{i}" for i in rng.sample(range(5), 2)]
+    with pytest.raises(D.DataError, match=r"data.k: K=3 is neither all 5 concepts nor one of the seeded set sizes"):
+        run(tmp_path / "x", cfg, k=3)
+
+
+def test_answers_that_are_not_two_swapped_pairs_give_cluster_zero(tmp_path):
+    path = write_jsonl(tmp_path / "one-way.jsonl", [{"prompt": f"Q{i}?\n", "chosen": " Yes", "rejected": " No"}
+                                                    for i in range(8)])
+    train, _, card = run(tmp_path, base_cfg(files={"paths": [str(path)]}))
+    assert (train["cluster"] == 0).all() and card["cluster_plus_one"] == {}
+
+
+def test_list_valued_answers_need_expand_lists(tmp_path):
+    recs = [{"question": f"Pick {i}\n", "answer_matching_behavior": " (A)",
+             "answer_not_matching_behavior": [" (B)", " (C)"] if i in (2, 5) else " (B)"} for i in range(8)]
+    path = write_jsonl(tmp_path / "lists.jsonl", recs)
+    cfg = base_cfg(files={"paths": [str(path)]}, columns=MC_COLUMNS)
+    with pytest.raises(D.DataError, match=r"lists\.jsonl: line 3, field 'answer_not_matching_behavior': a list of 2 "
+                                          r"answers \(2 such row\(s\)\); set data.expand_lists: true"):
+        run(tmp_path, cfg)
+    train, test, card = run(tmp_path, {**cfg, "expand_lists": True})
+    assert card["expanded_lists"] == {"rows": 2, "pairs": 4} and len(train) + len(test) == 10
+    # the two pairs of one question stay on one side: its prompt repeats, so the split is by prompt
+    assert card["split_by"] == "prompt" and card["test_pairs_with_a_train_prompt"] == 0
+    assert not set(test["prompt"]) & set(train["prompt"])
+
+
+def test_split_by_pair_on_repeated_prompts_is_counted_and_warned(tmp_path, caplog):
+    recs = [{"prompt": f"Q{i // 3}?\n", "chosen": f" good {i}", "rejected": f" bad {i}"} for i in range(24)]
+    path = write_jsonl(tmp_path / "rep.jsonl", recs)
+    with caplog.at_level("WARNING", logger="dpogen"):
+        _, _, card = run(tmp_path, base_cfg(files={"paths": [str(path)]}, split_by="pair"))
+    assert card["split_by"] == "pair" and card["test_pairs_with_a_train_prompt"] > 0
+    assert "share their prompt with a training pair" in caplog.text
+
+
+def test_many_bad_rows_are_reported_at_once_with_the_source_keys(tmp_path):
+    recs = [{"question": "" if i % 2 else f"Q{i}?\n", "answer_matching_behavior": " (A)",
+             "answer_not_matching_behavior": " (B)"} for i in range(50)]
+    path = write_jsonl(tmp_path / "bad.jsonl", recs)
+    with pytest.raises(D.DataError) as e:
+        run(tmp_path, base_cfg(files={"paths": [str(path)]}, columns=MC_COLUMNS))
+    msg = str(e.value)
+    assert msg.startswith("25 bad rows (the first 20):") and msg.count("\n") == 20
+    assert f"{path}: line 2, field 'question' (prompt): empty" in msg and "line 40," in msg and "line 42," not in msg

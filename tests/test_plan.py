@@ -43,7 +43,7 @@ def pretrained(path: str, **dpo) -> dict:
 
 
 def _no_sweep(cfg: dict) -> dict:
-    cfg["sweep"] = None  # one run, "main"
+    cfg["sweep"] = None  # one run, named by the experiment
     return cfg
 
 
@@ -91,7 +91,7 @@ def _layers(model):
 
 def _plan_case(case: dict) -> dict:
     cfg = pretrained("unused", regime=case["regime"], **({"lora": case["lora"]} if "lora" in case else {}))
-    return P.stage_plan(P.run_config(cfg, "main"), "dpo", case["mc"])
+    return P.stage_plan(P.run_config(cfg, cfg["experiment"]), "dpo", case["mc"])
 
 
 def worker(out_dir: str) -> None:
@@ -200,7 +200,7 @@ def test_param_shapes_match_meta_models():
         want = _meta_params(model)
         assert {n: s for n, s, _ in P.param_shapes(mc)} == want, hub
         cfg = pretrained(hub, parallel="ddp")
-        p = P.stage_plan(P.run_config(cfg, "main"), "dpo", mc)
+        p = P.stage_plan(P.run_config(cfg, cfg["experiment"]), "dpo", mc)
         n = sum(v.numel() for v in model.parameters())
         assert p["model"]["parameters"] == n
         assert [r["params"] for r in p["ranks"]] == [4 * n] and p["per_gpu"]["optimizer"] == 8 * n

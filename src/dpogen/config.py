@@ -69,10 +69,11 @@ def _table(cfg: dict) -> dict[str, tuple[object, int | None, str]]:
     out = {}
     for combo in itertools.product(*[a["values"] for a in ax]):
         # a grid axis over ``seed`` is a replicate axis too: its runs form one group
-        group = "-".join(f"{_prefix(a)}{v}" for a, v in zip(ax, combo) if a["param"] != "seed") or "main"
+        single = cfg.get("experiment") or "main"  # without a sweep: one run, named by the experiment
+        group = "-".join(f"{_prefix(a)}{v}" for a, v in zip(ax, combo) if a["param"] != "seed") or single
         value = combo[0] if len(ax) == 1 else (combo if ax else None)
         for s in seeds if seeds is not None else [None]:
-            base = "-".join(f"{_prefix(a)}{v}" for a, v in zip(ax, combo)) or "main"
+            base = "-".join(f"{_prefix(a)}{v}" for a, v in zip(ax, combo)) or single
             name = base if s is None else (f"s{s}" if not ax else f"{base}-s{s}")
             if name in out:
                 raise ConfigError(f"sweep values: {combo!r} given twice (run {name})")
@@ -82,7 +83,8 @@ def _table(cfg: dict) -> dict[str, tuple[object, int | None, str]]:
 
 def runs(cfg: dict) -> dict[str, object]:
     """Run name → sweep value, e.g. {'k1': 1, 'k2': 2}; for a grid, name → tuple of values, e.g.
-    {'k1-q8': (1, 8), ...} (every combination, the first axis outermost). Without a sweep, one run 'main'.
+    {'k1-q8': (1, 8), ...} (every combination, the first axis outermost). Without a sweep, one run named by
+    the experiment.
     With ``sweep.seeds: [0, 1, 2]`` every combination runs once per replicate: 'k1-s0', 'k1-s1', ..."""
     return {name: value for name, (value, _, _) in _table(cfg).items()}
 

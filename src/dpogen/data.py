@@ -9,6 +9,7 @@ split stays exactly the authors' for every pair that remains.
 from __future__ import annotations
 
 import hashlib
+import logging
 import json
 import random
 from collections import Counter
@@ -21,6 +22,7 @@ from . import gaussian, sources, synthetic, tables
 from .io import write_json, write_text
 from .sources import DataError
 
+log = logging.getLogger("dpogen")
 REQUIRED = ["concept", "cluster", "prompt", "chosen", "rejected"]
 __all__ = ["DataError", "prepare", "sample_id", "split_concepts", "validate_pairs"]
 
@@ -34,54 +36,89 @@ def sample_id(concept: str, prompt: str, chosen: str, rejected: str) -> str:
 def _where(df: pd.DataFrame, i: int, source: str) -> str:
     if "_file" in df.columns:
         return f"{df['_file'].iloc[i]}: {df['_row'].iloc[i]}"
-    return f"{source}: row {i}"
+    return f"{source}: row {i + 1}"
 
 
-def validate_pairs(df: pd.DataFrame, source: str) -> pd.DataFrame:
-    """Check a pair table; raise DataError naming file, field and row. Returns it with sample ids first."""
+MAX_REPORTED = 20  # bad rows listed in one error (with the total count)
+
+
+def _field(role: str, keys: dict | None) -> str:
+    """A field as the file names it, with the role it maps to when the names differ: 'question' (prompt)."""
+    key = (keys or {}).get(role, role)
+    return f"field '{key}'" + (f" ({role})" if key != role else "")
+
+
+def validate_pairs(df: pd.DataFrame, source: str, keys: dict | None = None) -> pd.DataFrame:
+    """Check a pair table; raise DataError naming, for up to the first 20 bad rows (and the total count), the
+    file, the 1-based line or row, the source's key and the role it maps to. ``keys``: role → the source's own
+    field name. Returns the table with sample ids first."""
     for col in REQUIRED:
         if col not in df.columns:
             raise DataError(f"{source}: missing column '{col}' (have {[c for c in df.columns if not c.startswith('_')]})")
+    problems: dict[int, str] = {}
     for col in ["concept", "prompt", "chosen", "rejected"]:
-        values = df[col].tolist()
-        for i, v in enumerate(values):
+        for i, v in enumerate(df[col].tolist()):
+            if i in problems:
+                continue
             if not isinstance(v, str):
-                raise DataError(f"{_where(df, i, source)}, field '{col}': expected a string, got "
-                                f"{type(v).__name__} ({v!r})")
-            if not v.strip():
-                raise DataError(f"{_where(df, i, source)}, field '{col}': empty")
-    same = (df["chosen"] == df["rejected"]).to_numpy().nonzero()[0]
-    if len(same):
-        i = int(same[0])
-        raise DataError(f"{_where(df, i, source)}, fields 'chosen'/'rejected': identical responses {df['chosen'].iloc[i]!r}")
+                problems[i] = f"{_field(col, keys)}: expected a string, got {type(v).__name__} ({v!r})"
+            elif not v.strip():
+                problems[i] = f"{_field(col, keys)}: empty"
+    for i in [i for i, (c, r) in enumerate(zip(df["chosen"].tolist(), df["rejected"].tolist())) if c == r]:
+        problems.setdefault(int(i), f"fields '{(keys or {}).get('chosen', 'chosen')}'/"
+                                    f"'{(keys or {}).get('rejected', 'rejected')}': identical responses "
+                                    f"{df['chosen'].iloc[int(i)]!r}")
     cluster = pd.to_numeric(df["cluster"], errors="coerce")
-    bad = (~cluster.isin([1, -1])).to_numpy().nonzero()[0]
-    if len(bad):
-        i = int(bad[0])
-        raise DataError(f"{_where(df, i, source)}, field 'cluster': must be +1 or -1, got {df['cluster'].iloc[i]!r}")
+    for i in (~cluster.isin([1, -1, 0])).to_numpy().nonzero()[0]:
+        problems.setdefault(int(i), f"{_field('cluster', keys)}: must be +1 or -1, got {df['cluster'].iloc[int(i)]!r}")
+    if problems:
+        rows = sorted(problems)
+        lines = [f"{_where(df, i, source)}, {problems[i]}" for i in rows[:MAX_REPORTED]]
+        if len(rows) == 1:
+            raise DataError(lines[0])
+        raise DataError(f"{len(rows)} bad rows" + (f" (the first {MAX_REPORTED})" if len(rows) > MAX_REPORTED else "")
+                        + ":\n  " + "\n  ".join(lines))
     df = df.copy()
     df["cluster"] = cluster.astype("int8")
     df.insert(0, "sample_id", [sample_id(*r) for r in df[["concept", "prompt", "chosen", "rejected"]].itertuples(index=False)])
     return df
 
 
-def split_concepts(frames: list[pd.DataFrame], test_fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+def split_concepts(frames: list[pd.DataFrame], test_fraction: float, seed: int,
+                   by: str = "pair") -> tuple[pd.DataFrame, pd.DataFrame]:
     """The authors' split: one generator seeded once; for each concept in order, its pairs in their order
-    are shuffled with ``random.shuffle`` and the first int((1 − test_fraction)·n) are train."""
+    are shuffled with ``random.shuffle`` and the first int((1 − test_fraction)·n) are train. ``by="prompt"``:
+    the same over each concept's distinct prompts (in first-seen order), every pair of a prompt following it,
+    so no held-out prompt is seen in training."""
     rng = random.Random(seed)
     train, test = [], []
     for df in frames:
-        n = len(df)
+        units = list(dict.fromkeys(df["prompt"])) if by == "prompt" else list(range(len(df)))
+        n = len(units)
         idx = list(range(n))
         rng.shuffle(idx)
         n_train = int((1 - test_fraction) * n)
         if n_train == 0 or n_train == n:
-            name = df["concept"].iloc[0] if n else "?"
-            raise DataError(f"{_where(df, 0, 'data') if n else name}, field 'concept': concept {name!r} has {n} "
-                            f"pair(s), too few to split with data.test_fraction={test_fraction}")
-        train.append(df.iloc[idx[:n_train]])
-        test.append(df.iloc[idx[n_train:]])
+            name = df["concept"].iloc[0] if len(df) else "?"
+            what = "distinct prompt(s)" if by == "prompt" else "pair(s)"
+            raise DataError(f"{_where(df, 0, 'data') if len(df) else name}, field 'concept': concept {name!r} has {n} "
+                            f"{what}, too few to split with data.test_fraction={test_fraction}")
+        if by == "prompt":
+            side = {units[u]: pos < n_train for pos, u in enumerate(idx)}
+            in_train = df["prompt"].map(side).to_numpy(bool)
+            train.append(df[in_train])
+            test.append(df[~in_train])
+        else:
+            train.append(df.iloc[idx[:n_train]])
+            test.append(df.iloc[idx[n_train:]])
     return pd.concat(train, ignore_index=True), pd.concat(test, ignore_index=True)
+
+
+def split_unit(frames: list[pd.DataFrame], setting: str | None) -> str:
+    """``data.split_by``, with null meaning prompt when any prompt repeats within a concept, else pair."""
+    if setting:
+        return setting
+    return "prompt" if any(f["prompt"].duplicated().any() for f in frames) else "pair"
 
 
 def cluster_preferences(df: pd.DataFrame) -> dict[tuple[str, int], tuple[str, str]]:
@@ -220,7 +257,8 @@ def card_markdown(card: dict) -> str:
         lines += [f"| {k} | {v} |" for k, v in sorted(card["counts"].items())]
         lines.append("")
     lines += ["| concept | cluster | split | pairs |", "|---|---|---|---|"]
-    lines += [f"| {r['concept']} | {r['cluster']:+d} | {r['split']} | {r['pairs']} |" for r in card["pairs"]]
+    lines += [f"| {r['concept']} | {r['cluster']:+d} | {r['split']} | {r['pairs']} |" if r["cluster"] else
+              f"| {r['concept']} | 0 (none) | {r['split']} | {r['pairs']} |" for r in card["pairs"]]
     others = {k: v for k, v in card.items() if k not in CARD_CORE}
     if others:
         lines += ["", "| field | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in sorted(others.items())]
@@ -241,26 +279,56 @@ def _concept_frames(cfg: dict, k: int | None, tokenizer) -> tuple[list[pd.DataFr
         frames = sources.load_persona(folder, names)
         info = {"personas": names, "persona_path": str(folder)}
     elif source in ("hf", "files"):
-        if source == "hf":
-            raw = sources.load_hf(cfg["hf"])
-        else:
-            paths = cfg["files"]["paths"]
-            if not paths:
-                raise DataError("data.files.paths: no files given")
-            raw = pd.concat([sources.read_file(f) for f in paths], ignore_index=True)
+        raw = _read_source(cfg)
         pairs = sources.to_pairs(raw, cfg, tokenizer)
-        names = sorted(pairs["concept"].unique())
-        if k:
-            if k > len(names):
-                raise DataError(f"data.k: K={k} is larger than the {len(names)} concept(s) in the data")
-            names = names[:k]
+        names = concept_set(sorted(pairs["concept"].unique()), k, cfg["persona"]["seed"])
         frames = [pairs[pairs["concept"] == c].reset_index(drop=True) for c in names]
-        info = {"concepts": names}
+        info = {"concepts": names, "cluster_plus_one": sources.cluster_answers(pairs[pairs["concept"].isin(names)])}
+        if pairs.attrs.get("expanded", {}).get("rows"):
+            info["expanded_lists"] = pairs.attrs["expanded"]
         if source == "hf" and sources.is_hub_dataset(cfg["hf"]["path"]):
             info["hf_revision"] = cfg["hf"]["revision"]  # the commit it was read at (pin_hf_revision)
+        keys = pairs.attrs.get("keys")
+        return [validate_pairs(f, source, keys) for f in frames], info
     else:
         raise DataError(f"data.source: unknown source {source!r}")
-    return [validate_pairs(f, source) for f in frames], info
+    return [validate_pairs(f, source, PERSONA_KEYS) for f in frames], info
+
+
+PERSONA_KEYS = {"prompt": "question", "chosen": "answer_matching_behavior", "rejected": "answer_not_matching_behavior"}
+
+
+def _read_source(cfg: dict) -> pd.DataFrame:
+    """The raw rows of a ``files`` or ``hf`` source, each with its file and row; with ``data.concept: file``
+    an ``hf`` source's data files are read one by one, so each row knows its file."""
+    if cfg["source"] == "hf":
+        hf = cfg["hf"]
+        files = hf.get("data_files")
+        if cfg.get("concept") == "file":
+            if not isinstance(files, list) or not files:
+                raise DataError("data.concept: file with the hf source needs data.hf.data_files as a list of files")
+            return pd.concat([sources.load_hf({**hf, "data_files": f}).assign(_file=f) for f in files],
+                             ignore_index=True)
+        return sources.load_hf(hf)
+    paths = cfg["files"]["paths"]
+    if not paths:
+        raise DataError("data.files.paths: no files given")
+    return pd.concat([sources.read_file(f) for f in paths], ignore_index=True)
+
+
+def concept_set(names: list[str], k: int | None, seed: int) -> list[str]:
+    """K concepts of a files or hf source, drawn the seeded way persona sets are (sources.persona_set, with
+    ``data.persona.seed``): sizes 1, 2, 4, 8, 16, ... from one generator, in the drawn order; K = every
+    concept (or null) takes them all, sorted by name."""
+    if not k or k == len(names):
+        return list(names)
+    if k > len(names):
+        raise DataError(f"data.k: K={k} is larger than the {len(names)} concept(s) in the data")
+    try:
+        return sources.persona_set(names, k, seed)
+    except (DataError, ValueError):
+        raise DataError(f"data.k: K={k} is neither all {len(names)} concepts nor one of the seeded set sizes "
+                        "1, 2, 4, 8, ... that fit in them (the draws persona sets are made by)") from None
 
 
 def prepare(cfg: dict, k: int | None, out_train, out_test, out_card_json, out_card_md, tokenizer=None,
@@ -285,7 +353,14 @@ def prepare(cfg: dict, k: int | None, out_train, out_test, out_card_json, out_ca
             n = cfg["pairs_per_concept"]
             frames = [f.iloc[np.sort(np.random.default_rng([cfg["seed"], i]).choice(len(f), n, replace=False))]
                       if len(f) > n else f for i, f in enumerate(frames)]
-        train, test = split_concepts(frames, cfg["test_fraction"], cfg["split_seed"])
+        # persona: the authors' split, pair by pair, unless asked otherwise
+        by = split_unit(frames, cfg.get("split_by") or ("pair" if cfg["source"] == "persona" else None))
+        train, test = split_concepts(frames, cfg["test_fraction"], cfg["split_seed"], by)
+        shared = int(test["prompt"].isin(set(train["prompt"])).sum())
+        info |= {"split_by": by, "test_pairs_with_a_train_prompt": shared}
+        if shared:
+            log.warning("data: %d test pair(s) share their prompt with a training pair (data.split_by: %s); "
+                        "data.split_by: prompt keeps each prompt on one side", shared, by)
     threshold = cfg.get("min_label_confidence")
     if threshold is not None:
         if "label_confidence" not in train.columns:

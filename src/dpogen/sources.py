@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 PERSONA_FIELDS = ["question", "statement", "label_confidence", "answer_matching_behavior",
@@ -152,7 +154,7 @@ def load_hf(cfg: dict) -> pd.DataFrame:
     except Exception as e:
         raise DataError(f"{where}: datasets.load_dataset failed ({_causes(e)})") from None
     df = ds.to_pandas()
-    df["_row"] = range(len(df))
+    df["_row"] = [f"row {i}" for i in range(1, len(df) + 1)]
     df["_file"] = where
     return df
 
@@ -280,6 +282,8 @@ def to_pairs(df: pd.DataFrame, cfg: dict, tokenizer=None) -> pd.DataFrame:
     message lists: the last message is the response and the rest the prompt, as in UltraFeedback-binarized);
     ``transcripts`` (full chosen and rejected texts; the prompt is their longest common prefix, cut back to
     the last ``prompt_end`` marker when one is configured, as in HH-RLHF). ``auto`` picks one from the data.
+    ``out.attrs``: ``keys`` (role → the source's own key, for messages) and ``expanded`` (the list rows
+    ``data.expand_lists`` expanded, and the pairs they became).
     """
     cols = cfg["columns"]
     for role in ("chosen", "rejected"):
@@ -289,13 +293,43 @@ def to_pairs(df: pd.DataFrame, cfg: dict, tokenizer=None) -> pd.DataFrame:
     fmt = cfg["format"]
     if fmt == "auto":
         fmt = _detect_format(df, cols)
+    expanded = {"rows": 0, "pairs": 0}
+    if fmt == "strings":
+        df, expanded = _expand_lists(df, cols, cfg.get("expand_lists", False))
     out = pd.DataFrame({"_file": df["_file"], "_row": df["_row"]})
+    out["prompt"], out["chosen"], out["rejected"] = _responses(df, cfg, fmt, tokenizer)
+    out["concept"] = _concepts(df, cfg)
+    kcol = cols.get("cluster")
+    if kcol:
+        if kcol not in df.columns:
+            raise DataError(f"{_where(df)}: missing column '{kcol}' (data.columns.cluster)")
+        values = pd.to_numeric(df[kcol], errors="coerce")
+        bad = (~values.isin([1, -1])).to_numpy().nonzero()[0]
+        if len(bad):
+            raise DataError(f"{_where(df, int(bad[0]))}, field '{kcol}' (cluster): must be +1 or -1, got "
+                            f"{df[kcol].iloc[int(bad[0])]!r} ({len(bad)} such row(s))")
+        out["cluster"] = values.to_numpy()
+    else:
+        out["cluster"] = derived_clusters(out)
+    for extra in cfg.get("keep_columns") or []:
+        if extra not in df.columns:
+            raise DataError(f"{_where(df)}: missing column '{extra}' (data.keep_columns)")
+        out[extra] = df[extra].to_numpy()
+    out.attrs["keys"] = {role: cols[role] for role in ("prompt", "chosen", "rejected")} | (
+        {"concept": cols["concept"]} if cols.get("concept") else {}) | ({"cluster": kcol} if kcol else {})
+    out.attrs["expanded"] = expanded
+    return out.reset_index(drop=True)
+
+
+def _responses(df: pd.DataFrame, cfg: dict, fmt: str, tokenizer) -> tuple[list, list, list]:
+    """(prompts, chosen, rejected) in the given format."""
+    cols = cfg["columns"]
     if fmt == "strings":
         if cols["prompt"] not in df.columns:
             raise DataError(f"{_where(df)}: missing column '{cols['prompt']}' (data.columns.prompt)")
-        out["prompt"], out["chosen"], out["rejected"] = df[cols["prompt"]], df[cols["chosen"]], df[cols["rejected"]]
-    elif fmt == "messages":
-        prompts, chosen, rejected = [], [], []
+        return list(df[cols["prompt"]]), list(df[cols["chosen"]]), list(df[cols["rejected"]])
+    prompts, chosen, rejected = [], [], []
+    if fmt == "messages":
         for i, (c, r) in enumerate(zip(df[cols["chosen"]], df[cols["rejected"]])):
             c, r = _messages(c, df, i, cols["chosen"]), _messages(r, df, i, cols["rejected"])
             if len(c) < 2 or len(r) < 2:
@@ -308,9 +342,8 @@ def to_pairs(df: pd.DataFrame, cfg: dict, tokenizer=None) -> pd.DataFrame:
             lead = "" if cfg["chat_template"] else " "
             chosen.append(lead + str(c[-1]["content"]))
             rejected.append(lead + str(r[-1]["content"]))
-        out["prompt"], out["chosen"], out["rejected"] = prompts, chosen, rejected
-    elif fmt == "transcripts":
-        prompts, chosen, rejected = [], [], []
+        return prompts, chosen, rejected
+    if fmt == "transcripts":
         marker = cfg.get("prompt_end")
         for i, (c, r) in enumerate(zip(df[cols["chosen"]], df[cols["rejected"]])):
             for field, v in ((cols["chosen"], c), (cols["rejected"], r)):
@@ -325,47 +358,107 @@ def to_pairs(df: pd.DataFrame, cfg: dict, tokenizer=None) -> pd.DataFrame:
             prompts.append(c[:n])
             chosen.append(c[n:])
             rejected.append(r[n:])
-        out["prompt"], out["chosen"], out["rejected"] = prompts, chosen, rejected
-    else:
-        raise DataError(f"data.format: unknown {fmt!r} (auto, strings, messages, transcripts)")
-    ccol, kcol = cols.get("concept"), cols.get("cluster")
-    if ccol:
+        return prompts, chosen, rejected
+    raise DataError(f"data.format: unknown {fmt!r} (auto, strings, messages, transcripts)")
+
+
+def _concepts(df: pd.DataFrame, cfg: dict) -> list[str]:
+    """Each row's concept, by ``data.concept``: the file's stem (``file``), the ``data.columns.concept`` column
+    (``column``), or one name (``single``: ``data.concept_name``, else "all"). Never a path: sample ids hash
+    the concept and must not depend on where the data lies."""
+    ccol = cfg["columns"].get("concept")
+    mode = cfg.get("concept") or ("column" if ccol else "single")
+    if mode == "file":
+        stems = {}
+        for f in dict.fromkeys(df["_file"]):
+            stem = Path(str(f)).stem
+            if stem in stems:
+                raise DataError(f"data.concept: file: {stems[stem]} and {f} have the same stem {stem!r}; "
+                                "one concept per file needs distinct file names")
+            stems[stem] = f
+        return [Path(str(f)).stem for f in df["_file"]]
+    if mode == "column":
+        if not ccol:
+            raise DataError("data.concept: column needs data.columns.concept (the column naming each pair's concept)")
         if ccol not in df.columns:
             raise DataError(f"{_where(df)}: missing column '{ccol}' (data.columns.concept)")
         missing = df[ccol].isna().to_numpy().nonzero()[0]
         if len(missing):
             raise DataError(f"{_where(df, int(missing[0]))}, field '{ccol}' (data.columns.concept): missing value; "
                             "every pair needs a concept")
-        out["concept"] = df[ccol].astype(str)
-    else:
-        out["concept"] = cfg.get("concept_name") or "all"
-    if kcol:
-        if kcol not in df.columns:
-            raise DataError(f"{_where(df)}: missing column '{kcol}' (data.columns.cluster)")
-        out["cluster"] = df[kcol]
-    else:
-        out["cluster"] = 1
-    for extra in cfg.get("keep_columns") or []:
-        if extra not in df.columns:
-            raise DataError(f"{_where(df)}: missing column '{extra}' (data.keep_columns)")
-        out[extra] = df[extra]
+        return list(df[ccol].astype(str))
+    return [cfg.get("concept_name") or "all"] * len(df)
+
+
+def derived_clusters(pairs: pd.DataFrame) -> list[int]:
+    """Clusters where the data define them: within a concept, when every pair's (chosen, rejected) is one of
+    two answer pairs that are each other's swap (" (A)" over " (B)", and " (B)" over " (A)"), the pairs of the
+    one whose chosen answer sorts first get +1 and the others −1 (persona's " Yes"/" No" is such a case);
+    any other concept gets cluster 0 (no clusters: the theory marks per-cluster quantities undefined)."""
+    cluster = pd.Series(0, index=pairs.index, dtype="int64")
+    for _, g in pairs.groupby("concept", sort=False):
+        answers = set(zip(g["chosen"], g["rejected"]))
+        if len(answers) == 2:
+            (a, b), (c, d) = sorted(answers)
+            if (a, b) == (d, c):
+                cluster[g.index] = np.where(g["chosen"] == a, 1, -1)
+    return cluster.tolist()
+
+
+def cluster_answers(pairs: pd.DataFrame) -> dict[str, str]:
+    """Per concept, which answer pair is cluster +1 (for the card), e.g. {"c": "' (A)' over ' (B)'"}."""
+    out = {}
+    for concept, g in pairs[pairs["cluster"] == 1].groupby("concept", sort=True):
+        c, r = Counter(zip(g["chosen"], g["rejected"])).most_common(1)[0][0]
+        out[str(concept)] = f"{c!r} over {r!r}"
     return out
+
+
+def _expand_lists(df: pd.DataFrame, cols: dict, expand: bool) -> tuple[pd.DataFrame, dict]:
+    """``data.expand_lists``: a row whose chosen or rejected value is a list of strings becomes one pair per
+    element (both lists: every combination); without it such a row is an error naming the option."""
+    listed = [i for i, (c, r) in enumerate(zip(df[cols["chosen"]], df[cols["rejected"]]))
+              if _is_list(c) or _is_list(r)]
+    if not listed:
+        return df, {"rows": 0, "pairs": 0}
+    if not expand:
+        i = listed[0]
+        key = cols["chosen"] if _is_list(df[cols["chosen"]].iloc[i]) else cols["rejected"]
+        raise DataError(f"{_where(df, i)}, field '{key}': a list of {len(list(df[key].iloc[i]))} answers "
+                        f"({len(listed)} such row(s)); set data.expand_lists: true for one pair per answer")
+    rows = []
+    for i in range(len(df)):
+        rec = df.iloc[i]
+        cs = list(rec[cols["chosen"]]) if _is_list(rec[cols["chosen"]]) else [rec[cols["chosen"]]]
+        rs = list(rec[cols["rejected"]]) if _is_list(rec[cols["rejected"]]) else [rec[cols["rejected"]]]
+        for c in cs:
+            for r in rs:
+                rows.append(rec.to_dict() | {cols["chosen"]: c, cols["rejected"]: r})
+    out = pd.DataFrame(rows, columns=df.columns)
+    return out, {"rows": len(listed), "pairs": len(out) - (len(df) - len(listed))}
 
 
 def _is_list(v) -> bool:
     return isinstance(v, (list, tuple)) or (hasattr(v, "tolist") and not isinstance(v, str))
 
 
+def _kind(v) -> str:
+    if not _is_list(v):
+        return "a string"
+    items = v.tolist() if hasattr(v, "tolist") else list(v)
+    return "a message list" if items and all(isinstance(m, dict) for m in items) else "a list"
+
+
 def _detect_format(df: pd.DataFrame, cols: dict) -> str:
-    """``format: auto`` from every row, not the first: message lists give ``messages``, strings give
-    ``strings`` (with a prompt column) or ``transcripts``; a mix is an error naming the first odd row."""
-    kinds = [_is_list(v) for v in df[cols["chosen"]]]
+    """``format: auto`` from every row, not the first: message lists give ``messages``, strings (or lists of
+    strings, for data.expand_lists) give ``strings`` (with a prompt column) or ``transcripts``; message lists
+    mixed with anything else are an error naming the first odd row."""
+    kinds = [_kind(v) == "a message list" for v in df[cols["chosen"]]]
     if any(kinds) and not all(kinds):
         odd = kinds.index(not kinds[0])
-        raise DataError(f"{_where(df, odd)}, field '{cols['chosen']}': "
-                        f"{'a message list' if kinds[odd] else 'a string'}, but {_where(df, 0)} has "
-                        f"{'a message list' if kinds[0] else 'a string'}; data.format auto needs one kind in "
-                        "every row (or set data.format)")
+        first, other = (_kind(df[cols["chosen"]].iloc[j]) for j in (0, odd))
+        raise DataError(f"{_where(df, odd)}, field '{cols['chosen']}': {other}, but {_where(df, 0)} has {first}; "
+                        "data.format auto needs one kind in every row (or set data.format)")
     if kinds and kinds[0]:
         return "messages"
     return "strings" if cols["prompt"] in df.columns else "transcripts"

@@ -156,11 +156,12 @@ def geometry(features: np.ndarray, concept: np.ndarray, cluster: np.ndarray) -> 
     n, d = X.shape
     names = sorted(set(concept))
     mu = {}
-    for c in names:
-        for s in (1, -1):
+    for c in names:  # cluster 0: the data define no clusters for the concept (data.sources.derived_clusters)
+        for s in sorted({1, -1} | set(np.unique(cluster[concept == c]).tolist()), reverse=True):
             m = (concept == c) & (cluster == s)
             mu[(c, s)] = X[m].mean(0) if m.any() else np.full(d, np.nan)
     cvec = {c: (mu[(c, 1)] - mu[(c, -1)]) / 2 for c in names}
+    unclustered = {c for c in names if ((concept == c) & (cluster == 0)).any()}
     scale = concept_scale(X, concept, cluster)
     X = X / scale
     cvec = {c: v / scale for c, v in cvec.items()}
@@ -180,8 +181,10 @@ def geometry(features: np.ndarray, concept: np.ndarray, cluster: np.ndarray) -> 
     rows += [{"quantity": "b_hat", "concept": "", "concept_b": str(i), "value": float(x)} for i, x in enumerate(b)]
     for c in names:
         if np.isnan(cvec[c]).any():
-            rows.append({"quantity": "concept_norm", "concept": c, "concept_b": "", "value": math.nan,
-                         "note": "undefined: the concept has no pair in one of its clusters"})
+            why = ("undefined: the data define no clusters for this concept (cluster 0: its answers are not two "
+                   "swapped pairs; data.columns.cluster gives them)" if c in unclustered else
+                   "undefined: the concept has no pair in one of its clusters")
+            rows.append({"quantity": "concept_norm", "concept": c, "concept_b": "", "value": math.nan, "note": why})
 
     def cos(a, b_):
         na, nb = np.linalg.norm(a), np.linalg.norm(b_)
