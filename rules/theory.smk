@@ -17,6 +17,8 @@ rule theory:
         geometry=f"{RUN}/theory/geometry.parquet",
         predicted=f"{RUN}/theory/predicted.parquet",
         dynamics=f"{RUN}/theory/dynamics.parquet",
+        attribution=f"{RUN}/theory/attribution.parquet",
+        interference=f"{RUN}/theory/interference.parquet",
     log:
         f"{LOGS}/theory/{{run}}.log",
     conda:

@@ -316,7 +316,7 @@ def test_check_refuses_a_run_over_the_gpu_memory():
     with pytest.raises(ConfigError) as e:
         P.check(cfg)
     msg = str(e.value)
-    assert "run main" in msg and "stage dpo" in msg and "optimizer (16.1 GB)" in msg and "30 GB" in msg
+    assert "run synthetic-persona" in msg and "stage dpo" in msg and "optimizer (16.1 GB)" in msg and "30 GB" in msg
     assert "38.7 GB" in msg
     cfg["resources"]["gpu_mem_gb"] = 60
     P.check(cfg)  # 38.7 GB fits
@@ -325,7 +325,7 @@ def test_check_refuses_a_run_over_the_gpu_memory():
 def test_check_refuses_more_processes_than_gpus():
     cfg = pretrained(BIG["mistral-7b-v0.3"])
     cfg["resources"] = {"gpu_mem_gb": None, "gpus": 2}
-    with pytest.raises(ConfigError, match=r"dpo.processes: run main, stage ref_logps asks for 4 GPUs.*gpus=2"):
+    with pytest.raises(ConfigError, match=r"dpo.processes: run synthetic-persona, stage ref_logps asks for 4 GPUs.*gpus=2"):
         P.check(cfg)
     cfg["dpo"]["device"] = "cpu"  # CPU processes ask for no GPU
     P.check(cfg)

@@ -27,3 +27,5 @@ with job(snakemake):
     tables.write_geometry(out["geometry"], o.geometry)
     tables.write_predicted(out["predicted"], o.predicted)
     tables.write_dynamics(out["dynamics"], o.dynamics)
+    tables.write_attribution(out["attribution"], o.attribution)
+    tables.write_interference(out["interference"], o.interference)

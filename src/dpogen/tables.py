@@ -133,6 +133,32 @@ PREDICTED = pa.schema(
     ]
 )
 
+# Each pair's margin at a checkpoint split over the training (concept, cluster) groups (dpogen.attribution).
+ATTRIBUTION = pa.schema(
+    [
+        ("step", pa.int64()),
+        ("split", pa.string()),
+        ("sample_id", pa.string()),
+        ("concept", pa.string()),
+        ("train_concept", pa.string()),
+        ("train_cluster", pa.int8()),
+        ("contribution", pa.float64()),
+        ("method", pa.string()),
+    ]
+)
+
+# Per checkpoint: training concept c's mean contribution to held-out concept c′'s margins, and its share.
+INTERFERENCE = pa.schema(
+    [
+        ("step", pa.int64()),
+        ("concept", pa.string()),
+        ("train_concept", pa.string()),
+        ("mean_contribution", pa.float64()),
+        ("share", pa.float64()),
+        ("method", pa.string()),
+    ]
+)
+
 DYNAMICS = pa.schema(
     [
         ("step", pa.int64()),
@@ -308,6 +334,14 @@ def write_predicted(df, path) -> None:
 
 def write_dynamics(df, path) -> None:
     write(df, DYNAMICS, path)
+
+
+def write_attribution(df, path) -> None:
+    write(df, ATTRIBUTION, path)
+
+
+def write_interference(df, path) -> None:
+    write(df, INTERFERENCE, path)
 
 
 def margin_errors(margin):

@@ -382,7 +382,12 @@ def run_theory(train: pd.DataFrame, card: dict, features: np.ndarray, ref: pd.Da
         dyn = pd.DataFrame([{"step": -1, "split": "", "measured_margin": np.nan, "predicted_margin": np.nan,
                              "measured_error": np.nan, "predicted_error": np.nan, "r_L": np.nan, "r_U": np.nan,
                              "tau1_steps": np.nan, "eta": np.nan, "method": dyn, "prediction_rel_error": np.nan}])
+    from .attribution import attribution
+
+    att, inter = attribution(features, ref, margins, dpo_cfg, attribution_reason(applies, dyn, dpo_cfg, margins))
     return {
+        "attribution": att,
+        "interference": inter,
         "claims": claims(per_pair if applies else None, dyn, bounds, conds, dpo_cfg),
         "geometry": geo,
         "conditions": conds,
@@ -391,6 +396,24 @@ def run_theory(train: pd.DataFrame, card: dict, features: np.ndarray, ref: pd.Da
         "predicted": per_pair,
         "dynamics": dyn,
     }
+
+
+ATTRIBUTION_CELLS = 50_000_000  # pairs × training groups × checkpoints the exact split is computed for
+
+
+def attribution_reason(applies: bool, dyn: pd.DataFrame, dpo_cfg: dict, margins: pd.DataFrame) -> str | None:
+    """Why the exact attribution is not computed for this run (None: it is)."""
+    if not applies:
+        return f"not computed: {dyn['method'].iloc[0]}"
+    if not prediction_method(dpo_cfg).startswith("exact"):
+        return (f"not computed: outside the theorems' regime (last_layer, full-batch sgd); this run: "
+                f"{dyn['method'].iloc[0]}; estimates for other regimes are not built")
+    first = margins[margins["step"] == margins["step"].min()]
+    cells = len(first) * first[first["split"] == "train"].groupby(["concept", "cluster"]).ngroups * \
+        margins["step"].nunique()
+    if cells > ATTRIBUTION_CELLS:
+        return f"not computed: {cells} cells (pairs x training groups x checkpoints), over {ATTRIBUTION_CELLS}"
+    return None
 
 
 # ------------------------------------------------------------------------------- predicted dynamics
@@ -412,7 +435,7 @@ def loss_weight(r: np.ndarray, beta: float, loss: str = "sigmoid", label_smoothi
 
 
 def predicted_margins(g_train, w_train, l_train, g_all, w_all, l_all, *, beta: float, lr: float, steps: int,
-                      checkpoints, loss: str = "sigmoid", label_smoothing: float = 0.0) -> dict[int, np.ndarray]:
+                      checkpoints, loss: str = "sigmoid", label_smoothing: float = 0.0, groups=None):
     """Margins of every pair (train or unseen) under full-batch gradient descent on the LM head alone,
     from the recursion of THEORY.md section 2, in fp64:
 
@@ -421,28 +444,37 @@ def predicted_margins(g_train, w_train, l_train, g_all, w_all, l_all, *, beta: f
     C is never formed: Σ_i v_i C_ij = (y_w,j − y_l,j)ᵀ M g_j with M = Σ_i v_i (y_w,i − y_l,i) g_iᵀ, kept
     only on the rows of tokens that occur, so a step costs O((N + n) d) memory and time.
     ``w_*``/``l_*`` are the chosen/rejected token ids; the training pairs must be the first N of ``*_all``.
+    Returns {checkpoint: margins}. With ``groups`` (a group index per training pair, 0..G−1) the sum over i
+    is split by group, and it returns ({checkpoint: margins}, {checkpoint: (n, G) contributions}): each
+    pair's margin is the sum of its G contributions, the exact attribution of the theorems' regime.
     """
     g_train, g_all = np.asarray(g_train, np.float64), np.asarray(g_all, np.float64)
     toks, inv = np.unique(np.concatenate([w_train, l_train, w_all, l_all]), return_inverse=True)
     n_tr, n_all = len(w_train), len(w_all)
     wt, lt = inv[:n_tr], inv[n_tr: 2 * n_tr]
     wa, la = inv[2 * n_tr: 2 * n_tr + n_all], inv[2 * n_tr + n_all:]
-    r_all = np.zeros(n_all)
-    r_tr = np.zeros(n_tr)
-    out = {0: r_all.copy()} if 0 in checkpoints else {}
+    split = groups is not None
+    groups = np.zeros(n_tr, int) if groups is None else np.asarray(groups, int)
+    members = [np.flatnonzero(groups == g) for g in range(int(groups.max()) + 1 if n_tr else 0)]
+    contrib = np.zeros((n_all, len(members)))
+    out, parts = ({0: np.zeros(n_all)}, {0: contrib.copy()}) if 0 in checkpoints else ({}, {})
     scale = lr * beta**2 / n_tr
     D = np.zeros((n_tr, len(toks)))  # y_w,i − y_l,i on the tokens that occur
     D[np.arange(n_tr), wt] += 1.0
     D[np.arange(n_tr), lt] -= 1.0
+    rows = np.arange(n_all)
+    r_tr = np.zeros(n_tr)
     for k in range(1, steps + 1):
         v = loss_weight(r_tr, beta, loss, label_smoothing)
-        Mt = (D * v[:, None]).T @ g_train  # Σ_i v_i (y_w,i − y_l,i) g_iᵀ, one row per token
-        P = g_all @ Mt.T  # (n, tokens): every pair's g against every token's row
-        r_all = r_all + scale * (P[np.arange(n_all), wa] - P[np.arange(n_all), la])
+        for g, idx in enumerate(members):
+            Mt = (D[idx] * v[idx, None]).T @ g_train[idx]  # Σ_{i in g} v_i (y_w,i − y_l,i) g_iᵀ, a row per token
+            P = g_all @ Mt.T  # (n, tokens): every pair's g against every token's row
+            contrib[:, g] += scale * (P[rows, wa] - P[rows, la])
+        r_all = contrib.sum(axis=1)
         r_tr = r_all[:n_tr]
         if k in checkpoints:
-            out[k] = r_all.copy()
-    return out
+            out[k], parts[k] = r_all.copy(), contrib.copy()
+    return (out, parts) if split else out
 
 
 def envelope(beta: float, K: int, eta: float, scale: float = 1.0) -> dict[str, float]:

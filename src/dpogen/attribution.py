@@ -1,0 +1,80 @@
+"""Why more concepts hurt: each margin split over the training concepts (and clusters) that moved it.
+
+In the theorems' regime (the LM head alone, full-batch sgd, single-token answers) the recursion of THEORY.md
+section 2 is exact and linear in the per-step sum over training pairs, so every pair's margin at a
+checkpoint splits exactly into the parts each training (concept, cluster) contributed:
+Δr_j = η (β²/N) Σ_k Σ_{i in group} w_i(k) C_ij, w_i(k) = −f′(r_i(k)). Elsewhere nothing is computed
+and the tables say why (the estimates for Adam, mini-batches, full and LoRA training are not built).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+METHOD_EXACT = "exact: the recursion split over training (concept, cluster), theorems' regime"
+
+
+def attribution(features: np.ndarray, ref: pd.DataFrame, margins: pd.DataFrame, dpo_cfg: dict,
+                reason: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(per-pair attribution, K×K interference) for one run. ``reason``: why the exact split does not apply
+    (then both tables hold one row saying so). Per pair j, checkpoint and training (concept, cluster): the
+    contribution to r_j; the contributions of a pair sum to its predicted margin (= the measured one, to the
+    precision of the recursion claim)."""
+    from .theory import predicted_margins
+
+    if reason:
+        return _not_computed(reason)
+    first = margins[margins["step"] == margins["step"].min()].set_index("sample_id")
+    tr = (ref["split"] == "train").to_numpy()
+    n = int(tr.sum())
+    ids = ref["sample_id"].to_numpy()
+    concept = first.loc[ids, "concept"].astype(str).to_numpy()
+    cluster = first.loc[ids, "cluster"].astype(int).to_numpy()
+    keys = sorted(set(zip(concept[:n], cluster[:n])))
+    group = {k: g for g, k in enumerate(keys)}
+    groups = np.array([group[(c, s)] for c, s in zip(concept[:n], cluster[:n])])
+    w, lo = ref["token_chosen"].to_numpy(), ref["token_rejected"].to_numpy()
+    g = np.asarray(features, np.float64)
+    kw = dict(loss=dpo_cfg["loss"] if dpo_cfg["loss"] != "ipo_norm" else "ipo",
+              label_smoothing=dpo_cfg["label_smoothing"])
+    checkpoints = sorted(int(s) for s in margins["step"].unique())
+    _, parts = predicted_margins(g[:n], w[:n], lo[:n], g, w, lo, beta=dpo_cfg["beta"], lr=float(dpo_cfg["lr"]),
+                                 steps=max(checkpoints), checkpoints=checkpoints, groups=groups, **kw)
+    split = ref["split"].to_numpy()
+    frames = []
+    for step, P in parts.items():
+        for gi, (c, s) in enumerate(keys):
+            frames.append(pd.DataFrame({"step": step, "split": split, "sample_id": ids, "concept": concept,
+                                        "train_concept": c, "train_cluster": s, "contribution": P[:, gi]}))
+    att = pd.concat(frames, ignore_index=True).assign(method=METHOD_EXACT)
+    return att, interference(att)
+
+
+def interference(att: pd.DataFrame) -> pd.DataFrame:
+    """Per checkpoint, held-out concept c′ and training concept c: the mean contribution of c's training pairs
+    to the margins of c′'s held-out pairs, and its share of their mean margin."""
+    test = att[att["split"] == "test"]
+    by_concept = test.groupby(["step", "sample_id", "concept", "train_concept"], sort=False)["contribution"].sum()
+    mean = by_concept.groupby(["step", "concept", "train_concept"]).mean().rename("mean_contribution").reset_index()
+    total = mean.groupby(["step", "concept"])["mean_contribution"].transform("sum")
+    mean["share"] = mean["mean_contribution"] / total.where(total != 0)
+    return mean.assign(method=att["method"].iloc[0] if len(att) else "")
+
+
+def cross_concept_share(inter: pd.DataFrame) -> pd.Series:
+    """Per checkpoint: the share of the held-out margins that comes from other concepts' training pairs
+    (the mean over held-out concepts of Σ_{c ≠ c′} contribution / margin)."""
+    if inter.empty or inter["mean_contribution"].isna().all():
+        return pd.Series(dtype=float)
+    other = inter[inter["concept"] != inter["train_concept"]].groupby(["step", "concept"])["share"].sum()
+    return other.groupby("step").mean()
+
+
+def _not_computed(reason: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    nan = np.nan
+    att = pd.DataFrame([{"step": -1, "split": "", "sample_id": "", "concept": "", "train_concept": "",
+                         "train_cluster": 0, "contribution": nan, "method": reason}])
+    inter = pd.DataFrame([{"step": -1, "concept": "", "train_concept": "", "mean_contribution": nan, "share": nan,
+                           "method": reason}])
+    return att, inter
