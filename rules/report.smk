@@ -9,6 +9,7 @@ rule run_report:
         bounds=f"{RUN}/theory/bounds.parquet",
         geometry=f"{RUN}/theory/geometry.parquet",
         dynamics=f"{RUN}/theory/dynamics.parquet",
+        interference=f"{RUN}/theory/interference.parquet",
     output:
         summary=f"{RUN}/report/summary.csv",
         figure=report(
@@ -32,11 +33,19 @@ rule run_report:
             subcategory="{run}",
             labels={"run": "{run}", "figure": "predicted margin dynamics"},
         ),
+        interference=report(
+            f"{RUN}/report/interference.png",
+            caption="../report/interference.rst",
+            category="theory",
+            subcategory="{run}",
+            labels={"run": "{run}", "figure": "interference between concepts"},
+        ),
         # every figure also as PDF and SVG (dpogen.figures.save_fig)
         vector=vector(
             f"{RUN}/report/margins.png",
             f"{RUN}/report/geometry.png",
             f"{RUN}/report/dynamics.png",
+            f"{RUN}/report/interference.png",
         ),
     log:
         f"{LOGS}/run_report/{{run}}.log",
@@ -78,7 +87,17 @@ rule summary:
             category="sweep",
             labels={"figure": "test error vs K"},
         ),
-        vector=vector(f"{OUT}/margins_by_run.png", f"{OUT}/error_vs_k.png"),
+        interference=report(
+            f"{OUT}/interference_vs_k.png",
+            caption="../report/interference_vs_k.rst",
+            category="sweep",
+            labels={"figure": "interference vs K"},
+        ),
+        vector=vector(
+            f"{OUT}/margins_by_run.png",
+            f"{OUT}/error_vs_k.png",
+            f"{OUT}/interference_vs_k.png",
+        ),
     log:
         f"{LOGS}/summary.log",
     conda:

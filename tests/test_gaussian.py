@@ -284,3 +284,10 @@ def test_workflow_grid_runs_the_scaling_study(tmp_path):
         assert row["Q_star"] == (int(ok["Q"].iloc[0]) if len(ok) else -1)
     assert (out / "scaling.png").read_bytes()[:4] == b"\x89PNG"
     assert "The theorems' statements" in (out / "summary.md").read_text()
+    # the exact attribution: each pair's contributions sum to its measured margin, at every checkpoint
+    att = pd.read_parquet(out / "k2-q32" / "theory" / "attribution.parquet")
+    m = tables.read_margins(out / "k2-q32" / "dpo" / "margins.parquet").set_index(["step", "sample_id"])["margin"]
+    total = att.groupby(["step", "sample_id"])["contribution"].sum()
+    assert np.abs(total - m.loc[total.index]).max() <= 1e-9 * max(1.0, m.abs().max())
+    assert np.isfinite(final.loc[["k2-q4", "k2-q32"], "cross_concept_share"]).all()
+    assert (out / "interference_vs_k.png").exists() and (out / "k2-q32" / "report" / "interference.svg").exists()

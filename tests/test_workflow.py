@@ -169,8 +169,9 @@ def test_html_report_in_a_real_browser(wf):
     finally:
         browser.close()
     figures = [e for e in entries if e["mime"].startswith("image/")]
-    expected = {f"results/tiny/{run}/report/{name}.png" for run in RUNS for name in ("margins", "geometry", "dynamics")}
-    expected |= {"results/tiny/margins_by_run.png", "results/tiny/error_vs_k.png"}
+    expected = {f"results/tiny/{run}/report/{name}.png" for run in RUNS
+                for name in ("margins", "geometry", "dynamics", "interference")}
+    expected |= {"results/tiny/margins_by_run.png", "results/tiny/error_vs_k.png", "results/tiny/interference_vs_k.png"}
     assert {e["path"] for e in figures} == expected
     for e in figures:
         assert e["width"] == Image.open(wf["work"] / e["path"]).width, e["path"]

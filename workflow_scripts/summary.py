@@ -26,3 +26,4 @@ with job(snakemake):
     report.write_markdown(report.markdown(snakemake.params.experiment, s, meta, claims), snakemake.output.md)
     figures.plot_margins_across(s, snakemake.params.sweep_label, snakemake.output.margins)
     figures.plot_error_vs_k(report.final_rows(s), fit, snakemake.output.error)
+    figures.plot_interference_vs_k(report.final_rows(s), snakemake.output.interference)

@@ -254,3 +254,55 @@ def plot_scaling(summary: pd.DataFrame, table: pd.DataFrame, path) -> None:
         ax.set_title(table["fit_Q_star_vs_logK"].iloc[0])
         ax.legend()
     save_fig(fig, path)
+
+
+def plot_interference(inter: pd.DataFrame, title: str, path) -> None:
+    """The K×K interference matrix at the last checkpoint: training concept c's mean contribution to the
+    margins of held-out concept c′'s pairs (diverging colours around 0); or why it was not computed."""
+    with plt.rc_context(STYLE):
+        if inter.empty or inter["step"].max() < 0:
+            fig, ax = plt.subplots(figsize=(7, 3))
+            ax.text(0.5, 0.5, inter["method"].iloc[0] if len(inter) else "no attribution", ha="center",
+                    va="center", wrap=True)
+            ax.set_axis_off()
+        else:
+            last = inter[inter["step"] == inter["step"].max()]
+            names = sorted(set(last["concept"]) | set(last["train_concept"]))
+            m = last.pivot(index="concept", columns="train_concept", values="mean_contribution").reindex(
+                index=names, columns=names).to_numpy()
+            lim = float(np.nanmax(np.abs(m))) or 1.0
+            fig, ax = plt.subplots(figsize=(2.2 + 0.55 * len(names), 1.6 + 0.5 * len(names)), layout="constrained")
+            im = ax.imshow(m, vmin=-lim, vmax=lim, cmap="PuOr_r")
+            short = [n if len(n) < 22 else n[:9] + "…" + n[-9:] for n in names]
+            ax.set_xticks(range(len(names)), short, rotation=90)
+            ax.set_yticks(range(len(names)), short)
+            ax.set_xlabel("training concept c")
+            ax.set_ylabel("held-out concept c′")
+            ax.set_title(f"mean contribution to held-out margins, step {int(last['step'].iloc[0])}")
+            fig.colorbar(im, ax=ax, fraction=0.046, label="margin")
+        fig.suptitle(title)
+    save_fig(fig, path)
+
+
+def plot_interference_vs_k(final: pd.DataFrame, path) -> None:
+    """The share of each held-out concept's margin that comes from other concepts' training pairs, against K
+    (the theorems' regime only; with replicates, means and 95% intervals)."""
+    from .report import across_replicates
+
+    agg = across_replicates(final, []).sort_values("K")
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        ok = agg[np.isfinite(agg["cross_concept_share"])] if "cross_concept_share" in agg else agg.iloc[0:0]
+        if ok.empty:
+            ax.text(0.5, 0.5, "no run in the theorems' regime:\nno exact attribution", ha="center", va="center")
+            ax.set_axis_off()
+        else:
+            yerr = (np.vstack([ok["cross_concept_share"] - ok["cross_concept_share_lo"],
+                               ok["cross_concept_share_hi"] - ok["cross_concept_share"]]) if (ok["n"] > 1).any() else None)
+            ax.errorbar(ok["K"], ok["cross_concept_share"], yerr=yerr, fmt="o-", color=OKABE_ITO[0], capsize=3,
+                        label="from other concepts' training pairs")
+            ax.axhline(0, color="grey", lw=0.8)
+            ax.set_xlabel("K (number of concepts)")
+            ax.set_ylabel("share of the held-out margin")
+            ax.legend()
+    save_fig(fig, path)

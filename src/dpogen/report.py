@@ -14,7 +14,7 @@ from .io import atomic_path, write_text
 
 def run_summary(run: str, sweep_value, margins: pd.DataFrame, certs: pd.DataFrame, bounds: pd.DataFrame,
                 card: dict, dynamics: pd.DataFrame | None = None, group: str | None = None,
-                replicate: int | None = None) -> pd.DataFrame:
+                replicate: int | None = None, interference: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per checkpoint step: mean margins and errors of each split, certificate and bounds; with the
     theory stage's dynamics, τ_1 in steps and the errors at the checkpoint read as τ_1 (the one the claims
     are read at)."""
@@ -45,6 +45,10 @@ def run_summary(run: str, sweep_value, margins: pd.DataFrame, certs: pd.DataFram
     wide["step_tau1"] = k1 if k1 is not None else -1
     for col in ("train_error", "test_error", "test_error_upper", "train_margin_mean", "test_margin_mean"):
         wide[f"{col}_tau1"] = float(at[col].iloc[0]) if len(at) and col in at else math.nan
+    from .attribution import cross_concept_share
+
+    share = cross_concept_share(interference) if interference is not None else pd.Series(dtype=float)
+    wide["cross_concept_share"] = wide["step"].map(share).astype(float)  # NaN outside the theorems' regime
     return wide
 
 
@@ -54,7 +58,8 @@ def final_rows(summary: pd.DataFrame) -> pd.DataFrame:
 
 # the numbers a table or figure across runs shows, as a mean and a 95% interval over replicates
 METRICS = ("train_margin_mean", "test_margin_mean", "train_error", "test_error", "test_error_upper",
-           "bound_v3", "bound_v5", "train_error_tau1", "test_error_tau1", "test_error_upper_tau1")
+           "bound_v3", "bound_v5", "train_error_tau1", "test_error_tau1", "test_error_upper_tau1",
+           "cross_concept_share")
 
 
 def _groups(df: pd.DataFrame) -> pd.Series:
