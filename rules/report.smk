@@ -10,8 +10,10 @@ rule run_report:
         geometry=f"{RUN}/theory/geometry.parquet",
         dynamics=f"{RUN}/theory/dynamics.parquet",
         interference=f"{RUN}/theory/interference.parquet",
+        train=f"{RUN}/data/train.parquet",
     output:
         summary=f"{RUN}/report/summary.csv",
+        pair_map=f"{RUN}/dpo/pair_map.parquet",
         figure=report(
             f"{RUN}/report/margins.png",
             caption="../report/run_margins.rst",
@@ -40,12 +42,20 @@ rule run_report:
             subcategory="{run}",
             labels={"run": "{run}", "figure": "interference between concepts"},
         ),
+        pair_figure=report(
+            f"{RUN}/report/pair_map.png",
+            caption="../report/pair_map.rst",
+            category="dpo",
+            subcategory="{run}",
+            labels={"run": "{run}", "figure": "pair map"},
+        ),
         # every figure also as PDF and SVG (dpogen.figures.save_fig)
         vector=vector(
             f"{RUN}/report/margins.png",
             f"{RUN}/report/geometry.png",
             f"{RUN}/report/dynamics.png",
             f"{RUN}/report/interference.png",
+            f"{RUN}/report/pair_map.png",
         ),
     log:
         f"{LOGS}/run_report/{{run}}.log",

@@ -169,3 +169,39 @@ def test_report_to_tensorboard_writes_trls_metric_names(tmp_path, tiny_model_dir
     m = tables.read_margins(out / "margins.parquet")
     held = m[m["split"] == "test"].groupby("step")["margin"].mean()
     assert {e.step: e.value for e in ev.Scalars("eval/rewards/margins")} == pytest.approx(held.to_dict(), rel=1e-6)
+
+
+def test_the_pair_map_finds_flipped_pairs_by_low_confidence(tmp_path):
+    from dpogen.pairmap import flip_auroc, pair_map, to_inspect
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(40):
+        flipped = i < 4
+        for step in (0, 5, 10):
+            m = 0.0 if step == 0 else (-0.2 if flipped else 0.5) * step / 5 + rng.normal(0, 0.05)
+            rows.append({"step": step, "split": "train", "sample_id": f"p{i}", "concept": "c", "cluster": 1,
+                         "margin": m})
+    rows.append({"step": 5, "split": "test", "sample_id": "t0", "concept": "c", "cluster": 1, "margin": np.nan})
+    pm = pair_map(pd.DataFrame(rows), pd.Series({f"p{i}": i < 4 for i in range(40)}))
+    assert flip_auroc(pm) == pytest.approx(1.0)
+    assert set(to_inspect(pm, "train", 4)["sample_id"]) == {"p0", "p1", "p2", "p3"}
+    t0 = pm.set_index("sample_id").loc["t0"]
+    assert t0["correct_fraction"] == 0.0 and not t0["flipped"]  # a NaN margin is never right
+    assert pm.set_index("sample_id").loc["p10", "correct_fraction"] == 1.0
+    figures.plot_pair_map(pm, flip_auroc(pm), "t", tmp_path / "pm.png")
+    assert "AUROC 1.000" in (tmp_path / "pm.svg").read_text()
+
+
+def test_flip_fraction_swaps_a_seeded_share_of_training_pairs():
+    from dpogen.data import flip_labels
+    from dpogen.synthetic import SyntheticSpec, generate
+    from dpogen.data import validate_pairs
+
+    spec = SyntheticSpec.from_config(yaml.safe_load((REPO / "config" / "config.yaml").read_text())["data"]["synthetic"])
+    train = validate_pairs(generate(2, 20, 2, spec)[0], "train")
+    a, b = flip_labels(train, 0.05, 0), flip_labels(train, 0.05, 0)
+    assert a["flipped"].sum() == 4 and a["flipped"].tolist() == b["flipped"].tolist()
+    f = a[a["flipped"]]
+    orig = train.loc[f.index]
+    assert (f["chosen"].to_numpy() == orig["rejected"].to_numpy()).all() and not f["sample_id"].isin(orig["sample_id"]).any()

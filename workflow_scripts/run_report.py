@@ -9,15 +9,22 @@ import json  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from dpogen import figures, report, tables  # noqa: E402
+from dpogen.pairmap import flip_auroc, pair_map  # noqa: E402
 from dpogen.workflow import job  # noqa: E402
 
 with job(snakemake):
     i = snakemake.input
     dyn = pd.read_parquet(i.dynamics)
-    s = report.run_summary(snakemake.wildcards.run, snakemake.params.sweep_value, tables.read_margins(i.margins),
+    margins = tables.read_margins(i.margins)
+    s = report.run_summary(snakemake.wildcards.run, snakemake.params.sweep_value, margins,
                            pd.read_parquet(i.certificates), pd.read_parquet(i.bounds),
                            json.loads(open(i.card).read()), dyn, group=snakemake.params.group,
                            replicate=snakemake.params.replicate, interference=pd.read_parquet(i.interference))
+    train = pd.read_parquet(i.train)
+    pm = pair_map(margins, train.set_index("sample_id")["flipped"] if "flipped" in train else None)
+    auroc = flip_auroc(pm)
+    s["flip_auroc"] = auroc  # NaN without data.flip_fraction
+    tables.write_pair_map(pm, snakemake.output.pair_map)
     report.write_summary_csv(s, snakemake.output.summary)
     figures.plot_run(s, f"run {snakemake.wildcards.run}", snakemake.output.figure)
     figures.plot_geometry(pd.read_parquet(i.geometry), f"run {snakemake.wildcards.run}: geometry of g(x)",
@@ -26,3 +33,5 @@ with job(snakemake):
                          snakemake.output.dynamics)
     figures.plot_interference(pd.read_parquet(i.interference), f"run {snakemake.wildcards.run}: how concepts "
                               "move each other's margins", snakemake.output.interference)
+    figures.plot_pair_map(pm, auroc, f"run {snakemake.wildcards.run}: the pairs by their trajectories",
+                          snakemake.output.pair_figure)

@@ -114,6 +114,21 @@ def split_concepts(frames: list[pd.DataFrame], test_fraction: float, seed: int,
     return pd.concat(train, ignore_index=True), pd.concat(test, ignore_index=True)
 
 
+def flip_labels(train: pd.DataFrame, fraction: float, seed: int) -> pd.DataFrame:
+    """``data.flip_fraction``: a seeded round(fraction · N) of the training pairs get chosen and rejected
+    swapped (a synthetic mislabel, for the pair map to find); the ``flipped`` column marks them and their
+    sample ids are those of the swapped texts."""
+    rng = np.random.default_rng([seed, 0xF11F])
+    n = int(round(fraction * len(train)))
+    flip = np.zeros(len(train), bool)
+    flip[rng.choice(len(train), n, replace=False)] = True
+    out = train.copy()
+    out.loc[flip, ["chosen", "rejected"]] = out.loc[flip, ["rejected", "chosen"]].to_numpy()
+    out.loc[flip, "sample_id"] = [sample_id(*r) for r in out.loc[flip, ["concept", "prompt", "chosen", "rejected"]]
+                                  .itertuples(index=False)]
+    return out.assign(flipped=flip)
+
+
 def split_unit(frames: list[pd.DataFrame], setting: str | None) -> str:
     """``data.split_by``, with null meaning prompt when any prompt repeats within a concept, else pair."""
     if setting:
@@ -393,6 +408,10 @@ def prepare(cfg: dict, k: int | None, out_train, out_test, out_card_json, out_ca
     for name, df in (("train", train), ("test", test)):
         if df.empty:
             raise DataError(f"data: no {name} pairs left after filtering ({dict(counts)})")
+    if cfg.get("flip_fraction"):
+        train = flip_labels(train, cfg["flip_fraction"], cfg["seed"])
+        test = test.assign(flipped=False)
+        counts["flipped_train_pairs"] = int(train["flipped"].sum())
     train = train.drop(columns=[c for c in ("_file", "_row") if c in train.columns])
     test = test.drop(columns=[c for c in ("_file", "_row") if c in test.columns])
     card = data_card(train, test, {"source": cfg["source"], "counts": dict(counts), **info}, tokenizer)

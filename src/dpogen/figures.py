@@ -306,3 +306,32 @@ def plot_interference_vs_k(final: pd.DataFrame, path) -> None:
             ax.set_ylabel("share of the held-out margin")
             ax.legend()
     save_fig(fig, path)
+
+
+def plot_pair_map(pm: pd.DataFrame, auroc: float, title: str, path) -> None:
+    """Each pair's mean confidence σ(r) against its spread over the checkpoints, coloured by the fraction of
+    checkpoints ranked right; synthetic mislabels (data.flip_fraction) marked; the pairs to inspect listed."""
+    from .pairmap import to_inspect
+
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 5.6), sharey=True, layout="constrained")
+        for ax, split in zip(axes, ("train", "test")):
+            d = pm[pm["split"] == split]
+            sc = ax.scatter(d["confidence_std"], d["confidence_mean"], c=d["correct_fraction"], cmap="cividis",
+                            vmin=0, vmax=1, s=10, alpha=0.8, label="pair")
+            f = d[d["flipped"]]
+            if len(f):
+                ax.scatter(f["confidence_std"], f["confidence_mean"], marker="x", color=OKABE_ITO[1], s=30,
+                           label=f"labels flipped ({len(f)})")
+            low = to_inspect(pm, split, 5)
+            ax.set_title(f"{split} pairs" + (f", flipped found with AUROC {auroc:.3f}" if split == "train"
+                                              and np.isfinite(auroc) else ""))
+            ax.set_xlabel("spread of confidence over checkpoints (sd)")
+            ax.legend(loc="lower right")
+            ax.text(0.02, 0.02, "lowest mean confidence:\n" + "\n".join(
+                f"{r.sample_id[:10]} {r.concept[:18]} {r.confidence_mean:.2f}" for r in low.itertuples()),
+                transform=ax.transAxes, va="bottom", family="monospace", fontsize=9)
+        axes[0].set_ylabel("mean confidence σ(r) over checkpoints")
+        fig.colorbar(sc, ax=axes, fraction=0.03, label="fraction of checkpoints ranked right")
+        fig.suptitle(title)
+    save_fig(fig, path)

@@ -159,6 +159,22 @@ INTERFERENCE = pa.schema(
     ]
 )
 
+# Per pair: its trajectory over the margin checkpoints (dpogen.pairmap).
+PAIR_MAP = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("split", pa.string()),
+        ("concept", pa.string()),
+        ("cluster", pa.int8()),
+        ("confidence_mean", pa.float64()),
+        ("confidence_std", pa.float64()),
+        ("correct_fraction", pa.float64()),
+        ("checkpoints", pa.int64()),
+        ("inspect_rank", pa.int64()),
+        ("flipped", pa.bool_()),
+    ]
+)
+
 DYNAMICS = pa.schema(
     [
         ("step", pa.int64()),
@@ -334,6 +350,10 @@ def write_predicted(df, path) -> None:
 
 def write_dynamics(df, path) -> None:
     write(df, DYNAMICS, path)
+
+
+def write_pair_map(df, path) -> None:
+    write(df, PAIR_MAP, path)
 
 
 def write_attribution(df, path) -> None:
