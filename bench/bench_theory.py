@@ -3,6 +3,10 @@ hidden state), against a baseline in the same process: one pass of numpy over th
 the least any geometry estimate must read.
 
     python bench/bench_theory.py [--pairs 10000] [--d 4096] [--concepts 10] [--checkpoints 11] [--policy-steps 1]
+                                 [--attribution-concepts 16] [--attribution-checkpoints 20]
+
+Then the exact attribution (full-batch sgd on the head, 100 steps) at --attribution-concepts and
+--attribution-checkpoints, against the recursion alone (the margins without their split) as baseline.
 
 --policy-steps: checkpoints at which the backbone's g(x) is analysed again (dpo.geometry_steps, default the
 last step), as when the backbone trains.
@@ -29,6 +33,8 @@ def main():
     ap.add_argument("--concepts", type=int, default=10)
     ap.add_argument("--checkpoints", type=int, default=11)
     ap.add_argument("--policy-steps", type=int, default=1)
+    ap.add_argument("--attribution-concepts", type=int, default=16)
+    ap.add_argument("--attribution-checkpoints", type=int, default=20)
     a = ap.parse_args()
     rng = np.random.default_rng(0)
     n, K, d = a.pairs, a.concepts, a.d
@@ -66,6 +72,36 @@ def main():
           f"{t_theory:8.2f} s  "
           f"({t_theory / t_base:.0f}x the baseline)")
     print("tables:", {k: len(v) for k, v in out.items()})
+    attribution_timing(rng, n, d, a.attribution_concepts, a.attribution_checkpoints)
+
+
+def attribution_timing(rng, n, d, K, checkpoints):
+    """The exact split of every margin over 2K training groups at every checkpoint, against the recursion."""
+    from dpogen.attribution import attribution
+    from dpogen.theory import predicted_margins
+
+    concept = np.array([f"c{i % K}" for i in range(n)])
+    cluster = np.where((np.arange(n) // K) % 2 == 0, 1, -1).astype(np.int8)
+    basis = rng.normal(size=(K + 1, d)) / np.sqrt(d)
+    g = (basis[0] + basis[1:][np.arange(n) % K] * cluster[:, None] + 0.05 * rng.normal(size=(n, d)))
+    split = np.where(np.arange(n) < int(0.9 * n), "train", "test")
+    ids = [f"s{i}" for i in range(n)]
+    w, lo = np.where(cluster == 1, 5, 7), np.where(cluster == 1, 7, 5)
+    ref = pd.DataFrame({"sample_id": ids, "split": split, "token_chosen": w, "token_rejected": lo})
+    steps = np.linspace(0, 100, checkpoints).astype(int)
+    margins = pd.concat([pd.DataFrame({"step": s, "split": split, "sample_id": ids, "concept": concept,
+                                       "cluster": cluster, "margin": 0.0}) for s in steps], ignore_index=True)
+    cfg = {"beta": 0.1, "lr": 1.0, "loss": "sigmoid", "label_smoothing": 0.0}
+    ntr = int((split == "train").sum())
+    t = time.perf_counter()
+    predicted_margins(g[:ntr], w[:ntr], lo[:ntr], g, w, lo, beta=0.1, lr=1.0, steps=100, checkpoints=list(steps))
+    t_rec = time.perf_counter() - t
+    t = time.perf_counter()
+    att, inter = attribution(g, ref, margins, cfg)
+    t_att = time.perf_counter() - t
+    print(f"attribution: {n} pairs, d = {d}, K = {K} ({2 * K} training groups), {checkpoints} checkpoints, 100 steps")
+    print(f"baseline, the recursion alone                {t_rec:8.2f} s")
+    print(f"exact attribution ({len(att)} rows, K x K per checkpoint)  {t_att:8.2f} s  ({t_att / t_rec:.1f}x the baseline)")
 
 
 if __name__ == "__main__":

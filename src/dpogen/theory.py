@@ -453,27 +453,34 @@ def predicted_margins(g_train, w_train, l_train, g_all, w_all, l_all, *, beta: f
     n_tr, n_all = len(w_train), len(w_all)
     wt, lt = inv[:n_tr], inv[n_tr: 2 * n_tr]
     wa, la = inv[2 * n_tr: 2 * n_tr + n_all], inv[2 * n_tr + n_all:]
-    split = groups is not None
-    groups = np.zeros(n_tr, int) if groups is None else np.asarray(groups, int)
-    members = [np.flatnonzero(groups == g) for g in range(int(groups.max()) + 1 if n_tr else 0)]
-    contrib = np.zeros((n_all, len(members)))
-    out, parts = ({0: np.zeros(n_all)}, {0: contrib.copy()}) if 0 in checkpoints else ({}, {})
     scale = lr * beta**2 / n_tr
     D = np.zeros((n_tr, len(toks)))  # y_w,i − y_l,i on the tokens that occur
     D[np.arange(n_tr), wt] += 1.0
     D[np.arange(n_tr), lt] -= 1.0
     rows = np.arange(n_all)
-    r_tr = np.zeros(n_tr)
-    for k in range(1, steps + 1):
-        v = loss_weight(r_tr, beta, loss, label_smoothing)
-        for g, idx in enumerate(members):
-            Mt = (D[idx] * v[idx, None]).T @ g_train[idx]  # Σ_{i in g} v_i (y_w,i − y_l,i) g_iᵀ, a row per token
-            P = g_all @ Mt.T  # (n, tokens): every pair's g against every token's row
-            contrib[:, g] += scale * (P[rows, wa] - P[rows, la])
-        r_all = contrib.sum(axis=1)
-        r_tr = r_all[:n_tr]
+
+    def moved(weights, idx=slice(None)):
+        """scale · Σ_i weights_i C_ij over the training pairs ``idx``, for every pair j."""
+        Mt = (D[idx] * weights[idx, None]).T @ g_train[idx]  # Σ_i w_i (y_w,i − y_l,i) g_iᵀ, a row per token
+        P = g_all @ Mt.T  # (n, tokens): every pair's g against every token's row
+        return scale * (P[rows, wa] - P[rows, la])
+
+    # r is linear in the summed weights, so a group's part of r_j(t) is moved(Σ_{k<t} v(k)) over its pairs:
+    # the split costs one product per group and checkpoint, not per step
+    split = groups is not None
+    members = [np.flatnonzero(np.asarray(groups) == g) for g in range(int(np.max(groups)) + 1)] if split else []
+    out, parts = {}, {}
+    r_all, r_tr, total = np.zeros(n_all), np.zeros(n_tr), np.zeros(n_tr)
+    for k in range(0, steps + 1):
+        if k:
+            v = loss_weight(r_tr, beta, loss, label_smoothing)
+            total += v
+            r_all = r_all + moved(v)
+            r_tr = r_all[:n_tr]
         if k in checkpoints:
-            out[k], parts[k] = r_all.copy(), contrib.copy()
+            out[k] = r_all.copy()
+            if split:
+                parts[k] = np.stack([moved(total, idx) for idx in members], axis=1)
     return (out, parts) if split else out
 
 
