@@ -171,7 +171,13 @@ def _premises(note: str) -> list[str]:
     if "premises not met: " not in text:
         return [text.strip()] if text.strip() else []
     text = text.split("premises not met: ", 1)[1].split("; measured:")[0]
-    return [p.strip() for p in text.split("; ") if p.strip()]
+    out: list[str] = []
+    for p in (p.strip() for p in text.split("; ") if p.strip()):
+        if p.startswith("this run:") and out:  # the regime premise's own detail
+            out[-1] += f" ({p})"
+        else:
+            out.append(p)
+    return out
 
 
 def claims_lines(claims: pd.DataFrame) -> list[str]:
