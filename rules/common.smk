@@ -6,21 +6,25 @@ MODEL = config["model"]
 BUILDS_BASE = MODEL["source"] == "scratch" or bool(MODEL["pretrained"].get("gguf_file"))
 
 
+def base_key(run):
+    """What a model built from the config depends on: the run's seed and its replicate offset (which moves
+    the data seeds of the tokenizer's corpus)."""
+    return run_config(config, run)["seed"], replicate(config, run) or 0
+
+
 def base_name(run):
     """The folder name of a run's base model: one per experiment, but a model built from the config gets one
-    per seed (replicates vary its initialisation and its tokenizer's corpus): base_model, base_model-seed1235.
+    per seed and replicate (its initialisation and its tokenizer's corpus): base_model-seed1235-s1.
     """
-    seed = run_config(config, run)["seed"]
-    return (
-        "base_model"
-        if MODEL["source"] != "scratch" or seed == config["seed"]
-        else f"base_model-seed{seed}"
-    )
+    seed, offset = base_key(run)
+    if MODEL["source"] != "scratch" or (seed, offset) == (config["seed"], 0):
+        return "base_model"
+    return f"base_model-seed{seed}" + (f"-s{offset}" if offset else "")
 
 
-BASES = {}  # base folder name → the seed it is built with
+BASES = {}  # base folder name → (seed, replicate offset)
 for _run in RUNS:
-    BASES.setdefault(base_name(_run), run_config(config, _run)["seed"])
+    BASES.setdefault(base_name(_run), base_key(_run))
 
 
 def base_of(run):

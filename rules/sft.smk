@@ -20,15 +20,13 @@ rule base_model:
         "../envs/dpogen.yaml"
     params:
         model=config["model"],
-        # the tokenizer's corpus: all concepts, the seeds of the replicate
+        # the tokenizer's corpus: all concepts, the data seeds of the replicate
         data=lambda w: {
             k: v
-            for k, v in with_replicate(config, BASES[w.base] - config["seed"])[
-                "data"
-            ].items()
+            for k, v in with_replicate(config, BASES[w.base][1])["data"].items()
             if k != "k"
         },
-        seed=lambda w: BASES[w.base],
+        seed=lambda w: BASES[w.base][0],
         code=code("base_model"),  # includes the data modules that read the corpus
     script:
         "../workflow_scripts/base_model.py"

@@ -175,26 +175,30 @@ def test_hashing_imports_neither_torch_nor_transformers():
 
 
 def test_rerun_on_code_false_keeps_the_recorded_code_param(tmp_path):
-    """The code param is the current hash by default; with workflow.rerun_on_code false (or a list that leaves
-    the rule out) it is the param recorded by the job that made the outputs, the current hash where none is."""
+    """The code param: the current hash where there is no record or the record shows older code; the recorded
+    param where the record shows the current code (nothing is stale) or where workflow.rerun_on_code (false,
+    or a list without the rule) keeps older results."""
     from types import SimpleNamespace
 
     from dpogen.codehash import code_param, code_versions, record_path, stage_hash
 
-    current = stage_hash("theory.py")
-    assert code_param({}, tmp_path, "theory") == current
-    assert code_param({"workflow": {"rerun_on_code": ["theory"]}}, tmp_path, "theory") == current
-    wc = SimpleNamespace(run="k2")
-    for setting in (False, ["run_report", "summary"]):
-        kept = code_param({"workflow": {"rerun_on_code": setting}}, tmp_path, "theory")
-        assert kept(wc) == current  # no record yet
-        path = record_path(tmp_path, "theory", "k2")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"param": "0123456789abcdef", "code": "0123456789abcdef"}))
-        assert kept(wc) == "0123456789abcdef"
+    current, wc = stage_hash("theory.py"), SimpleNamespace(run="k2")
+    path = record_path(tmp_path, "theory", "k2")
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def record(param, code):
+        path.write_text(json.dumps({"param": param, "code": code}))
+
+    for setting, keeps in ((True, False), (["theory"], False), (False, True), (["run_report", "summary"], True)):
+        param = code_param({"workflow": {"rerun_on_code": setting}}, tmp_path, "theory")
+        path.unlink(missing_ok=True)
+        assert param(wc) == current  # no record yet
+        record("0123456789abcdef", "0123456789abcdef")  # made by older code
+        assert param(wc) == ("0123456789abcdef" if keeps else current)
+        record("0123456789abcdef", current)  # scheduled with an old param, but ran the current code
+        assert param(wc) == "0123456789abcdef"
         path.write_text("{not json")  # a damaged record: the current code counts, never a crash
-        assert kept(wc) == current
-        path.unlink()
+        assert param(wc) == current
     record_path(tmp_path, "dpo", "k2").parent.mkdir(parents=True)
     record_path(tmp_path, "dpo", "k2").write_text(json.dumps({"param": "x", "code": "old"}))
     rows = {r["rule"]: r for r in code_versions(tmp_path, ["k2"], rules=("dpo", "theory"))}

@@ -332,7 +332,7 @@ def test_k_larger_than_the_files_concepts_stops_before_a_model_is_built(tmp_path
     path = write_jsonl(tmp_path / "two.jsonl", records())
     cfg = base_cfg(files={"paths": [str(path)]}, columns={"concept": "topic"})
     assert len(D.corpus(cfg, 4, {"k1": 1, "k2": 2})) == 2 * len(records())
-    with pytest.raises(D.DataError, match=r"data.k: K=4 \(run k4\) is larger than the 2 concept\(s\)"):
+    with pytest.raises(D.DataError, match=r"data.k: K=4 is larger than the 2 concept\(s\) in the data \(run k4\)"):
         D.corpus(cfg, 4, {"k1": 1, "k4": 4})
 
 
@@ -459,3 +459,24 @@ def test_many_bad_rows_are_reported_at_once_with_the_source_keys(tmp_path):
     msg = str(e.value)
     assert msg.startswith("25 bad rows (the first 20):") and msg.count("\n") == 20
     assert f"{path}: line 2, field 'question' (prompt): empty" in msg and "line 40," in msg and "line 42," not in msg
+
+
+def test_review_edge_cases_of_own_data(tmp_path, monkeypatch):
+    """An empty answer list is an error; a pair whose swap already exists is never flipped (ids stay unique);
+    a hub revision that is already a commit needs no network."""
+    recs = [{"question": f"Pick {i}\n", "answer_matching_behavior": " (A)",
+             "answer_not_matching_behavior": [] if i == 3 else " (B)"} for i in range(8)]
+    path = write_jsonl(tmp_path / "empty.jsonl", recs)
+    with pytest.raises(D.DataError, match=r"empty\.jsonl: line 4, field 'answer_not_matching_behavior': an empty list"):
+        run(tmp_path, base_cfg(files={"paths": [str(path)]}, columns=MC_COLUMNS, expand_lists=True))
+    pairs = D.validate_pairs(pd.DataFrame({"concept": "c", "cluster": 1, "prompt": "p", "chosen": [" A", " B"],
+                                           "rejected": [" B", " A"]}), "t")
+    flipped = D.flip_labels(pairs, 0.5, 0)
+    assert not flipped["flipped"].any() and flipped["sample_id"].is_unique
+    import huggingface_hub
+
+    def offline(*a, **k):
+        raise AssertionError("the hub was asked")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", offline)
+    assert S.hub_revision("someone/prefs", "f" * 40) == "f" * 40

@@ -129,7 +129,7 @@ def test_replicates_through_the_workflow(tmp_path):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     snakemake(REPO, tmp_path, "--configfile", str(tmp_path / "c.yaml"))
     out = tmp_path / "results" / "tiny"
-    assert (out / "base_model").is_dir() and (out / "base_model-seed1235").is_dir()
+    assert (out / "base_model").is_dir() and (out / "base_model-seed1235-s1").is_dir()
     a, b = (pd.read_parquet(out / f"k2-s{s}" / "data" / "train.parquet") for s in (0, 1))
     assert set(a["sample_id"]) != set(b["sample_id"])  # the generator's seed moved
     s = pd.read_csv(out / "summary.csv")

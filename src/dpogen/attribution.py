@@ -53,22 +53,25 @@ def attribution(features: np.ndarray, ref: pd.DataFrame, margins: pd.DataFrame, 
 
 def interference(att: pd.DataFrame) -> pd.DataFrame:
     """Per checkpoint, held-out concept c′ and training concept c: the mean contribution of c's training pairs
-    to the margins of c′'s held-out pairs, and its share of their mean margin."""
+    to the margins of c′'s held-out pairs, and its share: the contribution over the sum of the magnitudes of
+    every training concept's contribution to c′ (signed, the magnitudes sum to 1; a margin near 0 made of
+    large opposite pushes stays bounded)."""
     test = att[att["split"] == "test"]
     by_concept = test.groupby(["step", "sample_id", "concept", "train_concept"], sort=False)["contribution"].sum()
     mean = by_concept.groupby(["step", "concept", "train_concept"]).mean().rename("mean_contribution").reset_index()
-    total = mean.groupby(["step", "concept"])["mean_contribution"].transform("sum")
+    total = mean.groupby(["step", "concept"])["mean_contribution"].transform(lambda x: x.abs().sum())
     mean["share"] = mean["mean_contribution"] / total.where(total != 0)
     return mean.assign(method=att["method"].iloc[0] if len(att) else "")
 
 
 def cross_concept_share(inter: pd.DataFrame) -> pd.Series:
-    """Per checkpoint: the share of the held-out margins that comes from other concepts' training pairs
-    (the mean over held-out concepts of Σ_{c ≠ c′} contribution / margin)."""
+    """Per checkpoint: the share of the push on held-out margins that comes from other concepts' training
+    pairs (the mean over held-out concepts of Σ_{c ≠ c′} |contribution| / Σ_c |contribution|; 0 at K = 1)."""
     if inter.empty or inter["mean_contribution"].isna().all():
         return pd.Series(dtype=float)
-    other = inter[inter["concept"] != inter["train_concept"]].groupby(["step", "concept"])["share"].sum()
-    return other.groupby("step").mean()
+    other = inter["share"].abs().where(inter["concept"] != inter["train_concept"], 0.0)
+    per = other.groupby([inter["step"], inter["concept"]]).sum()
+    return per.groupby(level="step").mean().fillna(0.0)
 
 
 def _not_computed(reason: str) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -159,18 +159,21 @@ def reruns_on_code(config: dict, rule: str) -> bool:
 
 
 def code_param(config: dict, out, rule: str):
-    """The ``code`` param of ``rule`` (its script is workflow_scripts/<rule>.py): the current code hash, or,
-    where code changes do not rerun the rule, a function of the wildcards giving the recorded one (the current
-    hash where no record exists yet)."""
+    """The ``code`` param of ``rule`` (its script is workflow_scripts/<rule>.py), a function of the wildcards:
+    where the outputs' record says they were made with the current code, the param they were scheduled with
+    (nothing is stale, whatever was recorded); else the current hash, or, where code changes do not rerun
+    the rule (``workflow.rerun_on_code``), the recorded param. Outputs made before records existed have no
+    record: their stage reruns on a code change whatever the setting (the next run writes records)."""
     current = stage_hash(f"{rule}.py")
-    if reruns_on_code(config, rule):
+    keep = not reruns_on_code(config, rule)
+
+    def param(wildcards) -> str:
+        rec = read_record(record_path(out, rule, getattr(wildcards, "run", None)))
+        if rec and (keep or rec.get("code") == current):
+            return rec["param"]
         return current
 
-    def kept(wildcards) -> str:
-        rec = read_record(record_path(out, rule, getattr(wildcards, "run", None)))
-        return rec["param"] if rec else current
-
-    return kept
+    return param
 
 
 def code_versions(out, runs: list[str], rules=RUN_RULES) -> list[dict]:

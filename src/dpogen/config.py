@@ -129,11 +129,12 @@ def sweep_label(cfg: dict, value) -> str | object:
 def run_config(cfg: dict, run: str) -> dict:
     """The full config of one run: the sweep's parameters set to the run's values."""
     value, s, _ = _table(cfg)[run]
-    rc = with_replicate(cfg, s)
+    rc = copy.deepcopy(cfg)
     ax = axes(cfg)
     for a, v in zip(ax, value if len(ax) > 1 else [value]):
         if v is not None:
             put(rc, a["param"], v)
+    rc = with_replicate(rc, s)  # after the axes: a replicate offsets a swept seed too
     if rc["dpo"].get("gradient_checkpointing") is None:  # on for pretrained models, off for the small scratch ones
         rc["dpo"]["gradient_checkpointing"] = rc["model"]["source"] == "pretrained"
     return rc

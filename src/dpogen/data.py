@@ -70,7 +70,7 @@ def validate_pairs(df: pd.DataFrame, source: str, keys: dict | None = None) -> p
                                     f"{df['chosen'].iloc[int(i)]!r}")
     cluster = pd.to_numeric(df["cluster"], errors="coerce")
     for i in (~cluster.isin([1, -1, 0])).to_numpy().nonzero()[0]:
-        problems.setdefault(int(i), f"{_field('cluster', keys)}: must be +1 or -1, got {df['cluster'].iloc[int(i)]!r}")
+        problems.setdefault(int(i), f"{_field('cluster', keys)}: must be +1, -1 or 0, got {df['cluster'].iloc[int(i)]!r}")
     if problems:
         rows = sorted(problems)
         lines = [f"{_where(df, i, source)}, {problems[i]}" for i in rows[:MAX_REPORTED]]
@@ -114,14 +114,19 @@ def split_concepts(frames: list[pd.DataFrame], test_fraction: float, seed: int,
     return pd.concat(train, ignore_index=True), pd.concat(test, ignore_index=True)
 
 
-def flip_labels(train: pd.DataFrame, fraction: float, seed: int) -> pd.DataFrame:
+def flip_labels(train: pd.DataFrame, fraction: float, seed: int, taken=()) -> pd.DataFrame:
     """``data.flip_fraction``: a seeded round(fraction · N) of the training pairs get chosen and rejected
     swapped (a synthetic mislabel, for the pair map to find); the ``flipped`` column marks them and their
-    sample ids are those of the swapped texts."""
+    sample ids are those of the swapped texts. A pair whose swap is already a pair (in train or ``taken``, the
+    test ids) is never flipped, so ids stay unique."""
+    swapped = [sample_id(c, p, r, w) for c, p, w, r in train[["concept", "prompt", "chosen", "rejected"]]
+               .itertuples(index=False)]
+    exists = set(train["sample_id"]) | set(taken)
+    allowed = np.flatnonzero([s not in exists for s in swapped])
     rng = np.random.default_rng([seed, 0xF11F])
-    n = int(round(fraction * len(train)))
+    n = min(int(round(fraction * len(train))), len(allowed))
     flip = np.zeros(len(train), bool)
-    flip[rng.choice(len(train), n, replace=False)] = True
+    flip[rng.choice(allowed, n, replace=False)] = True
     out = train.copy()
     out.loc[flip, ["chosen", "rejected"]] = out.loc[flip, ["rejected", "chosen"]].to_numpy()
     out.loc[flip, "sample_id"] = [sample_id(*r) for r in out.loc[flip, ["concept", "prompt", "chosen", "rejected"]]
@@ -372,7 +377,11 @@ def prepare(cfg: dict, k: int | None, out_train, out_test, out_card_json, out_ca
         by = split_unit(frames, cfg.get("split_by") or ("pair" if cfg["source"] == "persona" else None))
         train, test = split_concepts(frames, cfg["test_fraction"], cfg["split_seed"], by)
         shared = int(test["prompt"].isin(set(train["prompt"])).sum())
-        info |= {"split_by": by, "test_pairs_with_a_train_prompt": shared}
+        realised = len(test) / max(1, len(train) + len(test))
+        info |= {"split_by": by, "test_pairs_with_a_train_prompt": shared, "test_fraction_realised": realised}
+        if by == "prompt" and abs(realised - cfg["test_fraction"]) > 0.5 * cfg["test_fraction"]:
+            log.warning("data: split by prompt, %.1f%% of the pairs are held out against data.test_fraction=%g "
+                        "(prompts carry unequal numbers of pairs)", 100 * realised, cfg["test_fraction"])
         if shared:
             log.warning("data: %d test pair(s) share their prompt with a training pair (data.split_by: %s); "
                         "data.split_by: prompt keeps each prompt on one side", shared, by)
@@ -409,7 +418,7 @@ def prepare(cfg: dict, k: int | None, out_train, out_test, out_card_json, out_ca
         if df.empty:
             raise DataError(f"data: no {name} pairs left after filtering ({dict(counts)})")
     if cfg.get("flip_fraction"):
-        train = flip_labels(train, cfg["flip_fraction"], cfg["seed"])
+        train = flip_labels(train, cfg["flip_fraction"], cfg["seed"], taken=test["sample_id"])
         test = test.assign(flipped=False)
         counts["flipped_train_pairs"] = int(train["flipped"].sum())
     train = train.drop(columns=[c for c in ("_file", "_row") if c in train.columns])
@@ -433,9 +442,12 @@ def corpus(cfg: dict, per_cluster: int, ks: dict[str, int | None] | None = None)
         return synthetic.corpus(synthetic.SyntheticSpec.from_config(cfg["synthetic"]), per_cluster)
     frames, _ = _concept_frames(cfg, None, None)
     if cfg["source"] in ("hf", "files"):  # persona's K is a seeded set size, checked by persona_set
+        names = [f["concept"].iloc[0] for f in frames]
         for run, k in (ks or {}).items():
-            if k and k > len(frames):
-                raise DataError(f"data.k: K={k} (run {run}) is larger than the {len(frames)} concept(s) in the data")
+            try:
+                concept_set(sorted(names), k, cfg["persona"]["seed"])
+            except DataError as e:
+                raise DataError(f"{e} (run {run})") from None
     df = pd.concat(frames, ignore_index=True)
     return list(df["prompt"] + df["chosen"]) + list(df["prompt"] + df["rejected"])
 

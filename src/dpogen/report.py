@@ -154,8 +154,9 @@ def fit_lines(fit: pd.DataFrame) -> list[str]:
     for _, f in fit.iterrows():
         what = "K" if f["statistic"].endswith("~ K") else "log K"
         ci = (f" (slope [{f['slope_lo']:.4f}, {f['slope_hi']:.4f}], R² [{f['r2_lo']:.3f}, {f['r2_hi']:.3f}])"
-              if f["resamples"] else "")
-        parts.append(f"error = {f['intercept']:.4f} + {f['slope']:.4f} {what}, R² = {f['r2']:.3f}{ci}")
+              if f["resamples"] and np.isfinite(f["r2_lo"]) else "")
+        r2 = f"{f['r2']:.3f}" if np.isfinite(f["r2"]) else "undefined (the test error does not vary)"
+        parts.append(f"error = {f['intercept']:.4f} + {f['slope']:.4f} {what}, R² = {r2}{ci}")
     f = fit.iloc[0]
     basis = (f"bootstrap of the replicates, {int(f['resamples'])} resamples" if f["resamples"]
              else "one run per group, no intervals")

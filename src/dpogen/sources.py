@@ -123,6 +123,10 @@ def is_hub_dataset(path: str) -> bool:
 
 def hub_revision(path: str, revision: str | None) -> str:
     """The commit a hub dataset's ``revision`` (a branch, tag or commit; None: main) resolves to now."""
+    import re
+
+    if revision and re.fullmatch(r"[0-9a-f]{40}", revision):  # already a commit: no need for the network
+        return revision
     from huggingface_hub import HfApi
 
     try:
@@ -431,6 +435,9 @@ def _expand_lists(df: pd.DataFrame, cols: dict, expand: bool) -> tuple[pd.DataFr
         rec = df.iloc[i]
         cs = list(rec[cols["chosen"]]) if _is_list(rec[cols["chosen"]]) else [rec[cols["chosen"]]]
         rs = list(rec[cols["rejected"]]) if _is_list(rec[cols["rejected"]]) else [rec[cols["rejected"]]]
+        if not cs or not rs:
+            key = cols["chosen"] if not cs else cols["rejected"]
+            raise DataError(f"{_where(df, i)}, field '{key}': an empty list of answers")
         for c in cs:
             for r in rs:
                 rows.append(rec.to_dict() | {cols["chosen"]: c, cols["rejected"]: r})

@@ -21,7 +21,7 @@ class Tracker:
     """Scalars of every step (the batch's loss, rewards, log-probs, lr, gradient norm) and of every margin
     checkpoint (every pair's mean reward margin, accuracy and rewards, per split) to the asked backends.
     After a resume the backends continue at the step the save was made at (TensorBoard purges what an
-    interrupted attempt wrote after it)."""
+    interrupted attempt, or an earlier run in the same folder, wrote from that step on)."""
 
     def __init__(self, report_to, folder, name: str, config: dict, start_step: int, main: bool):
         self.writers = []
@@ -29,10 +29,14 @@ class Tracker:
             return
         for backend in report_to or ():
             if backend == "tensorboard":
-                from torch.utils.tensorboard import SummaryWriter
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError:
+                    raise RuntimeError("dpo.report_to: tensorboard is not installed (pip install tensorboard, or "
+                                       "pip install -e '.[tensorboard]'), or leave it out of dpo.report_to") from None
 
                 self.writers.append(("tensorboard", SummaryWriter(str(Path(folder) / "tensorboard"),
-                                                                  purge_step=start_step or None)))
+                                                                  purge_step=start_step)))
             elif backend == "wandb":
                 try:
                     import wandb
