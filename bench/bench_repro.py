@@ -16,14 +16,12 @@ import platform
 import re
 import sys
 import tempfile
-import time
 from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.bench_workflow import copy_workflow  # noqa: E402
-from tests.workflow_util import snakemake  # noqa: E402
+from bench.bench_workflow import run_default  # noqa: E402
 
 COLUMNS = [("train margin", "train_margin_mean", 3), ("test margin", "test_margin_mean", 3),
            ("train error", "train_error", 3), ("test error", "test_error", 3),
@@ -54,13 +52,7 @@ def main() -> int:
 
     want = readme_table((ROOT / "README.md").read_text())
     with tempfile.TemporaryDirectory() as tmp:
-        base = Path(a.work) if a.work else Path(tmp)
-        repo = copy_workflow(base / "repo")
-        work = base / "work"
-        work.mkdir(parents=True, exist_ok=True)
-        t = time.perf_counter()
-        snakemake(repo, work, "--cores", str(a.cores), timeout=3600)
-        took = time.perf_counter() - t
+        _, work, took = run_default(Path(a.work) if a.work else Path(tmp), "--cores", str(a.cores))
         s = pd.read_csv(work / "results" / "synthetic-persona" / "summary.csv")
     final = s.sort_values("step").groupby("run").tail(1).set_index("K").sort_index()
     versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("torch", "transformers", "tokenizers", "numpy"))

@@ -43,6 +43,16 @@ def copy_workflow(dest: Path) -> Path:
     return dest
 
 
+def run_default(base: Path, *args) -> tuple[Path, Path, float]:
+    """The default config run to the end in a copy of the workflow under ``base``: (repo, work, seconds)."""
+    repo = copy_workflow(base / "repo")
+    work = base / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    snakemake(repo, work, *args, timeout=3600)
+    return repo, work, time.perf_counter() - t
+
+
 def median_time(cmd, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -72,13 +82,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        base = Path(a.work) if a.work else Path(tmp)
-        repo = copy_workflow(base / "repo")
-        work = base / "work"
-        work.mkdir(parents=True, exist_ok=True)
-        t = time.perf_counter()
-        snakemake(repo, work, timeout=3600)
-        t_run = time.perf_counter() - t
+        repo, work, t_run = run_default(Path(a.work) if a.work else Path(tmp))
         assert planned_jobs(repo, work) == {}, "the default run did not finish"
 
         smk = [sys.executable, "-m", "snakemake"]

@@ -72,10 +72,10 @@ def test_one_step_without_a_concept_changes_margins_by_its_contribution(exact_ru
 
 
 def test_outside_the_regime_the_tables_say_why():
-    dyn = pd.DataFrame([{"method": "recursion with a fitted time scale (adam/adamw)"}])
     cfg = dpo_cfg(optimizer="adam")
-    reason = T.attribution_reason(True, dyn, cfg, pd.DataFrame({"step": [0], "split": ["train"], "concept": ["c"],
-                                                                 "cluster": [1]}))
+    ref = pd.DataFrame({"token_chosen": [5], "token_rejected": [7]})
+    reason = T.attribution_reason(ref, cfg, pd.DataFrame({"step": [0], "split": ["train"], "concept": ["c"],
+                                                          "cluster": [1]}))
     assert reason.startswith("not computed: outside the theorems' regime")
     att, inter = A.attribution(None, None, None, cfg, reason)
     assert att["method"].iloc[0] == reason and inter["method"].iloc[0] == reason and inter["share"].isna().all()

@@ -21,13 +21,21 @@ def attribution(features: np.ndarray, ref: pd.DataFrame, margins: pd.DataFrame, 
     (then both tables hold one row saying so). Per pair j, checkpoint and training (concept, cluster): the
     contribution to r_j; the contributions of a pair sum to its predicted margin (= the measured one, to the
     precision of the recursion claim)."""
+    if reason:
+        return not_computed(reason)
+    att = exact_split(features, ref, margins, dpo_cfg)[1]
+    return att, interference(att)
+
+
+def exact_split(features: np.ndarray, ref: pd.DataFrame, margins: pd.DataFrame,
+                dpo_cfg: dict) -> tuple[dict[int, np.ndarray], pd.DataFrame]:
+    """One run of the recursion split over the training (concept, cluster) groups: ({checkpoint: predicted
+    margins}, the attribution table). The theory stage's dynamics reuse the margins, so the recursion runs
+    once."""
     from .theory import predicted_margins
 
-    if reason:
-        return _not_computed(reason)
     first = margins[margins["step"] == margins["step"].min()].set_index("sample_id")
-    tr = (ref["split"] == "train").to_numpy()
-    n = int(tr.sum())
+    n = int((ref["split"] == "train").sum())
     ids = ref["sample_id"].to_numpy()
     concept = first.loc[ids, "concept"].astype(str).to_numpy()
     cluster = first.loc[ids, "cluster"].astype(int).to_numpy()
@@ -39,16 +47,13 @@ def attribution(features: np.ndarray, ref: pd.DataFrame, margins: pd.DataFrame, 
     kw = dict(loss=dpo_cfg["loss"] if dpo_cfg["loss"] != "ipo_norm" else "ipo",
               label_smoothing=dpo_cfg["label_smoothing"])
     checkpoints = sorted(int(s) for s in margins["step"].unique())
-    _, parts = predicted_margins(g[:n], w[:n], lo[:n], g, w, lo, beta=dpo_cfg["beta"], lr=float(dpo_cfg["lr"]),
-                                 steps=max(checkpoints), checkpoints=checkpoints, groups=groups, **kw)
+    pred, parts = predicted_margins(g[:n], w[:n], lo[:n], g, w, lo, beta=dpo_cfg["beta"], lr=float(dpo_cfg["lr"]),
+                                    steps=max(checkpoints), checkpoints=checkpoints, groups=groups, **kw)
     split = ref["split"].to_numpy()
-    frames = []
-    for step, P in parts.items():
-        for gi, (c, s) in enumerate(keys):
-            frames.append(pd.DataFrame({"step": step, "split": split, "sample_id": ids, "concept": concept,
-                                        "train_concept": c, "train_cluster": s, "contribution": P[:, gi]}))
-    att = pd.concat(frames, ignore_index=True).assign(method=METHOD_EXACT)
-    return att, interference(att)
+    frames = [pd.DataFrame({"step": step, "split": split, "sample_id": ids, "concept": concept, "train_concept": c,
+                            "train_cluster": s, "contribution": P[:, gi]})
+              for step, P in parts.items() for gi, (c, s) in enumerate(keys)]
+    return pred, pd.concat(frames, ignore_index=True).assign(method=METHOD_EXACT)
 
 
 def interference(att: pd.DataFrame) -> pd.DataFrame:
@@ -74,7 +79,7 @@ def cross_concept_share(inter: pd.DataFrame) -> pd.Series:
     return per.groupby(level="step").mean().fillna(0.0)
 
 
-def _not_computed(reason: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+def not_computed(reason: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     nan = np.nan
     att = pd.DataFrame([{"step": -1, "split": "", "sample_id": "", "concept": "", "train_concept": "",
                          "train_cluster": 0, "contribution": nan, "method": reason}])

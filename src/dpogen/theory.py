@@ -374,7 +374,12 @@ def run_theory(train: pd.DataFrame, card: dict, features: np.ndarray, ref: pd.Da
     conds = pd.DataFrame([c for ver in BOUNDS for c in conditions(ver, K=K, Q=Q, Z=Z, d=summary["d"],
                                                                    l_b=summary["l_b"], v=summary["v"])])
     bounds = bounds_table(K, Q, N, conds, cfg["failure_constant_c"], summary, Z)
-    per_pair, dyn = dynamics(features, ref, margins, dpo_cfg, K, summary["scale"])
+    from .attribution import exact_split, interference, not_computed
+
+    reason = attribution_reason(ref, dpo_cfg, margins)
+    split = None if reason else exact_split(features, ref, margins, dpo_cfg)  # the recursion, run once
+    per_pair, dyn = dynamics(features, ref, margins, dpo_cfg, K, summary["scale"], pred=split[0] if split else None)
+    att, inter = (split[1], interference(split[1])) if split else not_computed(reason)
     applies = per_pair is not None
     if not applies:  # the theory does not apply: empty tables, the reason in the dynamics method column
         per_pair = pd.DataFrame({c: pd.Series(dtype=t) for c, t in
@@ -382,9 +387,6 @@ def run_theory(train: pd.DataFrame, card: dict, features: np.ndarray, ref: pd.Da
         dyn = pd.DataFrame([{"step": -1, "split": "", "measured_margin": np.nan, "predicted_margin": np.nan,
                              "measured_error": np.nan, "predicted_error": np.nan, "r_L": np.nan, "r_U": np.nan,
                              "tau1_steps": np.nan, "eta": np.nan, "method": dyn, "prediction_rel_error": np.nan}])
-    from .attribution import attribution
-
-    att, inter = attribution(features, ref, margins, dpo_cfg, attribution_reason(applies, dyn, dpo_cfg, margins))
     return {
         "attribution": att,
         "interference": inter,
@@ -401,13 +403,14 @@ def run_theory(train: pd.DataFrame, card: dict, features: np.ndarray, ref: pd.Da
 ATTRIBUTION_CELLS = 50_000_000  # pairs × training groups × checkpoints the exact split is computed for
 
 
-def attribution_reason(applies: bool, dyn: pd.DataFrame, dpo_cfg: dict, margins: pd.DataFrame) -> str | None:
+def attribution_reason(ref: pd.DataFrame, dpo_cfg: dict, margins: pd.DataFrame) -> str | None:
     """Why the exact attribution is not computed for this run (None: it is)."""
-    if not applies:
-        return f"not computed: {dyn['method'].iloc[0]}"
-    if not prediction_method(dpo_cfg).startswith("exact"):
+    if (ref["token_chosen"] < 0).any():
+        return "not computed: no prediction: some responses are not single tokens after the same prompt"
+    method = prediction_method(dpo_cfg)
+    if not method.startswith("exact"):
         return (f"not computed: outside the theorems' regime (last_layer, full-batch sgd); this run: "
-                f"{dyn['method'].iloc[0]}; estimates for other regimes are not built")
+                f"{method}; estimates for other regimes are not built")
     first = margins[margins["step"] == margins["step"].min()]
     cells = len(first) * first[first["split"] == "train"].groupby(["concept", "cluster"]).ngroups * \
         margins["step"].nunique()
@@ -512,9 +515,10 @@ def prediction_method(dpo_cfg: dict) -> str:
 
 
 def dynamics(features: np.ndarray, ref: pd.DataFrame, margins: pd.DataFrame, dpo_cfg: dict, K: int,
-             scale: float = 1.0):
+             scale: float = 1.0, pred: dict | None = None):
     """Predicted margins of every pair from the recursion of THEORY.md section 2 with the kernel measured
-    from g(x), next to the measured ones, and the envelope of v3 Theorem 4.1 in steps.
+    from g(x), next to the measured ones, and the envelope of v3 Theorem 4.1 in steps. ``pred``: the
+    recursion's margins already computed with this run's step (attribution.exact_split), not run again.
 
     Returns (per-pair table, per-checkpoint table), or (None, reason) when the theory does not apply.
     """
@@ -539,7 +543,9 @@ def dynamics(features: np.ndarray, ref: pd.DataFrame, margins: pd.DataFrame, dpo
         eta = float(m1 / (first * slope)) if first and slope > 0 and m1 > 0 else float("nan")
     if not np.isfinite(eta):
         return None, "no prediction: the time scale could not be fitted (no margin growth at the first checkpoint)"
-    pred = predicted_margins(g[:n], w[:n], lo[:n], g, w, lo, beta=beta, lr=eta, steps=steps, checkpoints=checkpoints, **kw)
+    if pred is None:
+        pred = predicted_margins(g[:n], w[:n], lo[:n], g, w, lo, beta=beta, lr=eta, steps=steps,
+                                 checkpoints=checkpoints, **kw)
     ids, split = ref["sample_id"].to_numpy(), ref["split"].to_numpy()
     measured = margins.set_index(["step", "sample_id"])["margin"]
     per_pair = pd.concat([pd.DataFrame({"step": s, "split": split, "sample_id": ids, "predicted": r,
