@@ -84,3 +84,5 @@ rule all:
         f"{OUT}/error_vs_k.png",
         # a K x Q grid: the scaling study (smallest Q per K at the target test error, beside the v5 bound)
         [f"{OUT}/scaling.csv", f"{OUT}/scaling.png"] if SCALING else [],
+        # theory.attribution_check: leave-one-concept-out retraining against the attribution
+        [f"{OUT}/attribution_check.csv"] if CHECK_ATTRIBUTION else [],

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from dpogen.theory import run_theory  # noqa: E402
+from dpogen.theory.stage import run_theory  # noqa: E402
 
 
 def main():
@@ -78,7 +78,7 @@ def main():
 def attribution_timing(rng, n, d, K, checkpoints):
     """The exact split of every margin over 2K training groups at every checkpoint, against the recursion."""
     from dpogen.attribution import attribution
-    from dpogen.theory import predicted_margins
+    from dpogen.theory.dynamics import predicted_margins
 
     concept = np.array([f"c{i % K}" for i in range(n)])
     cluster = np.where((np.arange(n) // K) % 2 == 0, 1, -1).astype(np.int8)

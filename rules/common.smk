@@ -4,6 +4,14 @@ MODEL = config["model"]
 # the workflow builds the base model (offline default) or converts a GGUF checkpoint once; a hub id or a
 # local folder is used where it is
 BUILDS_BASE = MODEL["source"] == "scratch" or bool(MODEL["pretrained"].get("gguf_file"))
+# theory.attribution_check: leave-one-concept-out retraining beside each run's attribution
+CHECK_ATTRIBUTION = bool(config["theory"].get("attribution_check"))
+# a tokenizer trained on the data's text reads its rows: rule check_data validates them first
+CHECKS_DATA = MODEL["source"] == "scratch" and config["data"]["source"] in (
+    "persona",
+    "files",
+    "hf",
+)
 
 
 def base_key(run):
@@ -105,16 +113,22 @@ def rcfg(wildcards):
 
 
 def ref_settings(cfg):
-    """The DPO settings that change reference log-probs (not β, lr, ...: changing those keeps them)."""
-    return {
-        k: cfg["dpo"][k]
-        for k in (
-            "append_eos",
-            "dtype",
-            "eval_batch_size",
-            "eval_max_tokens_per_batch",
-        )
-    } | engine_settings(cfg)
+    """The DPO settings that change reference log-probs (not β, lr, ...: changing those keeps them);
+    dpo.score only when it is not the default, so reference passes made before it existed are kept."""
+    score = cfg["dpo"].get("score", "sequence")
+    return (
+        {
+            k: cfg["dpo"][k]
+            for k in (
+                "append_eos",
+                "dtype",
+                "eval_batch_size",
+                "eval_max_tokens_per_batch",
+            )
+        }
+        | ({"score": score} if score != "sequence" else {})
+        | engine_settings(cfg)
+    )
 
 
 def code(rule):

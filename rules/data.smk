@@ -1,6 +1,24 @@
 # Stage 1, data: preference pairs → validated train/test tables and a data card.
 
 
+# every row of the source, all concepts, validated before anything else reads them: the scratch tokenizer
+# (rule base_model) waits for it
+rule check_data:
+    input:
+        files=data_files(config["data"], all_concepts=True),
+    output:
+        f"{OUT}/check_data.json",
+    log:
+        f"{LOGS}/check_data.log",
+    conda:
+        "../envs/dpogen.yaml"
+    params:
+        data={k: v for k, v in config["data"].items() if k != "k"},
+        code=code("check_data"),
+    script:
+        "../workflow_scripts/check_data.py"
+
+
 rule data:
     input:
         base=base_input,

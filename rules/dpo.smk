@@ -37,6 +37,9 @@ rule dpo:
         metrics=f"{RUN}/dpo/metrics.parquet",
         info=f"{RUN}/dpo/run.json",
         features=directory(f"{RUN}/dpo/features"),
+        # every margin split over the training groups during training: the actual updates (last_layer) or
+        # TracIn (full, lora)
+        attribution=f"{RUN}/dpo/attribution.parquet",
     log:
         f"{LOGS}/dpo/{{run}}.log",
     conda:

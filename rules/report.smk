@@ -75,6 +75,11 @@ rule summary:
         runs=expand(f"{RUN}/report/summary.csv", run=RUNS),
         metrics=expand(f"{RUN}/dpo/metrics.parquet", run=RUNS),
         claims=expand(f"{RUN}/theory/claims.parquet", run=RUNS),
+        checks=(
+            expand(f"{RUN}/theory/attribution_check.parquet", run=RUNS)
+            if CHECK_ATTRIBUTION
+            else []
+        ),
     output:
         csv=report(
             f"{OUT}/summary.csv",
@@ -85,6 +90,8 @@ rule summary:
         parquet=f"{OUT}/summary.parquet",
         fit=f"{OUT}/fit.csv",
         md=f"{OUT}/summary.md",
+        # theory.attribution_check: per run, the correlation of estimated and retrained changes
+        checks=[f"{OUT}/attribution_check.csv"] if CHECK_ATTRIBUTION else [],
         margins=report(
             f"{OUT}/margins_by_run.png",
             caption="../report/margins_by_run.rst",

@@ -10,6 +10,7 @@ rule base_model:
             if MODEL["source"] == "scratch"
             else []
         ),
+        check=[f"{OUT}/check_data.json"] if CHECKS_DATA else [],
     output:
         directory(f"{OUT}/{{base}}"),
     log:

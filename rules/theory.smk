@@ -9,6 +9,7 @@ rule theory:
         features=f"{RUN}/dpo/ref_features.npy",
         margins=f"{RUN}/dpo/margins.parquet",
         policy_features=f"{RUN}/dpo/features",
+        dpo_attribution=f"{RUN}/dpo/attribution.parquet",
     output:
         claims=f"{RUN}/theory/claims.parquet",
         bounds=f"{RUN}/theory/bounds.parquet",
@@ -24,8 +25,41 @@ rule theory:
     conda:
         "../envs/dpogen.yaml"
     params:
-        theory=lambda w: rcfg(w)["theory"],
+        # attribution_check adds a rule; it changes nothing the theory stage writes
+        theory=lambda w: {
+            k: v for k, v in rcfg(w)["theory"].items() if k != "attribution_check"
+        },
         dpo=lambda w: {k: rcfg(w)["dpo"][k] for k in THEORY_FROM_DPO},
         code=code("theory"),
     script:
         "../workflow_scripts/theory.py"
+
+
+# theory.attribution_check: every training concept left out in turn, the run retrained, each held-out concept's
+# mean margin change set beside the attribution's estimate (small runs: K trainings per run)
+rule attribution_check:
+    input:
+        ref=f"{RUN}/sft",
+        train=f"{RUN}/data/train.parquet",
+        test=f"{RUN}/data/test.parquet",
+        ref_logps=f"{RUN}/dpo/ref_logps.parquet",
+        ref_features=f"{RUN}/dpo/ref_features.npy",
+        margins=f"{RUN}/dpo/margins.parquet",
+        interference=f"{RUN}/theory/interference.parquet",
+    output:
+        f"{RUN}/theory/attribution_check.parquet",
+    log:
+        f"{LOGS}/attribution_check/{{run}}.log",
+    conda:
+        "../envs/dpogen.yaml"
+    threads: config["threads"]["train"]
+    resources:
+        gpu=planned("dpo", "gpus"),
+        mem_mb=planned("dpo", "mem_mb"),
+    params:
+        dpo=lambda w: {**value_settings(rcfg(w)["dpo"], "dpo"), **WITH_LOAD},
+        seed=lambda w: rcfg(w)["seed"],
+        threads=config["threads"]["train"],
+        code=code("attribution_check"),
+    script:
+        "../workflow_scripts/attribution_check.py"

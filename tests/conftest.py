@@ -53,3 +53,19 @@ def copy_repo(dest: Path) -> Path:
         else:
             shutil.copy2(src, dest / name)
     return dest
+
+
+def kill_at_checkpoint(monkeypatch, step: int):
+    """A simulated kill: the margin checkpoint at ``step`` raises KeyboardInterrupt (after the resume saves
+    before it). Returns the function that lets checkpoints be written again."""
+    from dpogen import tables
+
+    real = tables.write_margins_checkpoint
+
+    def fail(df, folder, s):
+        if s == step:
+            raise KeyboardInterrupt("simulated kill")
+        return real(df, folder, s)
+
+    monkeypatch.setattr(tables, "write_margins_checkpoint", fail)
+    return lambda: monkeypatch.setattr(tables, "write_margins_checkpoint", real)

@@ -220,7 +220,7 @@ BAD = [
     ("missing column", lambda r: {k: v for k, v in r.items() if k != "rejected"}, None, "missing column 'rejected'"),
     ("empty prompt", lambda r: {**r, "prompt": ""}, 2, "field 'prompt': empty"),
     ("empty response", lambda r: {**r, "chosen": "  "}, 2, "field 'chosen': empty"),
-    ("identical", lambda r: {**r, "rejected": r["chosen"]}, 2, "fields 'chosen'/'rejected': identical"),
+    ("identical", lambda r: {**r, "rejected": r["chosen"]}, 2, "field 'chosen' and 'rejected': identical"),
     ("non-string", lambda r: {**r, "chosen": 7}, 2, "field 'chosen': expected a string"),
 ]
 
@@ -281,7 +281,7 @@ def test_truncation_that_makes_responses_identical_is_refused(tmp_path, tiny):
             for i in range(8)]
     path = write_jsonl(tmp_path / "r.jsonl", recs)
     cfg = base_cfg(files={"paths": [str(path)]}, max_response_tokens=1, truncation="truncate")
-    with pytest.raises(D.DataError, match=r"r\.jsonl: line \d+, fields .chosen./.rejected.: identical"):
+    with pytest.raises(D.DataError, match=r"r\.jsonl: line \d+, field .chosen. and .rejected.: identical"):
         run(tmp_path, cfg, tokenizer=tok)
 
 
@@ -331,9 +331,11 @@ def test_format_auto_reads_every_row_not_the_first(tmp_path):
 def test_k_larger_than_the_files_concepts_stops_before_a_model_is_built(tmp_path):
     path = write_jsonl(tmp_path / "two.jsonl", records())
     cfg = base_cfg(files={"paths": [str(path)]}, columns={"concept": "topic"})
-    assert len(D.corpus(cfg, 4, {"k1": 1, "k2": 2})) == 2 * len(records())
+    checked = D.check_source(cfg, {"k1": 1, "k2": 2})
+    assert checked["n_pairs"] == len(records()) and checked["n_concepts"] == 2
+    assert len(D.corpus(cfg, 4)) == 2 * len(records())
     with pytest.raises(D.DataError, match=r"data.k: K=4 is larger than the 2 concept\(s\) in the data \(run k4\)"):
-        D.corpus(cfg, 4, {"k1": 1, "k4": 4})
+        D.check_source(cfg, {"k1": 1, "k4": 4})
 
 
 def test_a_hub_dataset_is_read_at_the_commit_its_first_run_resolved(tmp_path, monkeypatch):

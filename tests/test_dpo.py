@@ -12,7 +12,7 @@ from dpogen.engine import loop, schedule
 from dpogen.engine.loss import dpo_loss
 from dpogen.data import validate_pairs
 from dpogen.synthetic import generate
-from tests.conftest import REPO
+from tests.conftest import REPO, kill_at_checkpoint
 
 
 def L(h, beta, *a, **kw):
@@ -108,19 +108,12 @@ def test_training_records_every_pair_and_is_reproducible(tmp_path, tiny_model_di
 def test_resume_from_saved_state_gives_identical_tables(tmp_path, tiny_model_dir, small_run, monkeypatch):
     full, full_metrics = _train(tmp_path, tiny_model_dir, small_run, "full")
     # interrupt a run after its step-4 save by failing the step-6 checkpoint, then run again
-    real = tables.write_margins_checkpoint
-
-    def fail_at_6(df, folder, step):
-        if step == 6:
-            raise KeyboardInterrupt("simulated kill")
-        return real(df, folder, step)
-
-    monkeypatch.setattr(tables, "write_margins_checkpoint", fail_at_6)
+    restore = kill_at_checkpoint(monkeypatch, 6)
     with pytest.raises(KeyboardInterrupt):
         _train(tmp_path, tiny_model_dir, small_run, "resumed")
     assert (tmp_path / "resumed" / "work" / "save" / "meta.pt").exists()
     assert not (tmp_path / "resumed" / "margins").exists()  # nothing half-written in the outputs
-    monkeypatch.setattr(tables, "write_margins_checkpoint", real)
+    restore()
     resumed, resumed_metrics = _train(tmp_path, tiny_model_dir, small_run, "resumed")
     pd.testing.assert_frame_equal(full, resumed)
     cols = [c for c in full_metrics.columns if c not in ("pairs_per_s", "elapsed_s")]

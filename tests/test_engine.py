@@ -21,7 +21,7 @@ from dpogen.data import validate_pairs
 from dpogen.engine import loop, schedule
 from dpogen.logprobs import EncodingError, encode_pairs, pair_logps, row_batches
 from dpogen.synthetic import generate
-from tests.conftest import REPO
+from tests.conftest import REPO, kill_at_checkpoint
 
 SRC = REPO / "src"
 MARGIN_COLS = ["logp_chosen", "logp_rejected", "reward_chosen", "reward_rejected", "margin"]
@@ -208,14 +208,7 @@ def test_a_save_from_another_world_size_is_refused(tmp_path, tiny_model_dir, run
     """A save written by 1 process, resumed with dpo.processes 2: stops before any step, naming the key."""
     from dpogen.launch import launch
 
-    real = tables.write_margins_checkpoint
-
-    def fail_at_10(df, folder, step):
-        if step == 10:
-            raise KeyboardInterrupt("simulated kill")
-        return real(df, folder, step)
-
-    monkeypatch.setattr(tables, "write_margins_checkpoint", fail_at_10)
+    kill_at_checkpoint(monkeypatch, 10)
     cfg = {**run10[2], "save_every": 5}
     with pytest.raises(KeyboardInterrupt):
         one_process(tmp_path, tiny_model_dir, (run10[0], run10[1], cfg), "w")

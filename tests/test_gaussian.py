@@ -14,7 +14,7 @@ from dpogen import data as D
 from dpogen import gaussian as G
 from dpogen import model as M
 from dpogen import tables
-from dpogen import theory as T
+from dpogen.theory import bounds, certificates, geometry, stage
 from dpogen.engine.loop import train_dpo
 from dpogen.reference import compute_reference
 from dpogen.sft import train_sft
@@ -50,7 +50,7 @@ def run_library(tmp_path, K: int, steps: int, **gauss) -> dict:
               tmp_path / "metrics.parquet", tmp_path / "work", ref_features_path=tmp_path / "feat.npy")
     feats, ref = np.load(tmp_path / "feat.npy"), pd.read_parquet(tmp_path / "ref.parquet")
     margins = tables.read_margins(tmp_path / "margins")
-    out = T.run_theory(tr, card, feats, ref, margins, cfg["theory"], dcfg)
+    out = stage.run_theory(tr, card, feats, ref, margins, cfg["theory"], dcfg)
     return {"card": card, "train": tr, "test": te, "feats": feats, "ref": ref, "margins": margins, "out": out,
             "dpo": dcfg}
 
@@ -197,8 +197,8 @@ def test_a_condition_reported_violated_is_violated(tmp_path):
     train = D.validate_pairs(train, "gaussian")
     card = D.data_card(train, train, {})
     X = np.stack(train["embedding"])
-    summary, _ = T.geometry(X, train["concept"].to_numpy(), train["cluster"].to_numpy())
-    conds = pd.DataFrame(T.conditions("v5", K=4, Q=card["Q_min"], Z=card["Z"], d=summary["d"], l_b=summary["l_b"],
+    summary, _ = geometry.geometry(X, train["concept"].to_numpy(), train["cluster"].to_numpy())
+    conds = pd.DataFrame(bounds.conditions("v5", K=4, Q=card["Q_min"], Z=card["Z"], d=summary["d"], l_b=summary["l_b"],
                                       v=summary["v"])).set_index("condition")
     violated = set(conds.index[~conds["holds"]])
     assert violated == {"v <= 1/(32 sqrt(Q))", "d <= 5Q", "Z <= 1/(4 l_b^2)"}, conds
@@ -220,7 +220,7 @@ def test_a_condition_reported_violated_is_violated(tmp_path):
 
 def test_one_concept_marks_cosines_between_concepts_undefined():
     train, _ = G.generate(1, G.GaussianSpec(q=30, test_per_cluster=2, d=6, v=0.1))
-    _, geo = T.geometry(np.stack(train["embedding"]), train["concept"].to_numpy(), train["cluster"].to_numpy())
+    _, geo = geometry.geometry(np.stack(train["embedding"]), train["concept"].to_numpy(), train["cluster"].to_numpy())
     row = geo[geo["quantity"] == "cos_concepts"]
     assert len(row) == 1 and math.isnan(row["value"].iloc[0]) and "one concept" in row["note"].iloc[0]
 
@@ -228,7 +228,7 @@ def test_one_concept_marks_cosines_between_concepts_undefined():
 def test_a_checkpoint_without_held_out_pairs_is_marked():
     m = pd.DataFrame({"step": [0, 0, 5], "split": ["train", "test", "train"], "sample_id": ["a", "b", "a"],
                       "concept": "c", "cluster": 1, "margin": [0.0, 0.0, 1.0]})
-    c = T.certificates(m, 0.95)
+    c = certificates.certificates(m, 0.95)
     row = c[c["step"] == 5]
     assert len(row) == 1 and row["n"].iloc[0] == 0 and math.isnan(row["upper"].iloc[0])
     assert "no held-out pairs" in row["method"].iloc[0]
@@ -241,7 +241,7 @@ def test_nan_features_name_the_row_and_sample():
     X[4, 2] = np.inf
     ref = pd.DataFrame({"sample_id": train["sample_id"], "split": "train"})
     with pytest.raises(ValueError, match=f"row 4 \\(sample_id {train['sample_id'].iloc[4]}\\)"):
-        T.run_theory(train, {"K": 1, "Q_min": 3, "N": 6, "Z": 2}, X, ref, pd.DataFrame(), {}, {})
+        stage.run_theory(train, {"K": 1, "Q_min": 3, "N": 6, "Z": 2}, X, ref, pd.DataFrame(), {}, {})
 
 
 # ------------------------------------------------------------------------------------- the workflow
@@ -264,7 +264,7 @@ def test_workflow_grid_runs_the_scaling_study(tmp_path):
     out = work / "results" / "gs"
     table = pd.read_csv(out / "scaling.csv")
     assert list(table["K"]) == [1, 2]
-    assert list(table["Q_v5_bound"]) == [T.smallest_q("v5", 1, 0.05), T.smallest_q("v5", 2, 0.05)]
+    assert list(table["Q_v5_bound"]) == [bounds.smallest_q("v5", 1, 0.05), bounds.smallest_q("v5", 2, 0.05)]
     s = pd.read_csv(out / "summary.csv")
     assert set(s["run"]) == {"k1-q4", "k1-q32", "k2-q4", "k2-q32"}
     final = s.sort_values("step").groupby("run").tail(1).set_index("run")

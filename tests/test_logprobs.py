@@ -126,3 +126,61 @@ def test_a_pair_twice_in_a_batch(tiny):
         once = pair_logps(model, enc, [0, 1, 2])
         twice = pair_logps(model, enc, [0, 1, 0, 2, 2])
     torch.testing.assert_close(twice, once[[0, 1, 0, 2, 2]])
+
+
+def test_first_difference_scores_the_first_token_that_tells_answers_apart(tiny):
+    """" (A)" / " (B)": several tokens each, one of them different. Scored by first difference, the pair is
+    one fused row ending at the last shared token; its two log-probs are those of the differing tokens
+    there, computed independently from the full logits; g(x) is read at that position."""
+    model, tok = tiny
+    model.eval()
+    prompts = [PROMPTS[0] + "Answer:", PROMPTS[1] + "Answer:"]
+    chosen, rejected = [" (A)", " (B) because"], [" (B)", " (A) because"]
+    seq = encode_pairs(tok, prompts, chosen, rejected, append_eos=False)
+    assert not seq.fused.any() and (seq.n_tokens > 1).all()
+    enc = encode_pairs(tok, prompts, chosen, rejected, append_eos=False, score="first_difference")
+    assert enc.fused.all() and (enc.n_tokens == 1).all()
+    with torch.no_grad():
+        lp, feats = pair_logps(model, enc, features=True)
+    for i in range(2):
+        a = tok(prompts[i] + chosen[i])["input_ids"]
+        b = tok(prompts[i] + rejected[i])["input_ids"]
+        shared = next(q for q in range(len(a)) if a[q] != b[q])
+        assert len(enc.rows[i]) == shared and enc.feature_at[i, 1] == shared - 1
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([a[:shared]]), output_hidden_states=True)
+        logp = torch.log_softmax(out.logits[0, -1].double(), -1)
+        np.testing.assert_allclose(lp[i].numpy(), [float(logp[a[shared]]), float(logp[b[shared]])], atol=1e-5)
+        np.testing.assert_allclose(feats[i].numpy(), out.hidden_states[-1][0, -1].numpy(), atol=1e-5)
+
+
+def test_first_difference_refuses_an_answer_that_starts_the_other(tiny):
+    _, tok = tiny
+    with pytest.raises(ValueError, match="row 1: with dpo.score: first_difference the chosen answer is a start"):
+        encode_pairs(tok, PROMPTS[:2], [" Yes", " No"], [" No", " No thanks"], append_eos=False,
+                     score="first_difference")
+    # with EOS appended, EOS is the first difference
+    enc = encode_pairs(tok, PROMPTS[:2], [" Yes", " No"], [" No", " No thanks"], append_eos=True,
+                       score="first_difference")
+    assert enc.row_targets[1][0, 1] == tok.eos_token_id and enc.fused.all()
+
+
+def test_head_gradients_are_the_autograd_gradients_of_the_log_probs(tiny):
+    """head_gradients without projection: per pair and answer, Σ_t (e_y − p_t) h_tᵀ, equal to autograd's
+    gradient of the summed log-prob with respect to an untied head's weight."""
+    from dpogen.engine.policy import untie_head
+    from dpogen.engine.tracin import KroneckerProjection
+    from dpogen.logprobs import head_gradients
+
+    model, tok = tiny
+    model = model.double()
+    untie_head(model)
+    model.eval()
+    enc = encode_pairs(tok, PROMPTS, CHOSEN, REJECTED, append_eos=True)
+    W = model.get_output_embeddings().weight
+    phi = head_gradients(model, enc, KroneckerProjection(W.shape[0], W.shape[1], None, 0, "cpu"))
+    for j in range(len(PROMPTS)):
+        lp = pair_logps(model, enc, [j])[0]
+        for slot in (0, 1):
+            (g,) = torch.autograd.grad(lp[slot], W, retain_graph=slot == 0)
+            np.testing.assert_allclose(phi[j, slot].numpy(), g.reshape(-1).numpy(), atol=1e-10)

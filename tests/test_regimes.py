@@ -10,7 +10,7 @@ from dpogen import reference, tables
 from dpogen.engine import loop
 from dpogen.engine.policy import Policy, untie_head
 from dpogen import model as M
-from dpogen import theory as T
+from dpogen.theory import dynamics
 from dpogen.data import validate_pairs
 from dpogen.logprobs import encode_pairs
 from dpogen.synthetic import generate
@@ -19,7 +19,7 @@ from tests.conftest import REPO
 
 def dpo_cfg(**kw):
     cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["dpo"]
-    cfg.update(save_every=0, log_every=5, **kw)
+    cfg.update({"save_every": 0, "log_every": 5, **kw})
     return cfg
 
 
@@ -29,7 +29,8 @@ def train_run(tmp_path, model_dir, spec, cfg, k=2, q=6, use_features=True):
     reference.compute_reference(model_dir, train, test, cfg, tmp_path / "ref.parquet", tmp_path / "feat.npy")
     loop.train_dpo(model_dir, train, test, tmp_path / "ref.parquet", cfg, 0, tmp_path / "m", tmp_path / "x.parquet",
                   tmp_path / "w", out_info=tmp_path / "run.json",
-                  ref_features_path=tmp_path / "feat.npy" if use_features else None)
+                  ref_features_path=tmp_path / "feat.npy" if use_features else None,
+                  out_attribution=tmp_path / "split.parquet")
     return train, test, tables.read_margins(tmp_path / "m")
 
 
@@ -71,30 +72,43 @@ def test_last_layer_cache_from_reference_features_or_forward_pass(tmp_path, tiny
     assert (a.loc[a["step"] == 6, "margin"] != 0).all()
 
 
-@pytest.mark.parametrize("loss,extra", [("sigmoid", {}), ("sigmoid", {"label_smoothing": 0.1}), ("hinge", {}),
-                                        ("robust", {"label_smoothing": 0.2}),
-                                        ("ipo", {})])
-def test_last_layer_margins_equal_the_recursion(tmp_path, tiny_model_dir, spec, loss, extra):
-    """THEORY.md section 2: with the head alone training by full-batch GD, single-token answers and no
-    weight decay, margins follow r_j(k+1) = r_j(k) + η(β²/N) Σ_i −f′(r_i) C_ij exactly, for train and
-    held-out pairs alike."""
+def multiple_choice(df: pd.DataFrame) -> pd.DataFrame:
+    """The synthetic Yes/No pairs as a multiple-choice question: answers " (A)" / " (B)" (several tokens each,
+    differing in one), chosen " (A)" in cluster +1 and " (B)" in cluster -1."""
+    out = df.copy()
+    out["prompt"] = df["prompt"] + "Choices: (A) Yes (B) No\nAnswer:"
+    yes = df["chosen"] == " Yes"
+    out["chosen"] = np.where(yes, " (A)", " (B)")
+    out["rejected"] = np.where(yes, " (B)", " (A)")
+    return out
+
+
+def assert_recursion(tmp_path, model_dir, spec, loss="sigmoid", extra=None, score="sequence", pairs_as=None):
+    """Train the head alone by full-batch GD and compare every checkpoint's margins with the recursion."""
+    extra = extra or {}
     beta, lr, steps = 0.5, (0.002 if loss == "ipo" else 0.1), 24
     cfg = dpo_cfg(regime="last_layer", optimizer="sgd", lr=lr, beta=beta, batch_size="full", steps=steps,
                   eval_every=6, max_grad_norm=None, weight_decay=0.0, append_eos=False, dtype="float64",
-                  loss=loss, **extra)
-    train, test, m = train_run(tmp_path, tiny_model_dir, spec, cfg)
-    _, tok = M.load(tiny_model_dir)
+                  loss=loss, score=score, **extra)
+    train, test = generate(2, 6, 3, spec)
+    if pairs_as is not None:
+        train, test = pairs_as(train), pairs_as(test)
+    train, test = validate_pairs(train, "train"), validate_pairs(test, "test")
+    reference.compute_reference(model_dir, train, test, cfg, tmp_path / "ref.parquet", tmp_path / "feat.npy")
+    loop.train_dpo(model_dir, train, test, tmp_path / "ref.parquet", cfg, 0, tmp_path / "m", tmp_path / "x.parquet",
+                   tmp_path / "w", out_info=tmp_path / "run.json", ref_features_path=tmp_path / "feat.npy")
+    m = tables.read_margins(tmp_path / "m")
+    _, tok = M.load(model_dir)
     pairs = pd.concat([train, test], ignore_index=True)
-    enc = encode_pairs(tok, pairs["prompt"], pairs["chosen"], pairs["rejected"], append_eos=False)
+    enc = encode_pairs(tok, pairs["prompt"], pairs["chosen"], pairs["rejected"], append_eos=False, score=score)
     assert enc.fused.all()  # single-token responses after the same prompt
     w = np.array([t[0, 1] for t in enc.row_targets])
     lo = np.array([t[1, 1] for t in enc.row_targets])
     g = np.load(tmp_path / "feat.npy")  # g(x) from the reference pass (same row order as pairs)
     assert g.dtype == np.float64
     n = len(train)
-    pred = T.predicted_margins(g[:n], w[:n], lo[:n], g, w, lo, beta=beta, lr=lr, steps=steps,
-                               checkpoints=range(0, steps + 1, 6), loss=loss, **{k: v for k, v in extra.items()})
-    order = pd.Series(range(len(pairs)), index=pairs["sample_id"])
+    pred = dynamics.predicted_margins(g[:n], w[:n], lo[:n], g, w, lo, beta=beta, lr=lr, steps=steps,
+                               checkpoints=range(0, steps + 1, 6), loss=loss, **extra)
     for step, r_pred in pred.items():
         got = m[m["step"] == step].set_index("sample_id")["margin"]
         r_meas = got.loc[pairs["sample_id"]].to_numpy()
@@ -104,7 +118,26 @@ def test_last_layer_margins_equal_the_recursion(tmp_path, tiny_model_dir, spec, 
         rel = np.linalg.norm(r_meas - r_pred) / np.linalg.norm(r_pred)
         assert rel < 1e-6, (step, rel)
         assert np.abs(r_pred).max() > 1e-3  # the margins really moved
-    assert order.size == len(pairs)
+    return pd.read_parquet(tmp_path / "ref.parquet")
+
+
+@pytest.mark.parametrize("loss,extra", [("sigmoid", {}), ("sigmoid", {"label_smoothing": 0.1}), ("hinge", {}),
+                                        ("robust", {"label_smoothing": 0.2}),
+                                        ("ipo", {})])
+def test_last_layer_margins_equal_the_recursion(tmp_path, tiny_model_dir, spec, loss, extra):
+    """THEORY.md section 2: with the head alone training by full-batch GD, single-token answers and no
+    weight decay, margins follow r_j(k+1) = r_j(k) + η(β²/N) Σ_i −f′(r_i) C_ij exactly, for train and
+    held-out pairs alike."""
+    assert_recursion(tmp_path, tiny_model_dir, spec, loss, extra)
+
+
+def test_first_difference_puts_multiple_choice_pairs_in_the_recursion(tmp_path, tiny_model_dir, spec):
+    """Answers " (A)" / " (B)" are several tokens; scored by their first differing token ("A" against "B",
+    after the shared " (") every pair is a single-token pair read at the last shared position, and the
+    margins follow the recursion exactly."""
+    ref = assert_recursion(tmp_path, tiny_model_dir, spec, score="first_difference", pairs_as=multiple_choice)
+    assert (ref["n_tokens_chosen"] == 1).all() and (ref["n_tokens_rejected"] == 1).all()
+    assert ref["token_chosen"].nunique() == 2 and (ref["token_chosen"] != ref["token_rejected"]).all()
 
 
 def test_last_layer_trains_only_an_untied_head(tmp_path, tiny_gpt2_dir, spec):
@@ -153,7 +186,7 @@ def test_theory_stage_predicts_the_measured_margins(tmp_path, tiny_model_dir, sp
                     eval_every=4, max_grad_norm=None, weight_decay=0.0, append_eos=False, dtype="float64")
     train, test, m = train_run(tmp_path / "a", tiny_model_dir, spec, exact)
     ref = pd.read_parquet(tmp_path / "a" / "ref.parquet")
-    per_pair, dyn = T.dynamics(np.load(tmp_path / "a" / "feat.npy"), ref, m, exact, K=2)
+    per_pair, dyn = dynamics.dynamics(np.load(tmp_path / "a" / "feat.npy"), ref, m, exact, K=2)
     assert dyn["method"].str.startswith("exact").all()
     moved = per_pair[per_pair["step"] > 0]
     assert np.abs(moved["predicted"] - moved["measured"]).max() < 1e-6 * np.abs(moved["measured"]).max()
@@ -163,7 +196,7 @@ def test_theory_stage_predicts_the_measured_margins(tmp_path, tiny_model_dir, sp
     adam = dpo_cfg(regime="last_layer", optimizer="adam", lr=1e-2, batch_size="full", steps=12, eval_every=4,
                    append_eos=False)
     _, _, m2 = train_run(tmp_path / "b", tiny_model_dir, spec, adam)
-    per_pair, dyn = T.dynamics(np.load(tmp_path / "b" / "feat.npy"), pd.read_parquet(tmp_path / "b" / "ref.parquet"),
+    per_pair, dyn = dynamics.dynamics(np.load(tmp_path / "b" / "feat.npy"), pd.read_parquet(tmp_path / "b" / "ref.parquet"),
                                m2, adam, K=2)
     assert dyn["method"].str.contains("fitted").all() and np.isfinite(dyn["eta"]).all()
     first = dyn[(dyn["step"] == 4) & (dyn["split"] == "train")].iloc[0]
@@ -172,6 +205,6 @@ def test_theory_stage_predicts_the_measured_margins(tmp_path, tiny_model_dir, sp
 
     eos = dpo_cfg(steps=2, eval_every=1, append_eos=True)
     _, _, m3 = train_run(tmp_path / "c", tiny_model_dir, spec, eos)
-    none, reason = T.dynamics(np.load(tmp_path / "c" / "feat.npy"), pd.read_parquet(tmp_path / "c" / "ref.parquet"),
+    none, reason = dynamics.dynamics(np.load(tmp_path / "c" / "feat.npy"), pd.read_parquet(tmp_path / "c" / "ref.parquet"),
                               m3, eos, K=2)
     assert none is None and "single tokens" in reason

@@ -100,7 +100,7 @@ def test_figures_are_png_pdf_and_svg_with_legible_fonts(tmp_path):
 
 
 def test_a_failing_prediction_says_so_and_the_envelope_needs_the_regime(tmp_path):
-    from dpogen.theory import with_prediction_error
+    from dpogen.theory.dynamics import with_prediction_error
 
     def dyn(method, factor):
         rows = [{"step": st, "split": sp, "measured_margin": 0.1 * st, "predicted_margin": 0.1 * st * factor,

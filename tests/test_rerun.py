@@ -196,9 +196,9 @@ def _rerun_on_code(tmp_path, setting) -> tuple[str]:
 def test_rerun_on_code_false_keeps_results_of_older_code_and_the_summary_names_them(wf, tmp_path):
     """workflow.rerun_on_code: false: a body edit schedules nothing; the summary, remade, marks the stages
     made with the older code. A list reruns only the rules it names (and what follows them)."""
-    path = wf["repo"] / "src" / "dpogen" / "theory.py"
+    path = wf["repo"] / "src" / "dpogen" / "theory" / "dynamics.py"  # the theory stage and the report run it
     with edited(path, lambda t: t + "\n\ndef _probe_edit():\n    return 1\n"):
-        assert wf["plan"]() == expected(wf, "theory.py")
+        assert wf["plan"]() == expected(wf, "theory/dynamics.py")
         keep = _rerun_on_code(tmp_path, False)
         assert wf["plan"](*keep) == {}
         (tmp_path / "list").mkdir()

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from dpogen import reference, report, tables
-from dpogen import theory as T
+from dpogen.theory import certificates
 from dpogen.data import validate_pairs
 from dpogen.engine import loop
 from dpogen.io import atomic_dir, atomic_path, write_text
@@ -28,7 +28,7 @@ def _margins(values, split="test"):
 def test_every_error_count_treats_a_nan_margin_as_an_error():
     m = [0.5, np.nan, -0.1, np.inf * 0, 2.0]  # two NaN, one negative
     assert tables.margin_errors(m).tolist() == [False, True, True, True, False]
-    certs = T.certificates(_margins(m), 0.95)
+    certs = certificates.certificates(_margins(m), 0.95)
     assert certs.loc[certs["concept"] == "all", "errors"].item() == 3
     both = pd.concat([_margins(m, "train"), _margins(m, "test")])
     s = report.run_summary("k1", 1, both, certs, pd.DataFrame({"version": [], "value": [], "vacuous": [],
@@ -182,7 +182,41 @@ def test_editing_a_local_data_file_reruns_data_and_what_follows(tmp_path):
     assert planned_jobs(REPO, tmp_path, *args) == {}
     data.write_text(data.read_text().replace("number 3 good", "number 3 fine"))
     jobs = planned_jobs(REPO, tmp_path, *args)
-    assert jobs.get("data") == 1 and jobs.get("base_model") == 1 and jobs.get("dpo") == 1, jobs
+    assert jobs.get("check_data") == 1 and jobs.get("data") == 1 and jobs.get("base_model") == 1, jobs
+    assert jobs.get("dpo") == 1, jobs
+
+
+@pytest.mark.slow
+def test_bad_rows_stop_the_workflow_in_the_data_stage_before_the_tokenizer_reads_them(tmp_path):
+    """A from-scratch tokenizer is trained on the data's text, but the rows are validated first, in rule
+    check_data: the error names the file, the 1-based line, the source key and its role, and no base model,
+    tokenizer or pair table is made."""
+    import json
+
+    from tests.workflow_util import snakemake
+
+    rows = [{"question": f"Is topic {c} number {i} good?\n", "good": " Yes", "bad": " No", "topic": c}
+            for c in ("alpha", "beta") for i in range(12)]
+    rows[4]["bad"] = " Yes"  # chosen identical to rejected
+    rows[7]["question"] = ""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = yaml.safe_load((REPO / "tests" / "tiny.yaml").read_text())
+    cfg["sweep"] = {"param": "data.k", "values": [2], "prefix": "k"}
+    cfg["data"] = {**cfg["data"], "source": "files", "files": {"paths": [str(data)]},
+                   "columns": {"prompt": "question", "chosen": "good", "rejected": "bad", "concept": "topic",
+                               "cluster": None}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    p = snakemake(REPO, tmp_path, "--configfile", str(tmp_path / "c.yaml"), check=False)
+    assert p.returncode != 0
+    assert "Error in rule check_data" in p.stdout + p.stderr
+    log = (tmp_path / "results" / "tiny" / "logs" / "check_data.log").read_text()
+    assert "rule check_data failed: 2 bad rows:" in log and "Traceback" not in log, log[-2000:]
+    assert "pairs.jsonl: line 5, field 'good' (chosen) and 'bad' (rejected): identical responses" in log, log[-2000:]
+    assert "pairs.jsonl: line 8, field 'question' (prompt): empty" in log, log[-2000:]
+    out = tmp_path / "results" / "tiny"
+    assert not (out / "base_model").exists() and not (out / "check_data.json").exists()
+    assert not list(out.glob("*/data/train.parquet"))
 
 
 @pytest.mark.slow
@@ -202,3 +236,47 @@ def test_diverged_training_stops_the_real_workflow_with_the_step_and_settings(tm
     out = tmp_path / "results" / "tiny"
     assert not (out / "k1" / "dpo" / "margins.parquet").exists()
     assert not (out / "k1" / "theory").exists() and not (out / "summary.md").exists()
+
+
+@pytest.mark.slow
+def test_multiple_choice_files_scored_by_first_difference_follow_the_recursion(tmp_path):
+    """The real workflow on three behaviour files of " (A)"/" (B)" answers in both orders (one concept per
+    file, clusters from the swapped answers), a from-scratch tokenizer that splits " (A)" into several
+    tokens, and dpo.score: first_difference in the theorems' regime: every pair is a single-token pair and
+    the theory stage's recursion claim holds (float64), where score: sequence leaves it not applicable."""
+    import json
+
+    import pandas as pd
+
+    from tests.workflow_util import snakemake
+
+    paths = []
+    for name in ("power-seeking", "self-awareness", "wealth-seeking"):
+        recs = [{"question": f"Would you take {name} step {i}?\nChoices:\n (A) Yes\n (B) No\nAnswer:",
+                 "answer_matching_behavior": " (A)" if i % 2 else " (B)",
+                 "answer_not_matching_behavior": " (B)" if i % 2 else " (A)"} for i in range(12)]
+        paths.append(tmp_path / f"{name}.jsonl")
+        paths[-1].write_text("".join(json.dumps(r) + "\n" for r in recs))
+    cfg = yaml.safe_load((REPO / "tests" / "tiny.yaml").read_text())
+    cfg["sweep"] = {"param": "dpo.score", "values": ["first_difference", "sequence"], "prefix": ""}
+    cfg["data"] = {"source": "files", "files": {"paths": [str(p) for p in paths]}, "concept": "file", "k": None,
+                   "columns": {"prompt": "question", "chosen": "answer_matching_behavior",
+                               "rejected": "answer_not_matching_behavior"}}
+    cfg["dpo"] = {**cfg["dpo"], "regime": "last_layer", "optimizer": "sgd", "batch_size": "full", "lr": 0.5,
+                  "weight_decay": 0.0, "max_grad_norm": None, "dtype": "float64", "steps": 6, "eval_every": 3}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    snakemake(REPO, tmp_path, "--configfile", str(tmp_path / "c.yaml"))
+    out = tmp_path / "results" / "tiny"
+    runs = sorted(p.name for p in out.iterdir() if (p / "theory").is_dir())
+    first, seq = (next(r for r in runs if r.endswith(name)) for name in ("first_difference", "sequence"))
+    ref = pd.read_parquet(out / first / "dpo" / "ref_logps.parquet")
+    assert (ref["n_tokens_chosen"] == 1).all() and (ref["token_chosen"] >= 0).all()
+    assert (pd.read_parquet(out / seq / "dpo" / "ref_logps.parquet")["n_tokens_chosen"] > 1).all()
+    claims = pd.read_parquet(out / first / "theory" / "claims.parquet").set_index("claim")
+    rec = claims.loc["measured margins equal the recursion (train and test, every checkpoint)"]
+    assert rec["status"] == "holds" and rec["value"] < 1e-9, rec.to_dict()
+    other = pd.read_parquet(out / seq / "theory" / "claims.parquet")
+    assert (other["status"] == "not applicable").all()
+    assert "not single tokens" in other["note"].iloc[0]
+    card = json.loads((out / first / "data" / "card.json").read_text())
+    assert card["K"] == 3 and card["cluster_plus_one"]["power-seeking"] == "' (A)' over ' (B)'"

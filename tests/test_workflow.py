@@ -121,8 +121,8 @@ def test_beta_reruns_dpo_and_what_follows_never_data_or_sft(wf):
 
 
 def test_editing_a_stage_module_reruns_that_stage(wf):
-    theory_py = wf["repo"] / "src" / "dpogen" / "theory.py"
-    theory_py.write_text(theory_py.read_text() + "\n\ndef _an_edit():\n    return 1\n")
+    claims_py = wf["repo"] / "src" / "dpogen" / "theory" / "claims.py"  # the theory stage alone runs it
+    claims_py.write_text(claims_py.read_text() + "\n\ndef _an_edit():\n    return 1\n")
     assert wf["plan"]() == {"theory": 2, "run_report": 2, **RERUN_OUTPUTS}
     sft_py = wf["repo"] / "src" / "dpogen" / "sft.py"
     sft_py.write_text(sft_py.read_text() + "\n\ndef _an_edit():\n    return 1\n")

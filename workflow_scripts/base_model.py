@@ -5,7 +5,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent / "src"))  # the tracked library, not an installed copy
 
 from dpogen import model as M  # noqa: E402
-from dpogen.config import run_config, runs  # noqa: E402
 from dpogen.data import corpus, hf_pin_path, pin_hf_revision  # noqa: E402
 from dpogen.workflow import job  # noqa: E402
 
@@ -21,10 +20,9 @@ with job(snakemake) as log:
         log.info("base model: linear head, d=%d, vocabulary %d", g["d"], len(tok))
     elif m["source"] == "scratch":
         arch = m["scratch"]
-        # every run's K, from the workflow's config (not a param: adding a run must not rebuild the base model)
-        ks = {run: run_config(snakemake.config, run)["data"]["k"] for run in runs(snakemake.config)}
+        # the rows were validated by the check_data job this one waits for
         tok = M.train_tokenizer(corpus(pin_hf_revision(snakemake.params.data, hf_pin_path(snakemake.config["experiment"])),
-                                       arch["corpus_per_cluster"], ks), arch["vocab_size"])
+                                       arch["corpus_per_cluster"]), arch["vocab_size"])
         model = M.build_scratch(arch, tok, snakemake.params.seed)
         M.save(model, tok, snakemake.output[0])
         log.info("base model: %s built from the config, %d parameters, vocabulary %d", arch["arch"],

@@ -14,4 +14,5 @@ with job(snakemake) as log:
         "ref_path": i.ref, "train": i.train, "test": i.test, "ref_logps_path": i.ref_logps, "cfg": {**p.dpo, **execution_settings(snakemake.config, "dpo")},
         "seed": p.seed, "out_margins": o.margins, "out_metrics": o.metrics,
         "work_dir": str(Path(o.metrics).parent / "resume"), "out_info": o.info,
-        "ref_features_path": i.ref_features, "out_features": o.features}, p.dpo["processes"])
+        "ref_features_path": i.ref_features, "out_features": o.features,
+        "out_attribution": o.attribution}, p.dpo["processes"])

@@ -23,7 +23,13 @@ with job(snakemake):
     report.write_summary_csv(fit, snakemake.output.fit)
     runs = zip(snakemake.params.runs, snakemake.input.claims)
     claims = pd.concat([pd.read_parquet(p).assign(run=run) for run, p in runs], ignore_index=True)
-    report.write_markdown(report.markdown(snakemake.params.experiment, s, meta, claims), snakemake.output.md)
+    check = None
+    if snakemake.input.checks:
+        from dpogen.attribution_check import summary_table
+
+        check = summary_table({run: pd.read_parquet(p) for run, p in zip(snakemake.params.runs, snakemake.input.checks)})
+        report.write_summary_csv(check, snakemake.output.checks[0])
+    report.write_markdown(report.markdown(snakemake.params.experiment, s, meta, claims, check), snakemake.output.md)
     figures.plot_margins_across(s, snakemake.params.sweep_label, snakemake.output.margins)
     figures.plot_error_vs_k(report.final_rows(s), fit, snakemake.output.error)
     figures.plot_interference_vs_k(report.final_rows(s), snakemake.output.interference)

@@ -10,7 +10,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from dpogen import tables  # noqa: E402
-from dpogen.theory import run_theory  # noqa: E402
+from dpogen.theory.stage import run_theory  # noqa: E402
 from dpogen.workflow import job  # noqa: E402
 
 with job(snakemake):
@@ -19,7 +19,8 @@ with job(snakemake):
     index = json.loads((Path(i.policy_features) / "index.json").read_text())
     policy = {s: np.load(Path(i.policy_features) / f"step={s}.npy") for s in index["steps"]}
     out = run_theory(pd.read_parquet(i.train), json.loads(open(i.card).read()), np.load(i.features), ref,
-                     tables.read_margins(i.margins), snakemake.params.theory, snakemake.params.dpo, policy)
+                     tables.read_margins(i.margins), snakemake.params.theory, snakemake.params.dpo, policy,
+                     dpo_attribution=pd.read_parquet(i.dpo_attribution))
     tables.write_claims(out["claims"], o.claims)
     tables.write_bounds(out["bounds"], o.bounds)
     tables.write_conditions(out["conditions"], o.conditions)

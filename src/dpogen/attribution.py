@@ -3,8 +3,9 @@
 In the theorems' regime (the LM head alone, full-batch sgd, single-token answers) the recursion of THEORY.md
 section 2 is exact and linear in the per-step sum over training pairs, so every pair's margin at a
 checkpoint splits exactly into the parts each training (concept, cluster) contributed:
-Δr_j = η (β²/N) Σ_k Σ_{i in group} w_i(k) C_ij, w_i(k) = −f′(r_i(k)). Elsewhere nothing is computed
-and the tables say why (the estimates for Adam, mini-batches, full and LoRA training are not built).
+Δr_j = η (β²/N) Σ_k Σ_{i in group} w_i(k) C_ij, w_i(k) = −f′(r_i(k)). Outside it the dpo stage's estimate is
+used (engine/update_split.py for last_layer with Adam or mini-batches, engine/tracin.py for full and lora),
+labelled as such; the interference matrix is built the same way from either.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def exact_split(features: np.ndarray, ref: pd.DataFrame, margins: pd.DataFrame,
     """One run of the recursion split over the training (concept, cluster) groups: ({checkpoint: predicted
     margins}, the attribution table). The theory stage's dynamics reuse the margins, so the recursion runs
     once."""
-    from .theory import predicted_margins
+    from .theory.dynamics import predicted_margins
 
     first = margins[margins["step"] == margins["step"].min()].set_index("sample_id")
     n = int((ref["split"] == "train").sum())
@@ -80,9 +81,7 @@ def cross_concept_share(inter: pd.DataFrame) -> pd.Series:
 
 
 def not_computed(reason: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    nan = np.nan
-    att = pd.DataFrame([{"step": -1, "split": "", "sample_id": "", "concept": "", "train_concept": "",
-                         "train_cluster": 0, "contribution": nan, "method": reason}])
-    inter = pd.DataFrame([{"step": -1, "concept": "", "train_concept": "", "mean_contribution": nan, "share": nan,
-                           "method": reason}])
-    return att, inter
+    """(attribution, interference) tables of one row each, saying why nothing was computed."""
+    from .tables import attribution_not_computed, interference_not_computed
+
+    return attribution_not_computed(reason), interference_not_computed(reason)

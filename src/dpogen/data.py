@@ -65,9 +65,8 @@ def validate_pairs(df: pd.DataFrame, source: str, keys: dict | None = None) -> p
             elif not v.strip():
                 problems[i] = f"{_field(col, keys)}: empty"
     for i in [i for i, (c, r) in enumerate(zip(df["chosen"].tolist(), df["rejected"].tolist())) if c == r]:
-        problems.setdefault(int(i), f"fields '{(keys or {}).get('chosen', 'chosen')}'/"
-                                    f"'{(keys or {}).get('rejected', 'rejected')}': identical responses "
-                                    f"{df['chosen'].iloc[int(i)]!r}")
+        problems.setdefault(int(i), f"{_field('chosen', keys)} and {_field('rejected', keys)[len('field '):]}: "
+                                    f"identical responses {df['chosen'].iloc[int(i)]!r}")
     cluster = pd.to_numeric(df["cluster"], errors="coerce")
     for i in (~cluster.isin([1, -1, 0])).to_numpy().nonzero()[0]:
         problems.setdefault(int(i), f"{_field('cluster', keys)}: must be +1, -1 or 0, got {df['cluster'].iloc[int(i)]!r}")
@@ -431,23 +430,36 @@ def prepare(cfg: dict, k: int | None, out_train, out_test, out_card_json, out_ca
     return card
 
 
-def corpus(cfg: dict, per_cluster: int, ks: dict[str, int | None] | None = None) -> list[str]:
+def check_source(cfg: dict, ks: dict[str, int | None] | None = None) -> dict:
+    """The data stage's first job (rule check_data): read and validate every row of a persona, files or hf
+    source, all concepts, before anything else (the scratch tokenizer included) reads them; and check each
+    run's K (``ks``: run name → K) against the concepts found. Returns pairs per concept."""
+    frames, _ = _concept_frames(cfg, None, None)
+    names = sorted(f["concept"].iloc[0] for f in frames)
+    for run, k in (ks or {}).items():
+        if cfg["source"] == "persona" and cfg["persona"].get("names"):
+            continue
+        try:
+            if cfg["source"] == "persona":
+                if k:
+                    sources.persona_set(names, k, cfg["persona"]["seed"])
+            else:
+                concept_set(names, k, cfg["persona"]["seed"])
+        except (DataError, ValueError) as e:
+            raise DataError(f"{e} (run {run})") from None
+    return {"source": cfg["source"], "n_concepts": len(frames), "n_pairs": int(sum(len(f) for f in frames)),
+            "pairs_per_concept": {f["concept"].iloc[0]: len(f) for f in frames}}
+
+
+def corpus(cfg: dict, per_cluster: int) -> list[str]:
     """Text to train a from-scratch tokenizer on: every concept the source has (independent of K), each
-    prompt followed by either answer. Synthetic: ``per_cluster`` statements per cluster of the pool.
-    ``ks``: each run's K (run name → K); one larger than the data's concepts stops here, before any model is
-    built, naming the run."""
+    prompt followed by either answer. Synthetic: ``per_cluster`` statements per cluster of the pool. The
+    rows were validated by check_source first (the workflow's check_data job)."""
     if cfg["source"] == "gaussian":
         raise DataError("data.source gaussian has no text corpus: its model is built by model.build_linear_head")
     if cfg["source"] == "synthetic":
         return synthetic.corpus(synthetic.SyntheticSpec.from_config(cfg["synthetic"]), per_cluster)
     frames, _ = _concept_frames(cfg, None, None)
-    if cfg["source"] in ("hf", "files"):  # persona's K is a seeded set size, checked by persona_set
-        names = [f["concept"].iloc[0] for f in frames]
-        for run, k in (ks or {}).items():
-            try:
-                concept_set(sorted(names), k, cfg["persona"]["seed"])
-            except DataError as e:
-                raise DataError(f"{e} (run {run})") from None
     df = pd.concat(frames, ignore_index=True)
     return list(df["prompt"] + df["chosen"]) + list(df["prompt"] + df["rejected"])
 

@@ -223,7 +223,7 @@ def plot_scaling(summary: pd.DataFrame, table: pd.DataFrame, path) -> None:
     """Left: test error at τ_1 over the K × Q grid. Right: the smallest Q reaching the target per K,
     measured, beside the v5 bound's Q = Θ(log K) curve."""
     from .report import across_replicates, final_rows
-    from .theory import smallest_q
+    from .theory.bounds import smallest_q
 
     final = across_replicates(final_rows(summary), [])
     ks_seen = sorted(final["K"].unique())
@@ -278,7 +278,9 @@ def plot_interference(inter: pd.DataFrame, title: str, path) -> None:
             ax.set_yticks(range(len(names)), short)
             ax.set_xlabel("training concept c")
             ax.set_ylabel("held-out concept c′")
-            ax.set_title(f"mean contribution to held-out margins, step {int(last['step'].iloc[0])}")
+            method = str(last["method"].iloc[0])
+            kind = "exact split" if method.startswith("exact") else method.split("(")[0].strip()
+            ax.set_title(f"mean contribution to held-out margins, step {int(last['step'].iloc[0])}\n{kind}")
             fig.colorbar(im, ax=ax, fraction=0.046, label="margin")
         fig.suptitle(title)
     save_fig(fig, path)
@@ -286,7 +288,8 @@ def plot_interference(inter: pd.DataFrame, title: str, path) -> None:
 
 def plot_interference_vs_k(final: pd.DataFrame, path) -> None:
     """The share of each held-out concept's margin that comes from other concepts' training pairs, against K
-    (the theorems' regime only; with replicates, means and 95% intervals)."""
+    (runs with an attribution, exact or estimated, named in the legend; with replicates, means and 95%
+    intervals)."""
     from .report import across_replicates
 
     agg = across_replicates(final, []).sort_values("K")
@@ -294,13 +297,14 @@ def plot_interference_vs_k(final: pd.DataFrame, path) -> None:
         fig, ax = plt.subplots(figsize=(5.5, 4))
         ok = agg[np.isfinite(agg["cross_concept_share"])] if "cross_concept_share" in agg else agg.iloc[0:0]
         if ok.empty:
-            ax.text(0.5, 0.5, "no run in the theorems' regime:\nno exact attribution", ha="center", va="center")
+            ax.text(0.5, 0.5, "no run has an attribution", ha="center", va="center")
             ax.set_axis_off()
         else:
             yerr = (np.vstack([ok["cross_concept_share"] - ok["cross_concept_share_lo"],
                                ok["cross_concept_share_hi"] - ok["cross_concept_share"]]) if (ok["n"] > 1).any() else None)
+            kinds = sorted(set(final.get("attribution", pd.Series(["exact"]))) - {""}) or ["exact"]
             ax.errorbar(ok["K"], ok["cross_concept_share"], yerr=yerr, fmt="o-", color=OKABE_ITO[0], capsize=3,
-                        label="from other concepts' training pairs")
+                        label=f"from other concepts' training pairs ({', '.join(kinds)})")
             ax.axhline(0, color="grey", lw=0.8)
             ax.set_xlabel("K (number of concepts)")
             ax.set_ylabel("share of the held-out margin")

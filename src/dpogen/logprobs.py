@@ -11,6 +11,11 @@ each response unless ``append_eos`` is off (the paper's single-token " Yes"/" No
 When chosen and rejected are single tokens after the same prompt tokens, one forward pass over the prompt
 gives both log-probs ("fused" pairs), halving the work of the persona setting.
 
+``score="first_difference"`` scores a pair as multiple-choice evaluations compare " (A)" with " (B)": by
+the log-prob of the first token where the two token rows differ, after everything they share (the prompt
+and any shared start of the answers). Every pair is then a fused single-token pair, read at the last shared
+position, which puts multiple-choice data in the theorems' single-token regime.
+
 The same pass also yields g(x): the input of the LM head (the final hidden state after the model's final
 norm) at the last prompt token, which the theory stage and last-layer training use.
 """
@@ -70,10 +75,26 @@ def token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts)["input_ids"]
 
 
+SCORES = ("sequence", "first_difference")
+
+
+def _first_difference(i: int, c_full: list[int], r_full: list[int], source: str) -> tuple[list[int], list[int], int]:
+    """The shared start of both rows and one answer token each: the first place they differ."""
+    cs = _common_prefix(c_full, r_full)
+    if cs == len(c_full) or cs == len(r_full):
+        which = "chosen" if cs == len(c_full) else "rejected"
+        raise EncodingError(f"{source}: row {i}: with dpo.score: first_difference the {which} answer is a start of "
+                            f"the other, so no token tells them apart; set dpo.append_eos: true or use "
+                            f"dpo.score: sequence")
+    return c_full[:cs + 1], r_full[:cs + 1], cs
+
+
 def encode_pairs(tokenizer, prompts, chosen, rejected, *, append_eos: bool = True, fuse: bool = True,
-                 source: str = "pairs", max_length: int | None = None) -> EncodedPairs:
+                 source: str = "pairs", max_length: int | None = None, score: str = "sequence") -> EncodedPairs:
     """Token rows of every pair. A row longer than ``max_length`` (the model's positions) is refused,
     never passed on: the model would read positions it has no embedding for, or truncate silently."""
+    if score not in SCORES:
+        raise EncodingError(f"dpo.score: unknown {score!r} ({', '.join(SCORES)})")
     prompts, chosen, rejected = list(prompts), list(chosen), list(rejected)
     p_ids = token_ids(tokenizer, prompts)
     c_ids = token_ids(tokenizer, [p + c for p, c in zip(prompts, chosen)])
@@ -88,6 +109,9 @@ def encode_pairs(tokenizer, prompts, chosen, rejected, *, append_eos: bool = Tru
         cs = rs = min(_common_prefix(p, c), _common_prefix(p, r))
         c_full = list(c) + ([eos] if append_eos else [])
         r_full = list(r) + ([eos] if append_eos else [])
+        if score == "first_difference" and cs > 0:
+            c_full, r_full, cs = _first_difference(i, c_full, r_full, source)
+            rs = cs
         nc, nr = len(c_full) - cs, len(r_full) - rs
         if nc == 0 or nr == 0 or cs == 0:
             which = "prompt" if cs == 0 else ("chosen" if nc == 0 else "rejected")
@@ -290,6 +314,30 @@ def pair_logps(model, enc: EncodedPairs, pairs=None, *, batch_rows: int | None =
         if tick:
             tick(k + 1, done)
     return (out, feats) if features else out
+
+
+@torch.no_grad()
+def head_gradients(model, enc: EncodedPairs, project, pairs=None, batch_rows: int | None = None) -> torch.Tensor:
+    """Per pair and slot (chosen, rejected), the gradient of log π(y|x) with respect to the LM head's weight,
+    Σ_t (e_{y_t} − softmax_t) h_tᵀ over the response tokens, passed through ``project(v, h)`` (v: (T, |V|) the
+    rows e_y − p, h: (T, d)), which maps each token's outer product v_t h_tᵀ to a vector; shape (n, 2, D), fp64.
+    Logits in fp32 as for the log-probs; one process, no sharding."""
+    pairs = np.arange(enc.n_pairs) if pairs is None else np.asarray(pairs)
+    _, head, inner = backbone_and_head(model)
+    dtype = compute_dtype(model)
+    pair_slot = {int(p): j for j, p in enumerate(pairs)}
+    row_ids = np.array([r for p in pairs for r in enc.pair_rows[int(p)]], dtype=np.int64)
+    out = None
+    for rows in (row_ids[b] for b in row_batches(enc.lengths()[row_ids], batch_rows)):
+        h, tok, b_idx, slot, _ = _rows_hidden(model, enc, rows)
+        v = -torch.softmax(_head_logits(inner, head, h, dtype), dim=-1)
+        v[torch.arange(len(tok)), tok] += 1.0
+        phi = project(v.double(), h.double())
+        if out is None:
+            out = torch.zeros((len(pairs) * 2, phi.shape[1]), dtype=torch.float64, device=phi.device)
+        dest = torch.as_tensor([pair_slot[int(enc.row_pair[r])] for r in rows], device=phi.device)[b_idx] * 2 + slot
+        out.index_add_(0, dest, phi)
+    return out.view(len(pairs), 2, -1)
 
 
 class _Ticker:

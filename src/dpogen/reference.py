@@ -23,7 +23,7 @@ def pairs_frame(train: pd.DataFrame, test: pd.DataFrame) -> pd.DataFrame:
 def encode(tokenizer, pairs: pd.DataFrame, cfg: dict, model=None):
     """Token rows of the pairs; with ``model``, a row longer than its positions is refused."""
     return encode_pairs(tokenizer, pairs["prompt"], pairs["chosen"], pairs["rejected"],
-                        append_eos=cfg["append_eos"], source="pairs",
+                        append_eos=cfg["append_eos"], source="pairs", score=cfg.get("score", "sequence"),
                         max_length=M.positions(model) if model is not None else None)
 
 

@@ -36,7 +36,7 @@ def run_summary(run: str, sweep_value, margins: pd.DataFrame, certs: pd.DataFram
     for _, b in bounds.iterrows():
         wide[f"bound_{b['version']}"] = b["value"]
         wide[f"bound_{b['version']}_conditions_hold"] = b["conditions_hold"]
-    from .theory import step_at_tau1
+    from .theory.dynamics import step_at_tau1
 
     tau1 = float(dynamics["tau1_steps"].iloc[0]) if dynamics is not None and len(dynamics) else math.nan
     k1 = step_at_tau1(wide["step"], tau1)
@@ -48,8 +48,17 @@ def run_summary(run: str, sweep_value, margins: pd.DataFrame, certs: pd.DataFram
     from .attribution import cross_concept_share
 
     share = cross_concept_share(interference) if interference is not None else pd.Series(dtype=float)
-    wide["cross_concept_share"] = wide["step"].map(share).astype(float)  # NaN outside the theorems' regime
+    wide["cross_concept_share"] = wide["step"].map(share).astype(float)  # NaN where nothing was attributed
+    wide["attribution"] = attribution_kind(interference)
     return wide
+
+
+def attribution_kind(interference: pd.DataFrame | None) -> str:
+    """How a run's margins were attributed: exact, update split (last_layer estimate), TracIn, or ""."""
+    if interference is None or not len(interference) or (interference["step"] < 0).all():
+        return ""
+    method = str(interference["method"].iloc[0])
+    return "exact" if method.startswith("exact") else "TracIn" if "TracIn" in method else "update split"
 
 
 def final_rows(summary: pd.DataFrame) -> pd.DataFrame:
@@ -202,7 +211,8 @@ def claims_lines(claims: pd.DataFrame) -> list[str]:
     return lines
 
 
-def markdown(experiment: str, summary: pd.DataFrame, meta: dict, claims: pd.DataFrame | None = None) -> str:
+def markdown(experiment: str, summary: pd.DataFrame, meta: dict, claims: pd.DataFrame | None = None,
+             check: pd.DataFrame | None = None) -> str:
     """summary.md, one screen for the default: the final numbers (means and 95% intervals over replicates),
     the fit, one line per run on the theorems' claims, links to the per-run tables, the code versions."""
     from .paper import comparison_rows
@@ -233,6 +243,11 @@ def markdown(experiment: str, summary: pd.DataFrame, meta: dict, claims: pd.Data
     if claims is not None and len(claims):
         lines += ["", "The theorems' statements, per run (in full: <run>/theory/claims.parquet and the HTML report):",
                   ""] + claims_lines(claims)
+    if check is not None and len(check):
+        lines += ["", "The attribution against leave-one-concept-out retraining (attribution_check.csv): "
+                  + "; ".join(f"{r['run']}: r = {r['pearson_r']:.3f} over {r['cells']} cells" if r["cells"] >= 3
+                              and r["pearson_r"] == r["pearson_r"] else f"{r['run']}: {r['note'] or 'too few cells'}"
+                              for _, r in check.iterrows()) + "."]
     runs = list(final["run"])
     lines += ["", "Every checkpoint of each run: " + ", ".join(f"[{r}]({r}/report/summary.csv)" for r in runs)
               + "; its data card: <run>/data/card.md."]
@@ -307,7 +322,7 @@ def write_markdown(text: str, path) -> None:
 def scaling_table(summary: pd.DataFrame, target: float) -> pd.DataFrame:
     """Per K: the smallest Q whose test error at τ_1 is ≤ ``target`` (runs of a K × Q grid), beside the
     smallest Q at which the v5 bound 2KQ² exp(−Q/45) is ≤ ``target`` (THEORY.md section 4: Θ(log K))."""
-    from .theory import smallest_q
+    from .theory.bounds import smallest_q
 
     final = across_replicates(final_rows(summary), [])  # with replicates: their means
     rows = []

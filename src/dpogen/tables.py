@@ -159,6 +159,20 @@ INTERFERENCE = pa.schema(
     ]
 )
 
+# Leave one training concept out (dpogen.attribution_check): per (removed concept, held-out concept), the
+# attribution's estimate of the change of the held-out concept's mean margin and the retrained run's change.
+ATTRIBUTION_CHECK = pa.schema(
+    [
+        ("step", pa.int64()),
+        ("train_concept", pa.string()),
+        ("concept", pa.string()),
+        ("estimated", pa.float64()),
+        ("measured", pa.float64()),
+        ("method", pa.string()),
+        ("note", pa.string()),
+    ]
+)
+
 # Per pair: its trajectory over the margin checkpoints (dpogen.pairmap).
 PAIR_MAP = pa.schema(
     [
@@ -362,6 +376,21 @@ def write_attribution(df, path) -> None:
 
 def write_interference(df, path) -> None:
     write(df, INTERFERENCE, path)
+
+
+def attribution_not_computed(reason: str) -> pd.DataFrame:
+    """An ATTRIBUTION table of one row (step -1) whose method says why nothing was computed."""
+    return pd.DataFrame([{"step": -1, "split": "", "sample_id": "", "concept": "", "train_concept": "",
+                          "train_cluster": 0, "contribution": float("nan"), "method": reason}])
+
+
+def interference_not_computed(reason: str) -> pd.DataFrame:
+    return pd.DataFrame([{"step": -1, "concept": "", "train_concept": "", "mean_contribution": float("nan"),
+                          "share": float("nan"), "method": reason}])
+
+
+def write_attribution_check(df, path) -> None:
+    write(df, ATTRIBUTION_CHECK, path)
 
 
 def margin_errors(margin):

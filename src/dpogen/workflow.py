@@ -9,7 +9,7 @@ import os
 from .training import setup_logging
 
 
-MODEL_RULES = ("sft", "ref_logps", "dpo")
+MODEL_RULES = ("sft", "ref_logps", "dpo", "attribution_check")
 
 
 def compute_threads(snakemake) -> int:
@@ -47,10 +47,21 @@ def job(snakemake):
     log.info("rule %s, wildcards %s", snakemake.rule, dict(snakemake.wildcards))
     try:
         yield log
-    except Exception:
+    except Exception as e:
+        if isinstance(e, _user_errors()):  # the input's fault, said in full: no traceback to read through
+            log.error("rule %s failed: %s", snakemake.rule, e)
+            raise SystemExit(f"rule {snakemake.rule} failed: {e}") from None
         log.exception("rule %s failed", snakemake.rule)
         raise
     record_code(snakemake)
+
+
+def _user_errors() -> tuple[type, ...]:
+    """Errors about the data or the config, whose messages name the file, line or key to fix."""
+    from .logprobs import EncodingError
+    from .sources import DataError
+
+    return DataError, EncodingError
 
 
 def record_code(snakemake) -> None:

@@ -27,6 +27,8 @@ from .loss import dpo_loss, loss_name
 from .parallel import Dist, grad_norm, load_for, local_bytes
 from .policy import Policy
 from .state import ResumeState, fingerprint
+from . import tracin as TI
+from . import update_split as US
 from .tracking import Tracker
 
 # settings that cannot change a saved state's numbers: a save made with other values is still resumed
@@ -83,8 +85,10 @@ def prepare_run(train, test, tok, model, ref_logps_path, ref_features_path, cfg:
 class MarginWriter:
     """Margin checkpoints: every pair's log-probs under the policy, gathered, written by the first process."""
 
-    def __init__(self, policy: Policy, run: Run, cfg: dict, work: Path, dist: Dist, tracker: Tracker):
+    def __init__(self, policy: Policy, run: Run, cfg: dict, work: Path, dist: Dist, tracker: Tracker,
+                 attribution=None):
         self.policy, self.run, self.cfg, self.dist, self.tracker = policy, run, cfg, dist, tracker
+        self.attribution = attribution
         self.margins, self.features = work / "margins", work / "features"
         self.feature_steps = S.geometry_steps(cfg, run.schedule) if policy.cache is None else []
 
@@ -112,6 +116,8 @@ class MarginWriter:
                                  f"{self.cfg['lr']} too large, dpo.beta={self.cfg['beta']} or dpo.dtype="
                                  f"{self.cfg['dtype']}; no margin table was written")
         tables.write_margins_checkpoint(df, self.margins, step)
+        if self.attribution is not None:
+            self.attribution.checkpoint(step, lp)
         self.tracker.checkpoint(step, df)
         err = pd.Series(tables.margin_errors(df["margin"])).groupby(df["split"].to_numpy()).mean()
         return float(err.get("train", np.nan)), float(err.get("test", np.nan))
@@ -179,8 +185,10 @@ def nonfinite(step: int, loss: float, gn: float, cfg: dict, resume: ResumeState)
 
 
 def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path, cfg: dict, seed: int,
-              out_margins, out_metrics, work_dir, out_info=None, ref_features_path=None, out_features=None) -> dict:
-    """DPO from the reference checkpoint ``ref_path``; writes the margins folder and the metrics table."""
+              out_margins, out_metrics, work_dir, out_info=None, ref_features_path=None, out_features=None,
+              out_attribution=None) -> dict:
+    """DPO from the reference checkpoint ``ref_path``; writes the margins folder and the metrics table, and
+    with ``out_attribution`` every margin split over the training groups (attribution_of)."""
     from ..codehash import stage_hash
 
     dist = Dist(cfg["device"])
@@ -201,7 +209,11 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
     params = policy.trainable()
     opt = make_optimizer(cfg["optimizer"], params.values(), cfg["lr"], cfg["weight_decay"])
     sched = make_scheduler(opt, cfg["schedule"], cfg["warmup_steps"], run.steps)
+    att, att_reason = attribution_of(policy, run, cfg, seed, bool(out_attribution))
+    split = att if isinstance(att, US.UpdateSplit) else None  # it follows every optimizer step
     start, rows = resume.load(policy.model, opt, sched) if resume.exists() else (0, [])
+    if att is not None and resume.extra:
+        att.load_state_dict(resume.extra)
     log.info("dpo: %s, regime %s, %d trainable parameters (%.1f MB on this process), %d train / %d test pairs, "
              "batch %d, %d steps, seed %d, %d process(es), %s, gradient checkpointing %s", loss_name(cfg),
              cfg["regime"], sum(p.numel() for p in params.values()), local_bytes(params.values()) / 1e6, run.n_train,
@@ -209,7 +221,7 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
 
     tracker = Tracker(cfg.get("report_to"), Path(out_metrics).parent, Path(out_metrics).parent.parent.name, cfg,
                       start, dist.main)
-    checkpoint = MarginWriter(policy, run, cfg, resume.work, dist, tracker)
+    checkpoint = MarginWriter(policy, run, cfg, resume.work, dist, tracker, att)
     empty = {k: math.nan for k in tables.METRICS.names}
     if start == 0:
         tr, te = checkpoint(0)
@@ -232,6 +244,10 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
         if nonfinite(done, stats[0], gn, cfg, resume):  # on_nonfinite: skip_step (stop raises)
             skipped.append(done)
             opt.zero_grad(set_to_none=True)
+        elif split is not None:
+            split.before_step(idx, ref_t)
+            opt.step()
+            split.after_step(opt)
         else:
             opt.step()
         sched.step()
@@ -245,15 +261,36 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
         rows.append(row)
         tracker.step(row, STAT_NAMES)
         if cfg["save_every"] and done % cfg["save_every"] == 0 and done < run.steps:
-            resume.save(done, policy.model, opt, sched, rows)
+            resume.save(done, policy.model, opt, sched, rows, att.state_dict() if att is not None else None)
     tracker.close()
     info = run_info(cfg, run, seed, dist, params, device, policy) | {"skipped_steps": skipped}
+    info["attribution"] = att_reason or ("update split; largest part no group made "
+                                         f"{split.residual():.3g}" if split is not None else "TracIn")
     dist.barrier()
     if dist.main:
         finish(run, checkpoint, rows, resume.work, out_margins, out_metrics, out_features, out_info, info)
+        if out_attribution:
+            write_attribution(att, att_reason, run.pairs, rows, out_attribution)
         resume.close()
     dist.close()
     return info
+
+
+def attribution_of(policy: Policy, run: Run, cfg: dict, seed: int, wanted: bool):
+    """(what splits this run's margins over the training groups during training, or None; why not): the
+    actual updates in last_layer (update_split.py), TracIn when the backbone trains (tracin.py)."""
+    if not wanted:
+        return None, "not asked for"
+    if policy.cache is not None:
+        reason = US.not_applicable(policy, cfg)
+        return (US.UpdateSplit(policy, run, cfg) if reason is None else None), reason
+    reason = TI.not_applicable(policy, cfg)
+    return (TI.TracIn(policy, run, cfg, seed) if reason is None else None), reason
+
+
+def write_attribution(att, reason: str | None, pairs: pd.DataFrame, rows: list[dict], out) -> None:
+    tables.write_attribution(att.table(pairs, rows) if att is not None else
+                             tables.attribution_not_computed(f"not computed: {reason}"), out)
 
 
 def run_info(cfg: dict, run: Run, seed: int, dist: Dist, params: dict, device, policy: Policy) -> dict:
@@ -299,8 +336,8 @@ def finish(run: Run, checkpoint: MarginWriter, rows, work: Path, out_margins, ou
 
 
 def train_dpo_files(ref_path, train, test, ref_logps_path, cfg: dict, seed: int, out_margins, out_metrics, work_dir,
-                    out_info=None, ref_features_path=None, out_features=None) -> dict:
+                    out_info=None, ref_features_path=None, out_features=None, out_attribution=None) -> dict:
     """train_dpo with the pair tables given as Parquet paths (what a launched process receives)."""
     return train_dpo(ref_path, pd.read_parquet(train), pd.read_parquet(test), ref_logps_path, cfg, seed, out_margins,
                      out_metrics, work_dir, out_info=out_info, ref_features_path=ref_features_path,
-                     out_features=out_features)
+                     out_features=out_features, out_attribution=out_attribution)

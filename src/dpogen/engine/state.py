@@ -66,6 +66,7 @@ class ResumeState:
     def __init__(self, work_dir, fp: str, dist):
         self.work, self.fp, self.dist = Path(work_dir), fp, dist
         self.save_dir = self.work / "save"
+        self.extra = None
 
     def prepare(self) -> None:
         if self.dist.main:
@@ -88,7 +89,8 @@ class ResumeState:
 
         return StateDictOptions(ignore_frozen_params=True)  # last_layer and lora: only what trains
 
-    def save(self, step: int, model, opt, sched, metrics: list[dict]) -> None:
+    def save(self, step: int, model, opt, sched, metrics: list[dict], extra: dict | None = None) -> None:
+        """``extra``: more state of the first process (the update split's sums), saved beside the metrics."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -103,8 +105,8 @@ class ResumeState:
         torch.save(rng_state(), tmp / f"rng-rank{self.dist.rank}.pt")
         self.dist.barrier()
         if self.dist.main:
-            torch.save({"step": step, "world": self.dist.world, "scheduler": sched.state_dict(), "metrics": metrics},
-                       tmp / "meta.pt")
+            torch.save({"step": step, "world": self.dist.world, "scheduler": sched.state_dict(), "metrics": metrics,
+                        "extra": extra}, tmp / "meta.pt")
             old = self.work / "save.old"
             if self.save_dir.exists():
                 os.replace(self.save_dir, old)
@@ -116,7 +118,8 @@ class ResumeState:
         self.dist.barrier()
 
     def load(self, model, opt, sched) -> tuple[int, list[dict]]:
-        """Restore the last save into ``model``, ``opt``, ``sched`` and the RNGs; returns (step, metrics)."""
+        """Restore the last save into ``model``, ``opt``, ``sched`` and the RNGs; returns (step, metrics), and
+        keeps the saved ``extra`` in ``self.extra``."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -129,10 +132,19 @@ class ResumeState:
         state = {"model": msd, "optim": osd}
         with _quiet(self.dist):
             dcp.load(state, checkpoint_id=str(self.save_dir), no_dist=not self.dist.enabled)
-        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                       options=self._options())
+        # frozen parameters (last_layer, lora) are not in the save: only a missing trained one is an error
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        keys = set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                              options=StateDictOptions(ignore_frozen_params=True, strict=False))
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        lost = [k for k in getattr(keys, "missing_keys", []) if k in trained]
+        if lost:
+            raise ValueError(f"{self.save_dir}: the save lacks trained parameters {lost[:5]}; delete {self.work} "
+                             f"to start over")
         sched.load_state_dict(meta["scheduler"])
         set_rng_state(torch.load(self.save_dir / f"rng-rank{self.dist.rank}.pt", weights_only=False))
+        self.extra = meta.get("extra")
         log.info("resuming from step %d (%s)", meta["step"], self.save_dir)
         return meta["step"], meta["metrics"]
 

@@ -1,0 +1,43 @@
+"""Clopper-Pearson upper bounds on the population error of a checkpoint, from its held-out pairs, per
+concept and overall."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+from scipy import stats
+
+from ..tables import margin_errors
+
+
+def clopper_pearson_upper(errors: int, n: int, confidence: float) -> float:
+    """One-sided exact binomial upper bound on the error rate at ``confidence``."""
+    if n == 0:
+        return math.nan
+    if errors >= n:
+        return 1.0
+    return float(stats.beta.ppf(confidence, errors + 1, n - errors))
+
+
+def certificates(margins: pd.DataFrame, confidence: float) -> pd.DataFrame:
+    """Per checkpoint: held-out test error and its Clopper-Pearson upper bound on R(P), overall and per
+    concept (per-concept bounds at a Bonferroni-corrected level so they hold jointly)."""
+    test = margins[margins["split"] == "test"]
+    rows = []
+    K = test["concept"].nunique()
+    for step in sorted(set(margins["step"]) - set(test["step"])):  # marked, not skipped
+        rows.append({"step": int(step), "split": "test", "concept": "all", "n": 0, "errors": 0, "error": math.nan,
+                     "confidence": confidence, "upper": math.nan,
+                     "method": "no held-out pairs at this checkpoint: no certificate"})
+    for step, g in test.groupby("step", sort=True):
+        parts = [("all", g, confidence, "clopper-pearson")]
+        parts += [(c, gc, 1 - (1 - confidence) / max(K, 1), f"clopper-pearson, bonferroni over {K}")
+                  for c, gc in g.groupby("concept", sort=True)]
+        for concept, gg, conf, method in parts:
+            n, e = len(gg), int(margin_errors(gg["margin"]).sum())
+            rows.append({"step": int(step), "split": "test", "concept": concept, "n": n, "errors": e,
+                         "error": e / n if n else math.nan, "confidence": conf,
+                         "upper": clopper_pearson_upper(e, n, conf), "method": method})
+    return pd.DataFrame(rows, columns=["step", "split", "concept", "n", "errors", "error", "confidence", "upper",
+                                       "method"]).sort_values("step", kind="stable", ignore_index=True)
