@@ -114,7 +114,8 @@ def rcfg(wildcards):
 
 def ref_settings(cfg):
     """The DPO settings that change reference log-probs (not β, lr, ...: changing those keeps them);
-    dpo.score only when it is not the default, so reference passes made before it existed are kept."""
+    dpo.score only when it is not the default, so reference passes made before it existed are kept.
+    """
     score = cfg["dpo"].get("score", "sequence")
     return (
         {
