@@ -57,7 +57,15 @@ rule attribution_check:
         gpu=planned("dpo", "gpus"),
         mem_mb=planned("dpo", "mem_mb"),
     params:
-        dpo=lambda w: {**value_settings(rcfg(w)["dpo"], "dpo"), **WITH_LOAD},
+        # the retraining's settings: TracIn's do not change it
+        dpo=lambda w: {
+            **{
+                k: v
+                for k, v in value_settings(rcfg(w)["dpo"], "dpo").items()
+                if k != "tracin"
+            },
+            **WITH_LOAD,
+        },
         seed=lambda w: rcfg(w)["seed"],
         threads=config["threads"]["train"],
         code=code("attribution_check"),

@@ -121,6 +121,9 @@ def test_update_split_outside_the_regime_sums_to_every_margin(tmp_path, tiny_mod
     assert (len(decay) > 0) == bool(extra.get("weight_decay"))
     if len(decay):
         assert np.abs(decay["contribution"]).max() > 1e-6
+        # weight decay is no training concept: it never counts as interference
+        assert A.METHOD_EXACT not in split["method"].iloc[0]
+        assert "(weight decay)" not in set(A.interference(split)["train_concept"])
     assert split["method"].str.startswith("estimate:").all()
     assert ("adam" in split["method"].iloc[0]) == opt.startswith("adam")
 
@@ -174,6 +177,10 @@ def test_leave_one_concept_out_against_the_exact_attribution(exact_run, tiny_mod
     assert c["cells"] == 9 and check["method"].eq(A.METHOD_EXACT).all()
     assert np.abs(check["measured"]).max() > 1e-3
     assert c["pearson_r"] > 0.9, (c, check)
+    n_left = len(train) - int((train["concept"] == train["concept"].iloc[0]).sum())
+    with pytest.raises(ValueError, match=f"dpo.batch_size {n_left + 1} is larger than the {n_left} training pairs left"):
+        leave_one_out(tiny_model_dir, train, test, tmp / "ref.parquet", tmp / "feat.npy", exact_run["margins"], inter,
+                      {**exact_run["cfg"], "batch_size": n_left + 1}, 0)
     # the estimate is minus the removed concept's contribution: its own held-out pairs lose the most
     own = check[check["train_concept"] == check["concept"]]
     assert (own["measured"] < 0).all() and (own["estimated"] < 0).all()

@@ -62,7 +62,9 @@ def interference(att: pd.DataFrame) -> pd.DataFrame:
     to the margins of c′'s held-out pairs, and its share: the contribution over the sum of the magnitudes of
     every training concept's contribution to c′ (signed, the magnitudes sum to 1; a margin near 0 made of
     large opposite pushes stays bounded)."""
-    test = att[att["split"] == "test"]
+    from .tables import NOT_A_CONCEPT
+
+    test = att[(att["split"] == "test") & (att["train_concept"] != NOT_A_CONCEPT)]  # weight decay is no concept
     by_concept = test.groupby(["step", "sample_id", "concept", "train_concept"], sort=False)["contribution"].sum()
     mean = by_concept.groupby(["step", "concept", "train_concept"]).mean().rename("mean_contribution").reset_index()
     total = mean.groupby(["step", "concept"])["mean_contribution"].transform(lambda x: x.abs().sum())

@@ -38,6 +38,14 @@ def leave_one_out(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_p
     concepts = sorted(train["concept"].unique())
     if len(concepts) < 2:
         return _table([], method, "not computed: one training concept (nothing is left when it is removed)")
+    if est.empty:
+        return _table([], method, "not computed: the run has no attribution to check")
+    bsz = cfg.get("batch_size")
+    smallest = min(int((train["concept"] != c).sum()) for c in concepts)
+    if bsz not in (None, "full") and int(bsz) > smallest:
+        raise ValueError(f"theory.attribution_check: dpo.batch_size {bsz} is larger than the {smallest} training "
+                         f"pairs left when a concept is removed; use a smaller batch or batch_size: full")
+    cfg = {**cfg, "steps": step, "epochs": None, "save_every": 0, "report_to": []}  # the same number of steps
     ref = pd.read_parquet(ref_logps_path)
     feats = np.load(ref_features_path)
     rows = []
@@ -51,7 +59,7 @@ def leave_one_out(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_p
             order = ref.reset_index().set_index("sample_id").loc[sub["sample_id"], "index"].to_numpy()
             tables.write_ref_logps(sub, work / "ref.parquet")
             np.save(work / "feat.npy", feats[order])
-            train_dpo(ref_path, kept, test, work / "ref.parquet", {**cfg, "save_every": 0, "report_to": []}, seed,
+            train_dpo(ref_path, kept, test, work / "ref.parquet", cfg, seed,
                       work / "margins", work / "metrics.parquet", work / "resume", ref_features_path=work / "feat.npy")
             without = mean_test_margins(tables.read_margins(work / "margins"), step)
             for cp in full.index:

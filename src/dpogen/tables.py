@@ -378,6 +378,9 @@ def write_interference(df, path) -> None:
     write(df, INTERFERENCE, path)
 
 
+NOT_A_CONCEPT = "(weight decay)"  # an attribution row no training concept made (engine/update_split.py)
+
+
 def attribution_not_computed(reason: str) -> pd.DataFrame:
     """An ATTRIBUTION table of one row (step -1) whose method says why nothing was computed."""
     return pd.DataFrame([{"step": -1, "split": "", "sample_id": "", "concept": "", "train_concept": "",

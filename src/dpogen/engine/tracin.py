@@ -143,7 +143,8 @@ class TracIn:
 
     def table(self, pairs: pd.DataFrame, metrics: list[dict]) -> pd.DataFrame:
         """The attribution table: at checkpoint s_m, Σ_{k<m} (Σ of the lr over steps s_k+1..s_k+1) × scores(s_k)."""
-        lr = {int(r["step"]): float(r["lr"]) for r in metrics if r["step"] > 0}
+        # the rate of every step taken (a step skipped for a non-finite loss moved nothing)
+        lr = {int(r["step"]): float(r["lr"]) for r in metrics if r["step"] > 0 and math.isfinite(r["loss"])}
         steps = sorted(self.scores)
         base = {"split": pairs["split"].to_numpy(), "sample_id": pairs["sample_id"].to_numpy(),
                 "concept": pairs["concept"].astype(str).to_numpy()}

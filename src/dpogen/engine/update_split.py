@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..tables import NOT_A_CONCEPT as RESIDUAL  # the part no training group made: weight decay, rounding
 from .loss import dpo_loss
 
-RESIDUAL = "(weight decay)"
 METHOD = {
     "sgd": "estimate: the actual minibatch sgd updates split over training (concept, cluster) (first order in the "
            "trajectory)",
@@ -80,7 +80,7 @@ class UpdateSplit:
             d = self.policy.logratio(idx).detach().requires_grad_(True)
             r = ref_t[idx_t].to(d.dtype)
             loss = dpo_loss(d - (r[:, 0] - r[:, 1]), torch.zeros_like(d), self.beta, self.cfg["loss"],
-                            self.cfg["label_smoothing"], torch.ones(len(idx), 2, dtype=d.dtype)).sum() / len(idx)
+                            self.cfg["label_smoothing"], torch.ones(len(idx), 2, dtype=d.dtype, device=d.device)).sum() / len(idx)
             (a,) = torch.autograd.grad(loss, d)  # ∂loss/∂(log π(y_w) − log π(y_l)) per pair of the batch
         coef = a.to(torch.float64)[:, None] * self.g[idx_t].to(torch.float64)  # (b, d)
         G = torch.zeros_like(self.total[:-1])
@@ -120,8 +120,10 @@ class UpdateSplit:
 
     def checkpoint(self, step: int, lp: np.ndarray | None = None) -> None:
         """Every pair's margin split over the groups (and the residual) as the weights are now."""
-        diff = self.total[:, self.uw] - self.total[:, self.ul]  # (groups + 1, n, d)
-        self.parts[step] = (self.beta * torch.einsum("gnd,nd->ng", diff, self.g.to(torch.float64))).cpu().numpy()
+        # (groups + 1, n, U): each pair's g(x) against every answer row's running sum, then its two rows
+        rows = torch.einsum("gud,nd->gnu", self.total, self.g.to(torch.float64))
+        n = torch.arange(len(self.uw))
+        self.parts[step] = (self.beta * (rows[:, n, self.uw] - rows[:, n, self.ul])).T.cpu().numpy()
 
     def table(self, pairs: pd.DataFrame, metrics: list[dict] | None = None) -> pd.DataFrame:
         """The attribution table (tables.ATTRIBUTION): per checkpoint, pair and training (concept, cluster); the
