@@ -40,8 +40,8 @@ REGIMES = {
 }
 
 
-def run_regime(repo: Path, work: Path, name: str, dpo: dict) -> tuple[pd.Series, float]:
-    cfg = {"experiment": f"att-{len(list(work.glob('*')))}", "sweep": {"param": "data.k", "values": [4], "prefix": "k"},
+def run_regime(repo: Path, work: Path, index: int, dpo: dict) -> tuple[pd.Series, float, Path]:
+    cfg = {"experiment": f"att-{index}", "sweep": {"param": "data.k", "values": [4], "prefix": "k"},
            "dpo": dpo, "theory": {"attribution_check": True}}
     path = work / f"{cfg['experiment']}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -96,8 +96,8 @@ def main():
     print("attribution against leave-one-concept-out retraining, default synthetic data, K = 4 (16 cells)")
     print(f"{'regime':38s} {'cells':>5s} {'pearson r':>10s} {'mean err / mean change':>23s} {'wall s':>7s}")
     dirs = {}
-    for name, dpo in REGIMES.items():
-        check, secs, run_dir = run_regime(repo, work, name, dpo)
+    for i, (name, dpo) in enumerate(REGIMES.items()):
+        check, secs, run_dir = run_regime(repo, work, i, dpo)
         dirs[name] = run_dir
         print(f"{name:38s} {int(check['cells']):5d} {check['pearson_r']:10.3f} {check['mean_abs_error_rel']:23.3f} "
               f"{secs:7.0f}")

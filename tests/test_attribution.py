@@ -236,9 +236,15 @@ def test_tracin_is_the_first_order_change_of_one_small_step(tmp_path, tiny_model
         assert r > 0.8, (name, r)
 
 
-def test_tracin_over_lora_adapters_is_the_first_order_change(tmp_path, tiny_model_dir, spec):
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo_norm"])  # one backward pass of the log-ratio, or one per answer
+def test_tracin_over_lora_adapters_is_the_first_order_change(tmp_path, tiny_model_dir, spec, monkeypatch, loss):
+    """One small sgd step of LoRA adapters: the unprojected TracIn sum is the margin change to first order, and
+    the batched per-pair gradients (hooks on the adapters' Linear layers) give the numbers of one backward pass
+    per pair and answer."""
+    from dpogen.engine import tracin
+
     base = dict(regime="lora", optimizer="sgd", lr=1e-2, beta=0.5, batch_size="full", steps=1, eval_every=1,
-                max_grad_norm=None, weight_decay=0.0, append_eos=True, dtype="float64")
+                max_grad_norm=None, weight_decay=0.0, append_eos=True, dtype="float64", loss=loss)
     _, _, m = train_run(tmp_path, tiny_model_dir, spec, dpo_cfg(**base, tracin={"params": "auto", "dim": None}), k=2, q=4)
     att = pd.read_parquet(tmp_path / "split.parquet")
     assert att["method"].str.contains("every trained parameter's gradient, unprojected").all()
@@ -246,3 +252,7 @@ def test_tracin_over_lora_adapters_is_the_first_order_change(tmp_path, tiny_mode
     total = att[att["step"] == 1].groupby("sample_id")["contribution"].sum().loc[measured.index]
     assert np.abs(measured).max() > 1e-7
     assert np.abs(total - measured).max() <= 0.02 * np.abs(measured).max(), (total - measured).abs().max()
+    monkeypatch.setattr(tracin, "trained_linears", lambda model, params: None)  # one backward per pair
+    train_run(tmp_path / "loop", tiny_model_dir, spec, dpo_cfg(**base, tracin={"params": "auto", "dim": None}), k=2, q=4)
+    loop = pd.read_parquet(tmp_path / "loop" / "split.parquet")
+    assert np.abs(att["contribution"] - loop["contribution"]).max() <= 1e-9 * np.abs(loop["contribution"]).max()

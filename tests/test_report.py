@@ -205,3 +205,17 @@ def test_flip_fraction_swaps_a_seeded_share_of_training_pairs():
     f = a[a["flipped"]]
     orig = train.loc[f.index]
     assert (f["chosen"].to_numpy() == orig["rejected"].to_numpy()).all() and not f["sample_id"].isin(orig["sample_id"]).any()
+
+
+def test_interference_against_k_names_the_attribution_even_after_a_csv_round_trip(tmp_path):
+    """summary.csv gives a run without an attribution NaN, not "": the figure still draws the others and
+    says which kind of attribution they are."""
+    fin = _final([("k1", "k1", 1, 0.0), ("k2", "k2", 2, 0.1), ("k4", "k4", 4, 0.2)])
+    fin["cross_concept_share"] = [0.0, 0.3, float("nan")]
+    fin["attribution"] = ["TracIn", "TracIn", ""]
+    fin.to_csv(tmp_path / "s.csv", index=False)
+    back = pd.read_csv(tmp_path / "s.csv")
+    assert back["attribution"].isna().iloc[2]
+    figures.plot_interference_vs_k(back, tmp_path / "i.png")
+    svg = (tmp_path / "i.svg").read_text()
+    assert "from other concepts' training pairs (TracIn)" in svg

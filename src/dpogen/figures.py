@@ -302,9 +302,11 @@ def plot_interference_vs_k(final: pd.DataFrame, path) -> None:
         else:
             yerr = (np.vstack([ok["cross_concept_share"] - ok["cross_concept_share_lo"],
                                ok["cross_concept_share_hi"] - ok["cross_concept_share"]]) if (ok["n"] > 1).any() else None)
-            kinds = sorted(set(final.get("attribution", pd.Series(["exact"]))) - {""}) or ["exact"]
+            # read back from summary.csv a run without an attribution has NaN, not ""
+            shown = final[np.isfinite(final["cross_concept_share"])] if "attribution" in final else final.iloc[0:0]
+            kinds = sorted({str(k) for k in shown.get("attribution", pd.Series(dtype=object)).dropna()} - {""})
             ax.errorbar(ok["K"], ok["cross_concept_share"], yerr=yerr, fmt="o-", color=OKABE_ITO[0], capsize=3,
-                        label=f"from other concepts' training pairs ({', '.join(kinds)})")
+                        label="from other concepts' training pairs" + (f" ({', '.join(kinds)})" if kinds else ""))
             ax.axhline(0, color="grey", lw=0.8)
             ax.set_xlabel("K (number of concepts)")
             ax.set_ylabel("share of the held-out margin")

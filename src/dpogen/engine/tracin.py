@@ -7,8 +7,11 @@ At a checkpoint θ_k a step moves margin r_j by about −η ∇r_j·∇L, with �
 reported. The gradients are restricted to
 - ``head``: the LM head's weight, every token's (e_y − p) hᵀ projected by a Kronecker product of two seeded
   Gaussian maps (vocabulary side and hidden side, dim = k_v·k_h), so no |V|×d gradient is ever formed;
-- ``trainable``: every trained parameter (LoRA's adapters, or the whole model in full), one backward pass per
-  pair and answer, projected by a seeded Gaussian map of ``dim`` rows;
+- ``trainable``: every trained parameter. When they are all Linear weights (LoRA's adapters) the per-pair
+  gradients come in batches, one forward and two backward passes per batch, from hooks that keep each
+  layer's inputs a and output gradients g (a row's weight gradient is Σ_t g_t a_tᵀ), each layer's projected
+  by a Kronecker product of seeded Gaussian maps (its share of ``dim``); otherwise (the whole model in full)
+  one backward pass per pair and answer, projected by a seeded Gaussian map of ``dim`` rows;
 ``dim: null`` keeps the gradients unprojected (exact inner products; small models). It is an estimate:
 first order in η, Adam's preconditioner left out (its scale is not the run's; the correlation with
 retraining, theory.attribution_check, is what tells).
@@ -92,6 +95,11 @@ class TracIn:
         else:
             params = list(policy.trainable().values())
             self.params = params
+            self.linears = trained_linears(policy.model, params)
+            if self.linears is not None:  # every trained parameter is a Linear weight: per-pair gradients in batches
+                self.kron = [LinearProjection(m, self.dim, len(self.linears), seed + i, device)
+                             for i, m in enumerate(self.linears)]
+                return
             n = sum(p.numel() for p in params)
             if self.dim is not None and self.dim * n > 2e8:
                 raise ValueError(f"dpo.tracin: a {self.dim} x {n} projection of every trained parameter is too large; "
@@ -108,7 +116,10 @@ class TracIn:
         try:
             if self.mode == "head":
                 return head_gradients(model, enc, self.project, batch_rows=self.cfg["eval_batch_size"])
-            rows = []
+            if self.linears is not None:
+                return linear_gradients(model, enc, self.linears, self.kron, self.cfg["eval_batch_size"],
+                                        difference=self.cfg["loss"] != "ipo_norm")
+            rows = []  # any other trained parameter: one backward pass per pair and answer
             for j in range(enc.n_pairs):
                 with torch.enable_grad():
                     lp = pair_logps(model, enc, [j])[0]
@@ -166,3 +177,76 @@ class TracIn:
 
     def load_state_dict(self, state: dict) -> None:
         self.scores = dict(state["scores"])
+
+
+def trained_linears(model, params) -> list[torch.nn.Linear] | None:
+    """The Linear layers whose weights are all that trains (LoRA's adapters; no bias), else None."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.requires_grad]
+    if {id(p) for p in params} != {id(m.weight) for m in linears} or any(
+            m.bias is not None and m.bias.requires_grad for m in linears):
+        return None
+    return linears
+
+
+class LinearProjection:
+    """A Linear layer's per-token weight gradient g_t a_tᵀ (output gradient, input) mapped to
+    (R_o g_t) ⊗ (R_i a_t); a side no larger than its share of ``dim`` is kept as it is (None: both)."""
+
+    def __init__(self, layer: torch.nn.Linear, dim: int | None, n_layers: int, seed: int, device):
+        gen = torch.Generator().manual_seed(seed)
+        side = None if dim is None else max(1, math.isqrt(max(1, dim // n_layers)))
+
+        def proj(size):
+            if side is None or side >= size:
+                return None
+            return (torch.randn(side, size, generator=gen, dtype=torch.float64) / math.sqrt(side)).to(device)
+
+        self.R_o, self.R_i = proj(layer.out_features), proj(layer.in_features)
+
+    def __call__(self, g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """g: (B, L, out), a: (B, L, in) → (B, D): the row's projected weight gradient, summed over positions."""
+        g = g if self.R_o is None else g @ self.R_o.T
+        a = a if self.R_i is None else a @ self.R_i.T
+        return torch.einsum("blo,bli->boi", g, a).reshape(len(g), -1)
+
+
+def linear_gradients(model, enc, linears, projections, batch_rows: int | None, difference: bool = False) -> torch.Tensor:
+    """(n, 2, D): per pair and answer, the projected gradient of log π(y|x) with respect to the weights of
+    ``linears``, from one forward and two backward passes per batch of rows: hooks keep each layer's inputs
+    and output gradients per row, and a row's weight gradient is Σ_t g_t a_tᵀ (rows do not interact). With
+    ``difference``, one backward pass: slot 0 holds the gradient of log π(y_w|x) − log π(y_l|x) and slot 1
+    zeros, which is all a loss of the log-ratio needs (every loss but ipo_norm)."""
+    from ..logprobs import compute_dtype, forward_rows, row_batches
+
+    inputs, grads = {}, {}
+
+    def keep(i):
+        def hook(module, args, out):
+            inputs[i] = args[0].detach().double()
+            out.register_hook(lambda g: grads.__setitem__(i, g.detach().double()))  # ∂(sum of lp)/∂output
+        return hook
+
+    hooks = [m.register_forward_hook(keep(i)) for i, m in enumerate(linears)]
+    all_rows = np.arange(len(enc.rows))
+    out = None
+    try:
+        for rows in (all_rows[b] for b in row_batches(enc.lengths(), batch_rows)):
+            pairs = np.unique(enc.row_pair[rows])
+            slot_of = {int(p): j for j, p in enumerate(pairs)}
+            owner = torch.as_tensor([int(enc.row_pair[r]) for r in rows])
+            with torch.enable_grad():
+                zero = torch.zeros((len(pairs), 2), dtype=compute_dtype(model), device=next(model.parameters()).device)
+                lp = forward_rows(model, enc, rows, slot_of, zero, None)
+                for slot in ((0,) if difference else (0, 1)):
+                    grads.clear()
+                    target = (lp[:, 0] - lp[:, 1]) if difference else lp[:, slot]
+                    target.sum().backward(retain_graph=slot == 0 and not difference)
+                    phi = torch.cat([proj(grads[i], inputs[i]) for i, proj in enumerate(projections)], dim=1)
+                    if out is None:
+                        out = torch.zeros((enc.n_pairs, 2, phi.shape[1]), dtype=torch.float64, device=phi.device)
+                    out[:, slot].index_add_(0, owner.to(phi.device), phi)
+            model.zero_grad(set_to_none=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
