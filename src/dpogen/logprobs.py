@@ -331,7 +331,7 @@ def head_gradients(model, enc: EncodedPairs, project, pairs=None, batch_rows: in
     for rows in (row_ids[b] for b in row_batches(enc.lengths()[row_ids], batch_rows)):
         h, tok, b_idx, slot, _ = _rows_hidden(model, enc, rows)
         v = -torch.softmax(_head_logits(inner, head, h, dtype), dim=-1)
-        v[torch.arange(len(tok)), tok] += 1.0
+        v[torch.arange(len(tok), device=v.device), tok] += 1.0
         phi = project(v.double(), h.double())
         if out is None:
             out = torch.zeros((len(pairs) * 2, phi.shape[1]), dtype=torch.float64, device=phi.device)

@@ -55,9 +55,10 @@ class UpdateSplit:
         train = pairs.iloc[: run.n_train]
         self.keys = sorted(set(zip(train["concept"].astype(str), train["cluster"].astype(int))))
         index = {k: i for i, k in enumerate(self.keys)}
-        self.group = torch.as_tensor([index[k] for k in zip(train["concept"].astype(str), train["cluster"].astype(int))])
+        self.group = torch.as_tensor([index[k] for k in zip(train["concept"].astype(str), train["cluster"].astype(int))],
+                                     device=policy.cache.hidden.device)
         cache = policy.cache
-        first = torch.as_tensor(cache.offsets[:-1])
+        first = torch.as_tensor(cache.offsets[:-1], device=cache.token.device)
         tok_w, tok_l = cache.token[first], cache.token[first + 1]
         self.rows, inverse = torch.unique(torch.cat([tok_w, tok_l]), return_inverse=True)  # U answer tokens
         n = len(pairs)
@@ -75,10 +76,10 @@ class UpdateSplit:
     def before_step(self, idx: np.ndarray, ref_t: torch.Tensor) -> None:
         """After backward and clipping, before the optimizer step: each group's share of the (clipped) batch
         gradient on the answer rows, and those rows as they are."""
-        idx_t = torch.as_tensor(idx)
+        idx_t = torch.as_tensor(idx, device=self.g.device)
         with torch.enable_grad():
             d = self.policy.logratio(idx).detach().requires_grad_(True)
-            r = ref_t[idx_t].to(d.dtype)
+            r = ref_t[idx_t.to(ref_t.device)].to(d.dtype)
             loss = dpo_loss(d - (r[:, 0] - r[:, 1]), torch.zeros_like(d), self.beta, self.cfg["loss"],
                             self.cfg["label_smoothing"], torch.ones(len(idx), 2, dtype=d.dtype, device=d.device)).sum() / len(idx)
             (a,) = torch.autograd.grad(loss, d)  # ∂loss/∂(log π(y_w) − log π(y_l)) per pair of the batch
@@ -122,7 +123,7 @@ class UpdateSplit:
         """Every pair's margin split over the groups (and the residual) as the weights are now."""
         # (groups + 1, n, U): each pair's g(x) against every answer row's running sum, then its two rows
         rows = torch.einsum("gud,nd->gnu", self.total, self.g.to(torch.float64))
-        n = torch.arange(len(self.uw))
+        n = torch.arange(len(self.uw), device=rows.device)
         self.parts[step] = (self.beta * (rows[:, n, self.uw] - rows[:, n, self.ul])).T.cpu().numpy()
 
     def table(self, pairs: pd.DataFrame, metrics: list[dict] | None = None) -> pd.DataFrame:
