@@ -160,24 +160,29 @@ def test_the_summary_names_each_runs_own_settings():
     assert "loss dpo-sigmoid" in line and "beta" not in line
 
 
-@pytest.mark.slow
-def test_editing_a_local_data_file_reruns_data_and_what_follows(tmp_path):
-    """Data files are inputs: the real workflow on a local .jsonl, then the file edited in place."""
+def _files_run(tmp_path, rows, keys):
+    """The tiny config on ``rows`` as a local .jsonl (files source, concept column "topic", K = 2), with the
+    source's own (prompt, chosen, rejected) ``keys``: (the data file, snakemake's config arguments)."""
     import json
 
-    from tests.workflow_util import planned_jobs, snakemake
-
-    rows = [{"prompt": f"Is topic {c} number {i} good?\n", "chosen": " Yes", "rejected": " No", "topic": c}
-            for c in ("alpha", "beta") for i in range(12)]
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = yaml.safe_load((REPO / "tests" / "tiny.yaml").read_text())
     cfg["sweep"] = {"param": "data.k", "values": [2], "prefix": "k"}
     cfg["data"] = {**cfg["data"], "source": "files", "files": {"paths": [str(data)]},
-                   "columns": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "concept": "topic",
-                               "cluster": None}}
+                   "columns": {**dict(zip(("prompt", "chosen", "rejected"), keys)), "concept": "topic", "cluster": None}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    args = ("--configfile", str(tmp_path / "c.yaml"))
+    return data, ("--configfile", str(tmp_path / "c.yaml"))
+
+
+@pytest.mark.slow
+def test_editing_a_local_data_file_reruns_data_and_what_follows(tmp_path):
+    """Data files are inputs: the real workflow on a local .jsonl, then the file edited in place."""
+    from tests.workflow_util import planned_jobs, snakemake
+
+    rows = [{"prompt": f"Is topic {c} number {i} good?\n", "chosen": " Yes", "rejected": " No", "topic": c}
+            for c in ("alpha", "beta") for i in range(12)]
+    data, args = _files_run(tmp_path, rows, ("prompt", "chosen", "rejected"))
     snakemake(REPO, tmp_path, *args)
     assert planned_jobs(REPO, tmp_path, *args) == {}
     data.write_text(data.read_text().replace("number 3 good", "number 3 fine"))
@@ -191,23 +196,14 @@ def test_bad_rows_stop_the_workflow_in_the_data_stage_before_the_tokenizer_reads
     """A from-scratch tokenizer is trained on the data's text, but the rows are validated first, in rule
     check_data: the error names the file, the 1-based line, the source key and its role, and no base model,
     tokenizer or pair table is made."""
-    import json
-
     from tests.workflow_util import snakemake
 
     rows = [{"question": f"Is topic {c} number {i} good?\n", "good": " Yes", "bad": " No", "topic": c}
             for c in ("alpha", "beta") for i in range(12)]
     rows[4]["bad"] = " Yes"  # chosen identical to rejected
     rows[7]["question"] = ""
-    data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = yaml.safe_load((REPO / "tests" / "tiny.yaml").read_text())
-    cfg["sweep"] = {"param": "data.k", "values": [2], "prefix": "k"}
-    cfg["data"] = {**cfg["data"], "source": "files", "files": {"paths": [str(data)]},
-                   "columns": {"prompt": "question", "chosen": "good", "rejected": "bad", "concept": "topic",
-                               "cluster": None}}
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    p = snakemake(REPO, tmp_path, "--configfile", str(tmp_path / "c.yaml"), check=False)
+    _, args = _files_run(tmp_path, rows, ("question", "good", "bad"))
+    p = snakemake(REPO, tmp_path, *args, check=False)
     assert p.returncode != 0
     assert "Error in rule check_data" in p.stdout + p.stderr
     log = (tmp_path / "results" / "tiny" / "logs" / "check_data.log").read_text()
