@@ -196,6 +196,7 @@ def dpo(work: Path, a) -> None:
     m = pd.read_parquet(work / f"metrics-{a.precision}.parquet")
     k = max(1, min(10, a.steps))  # as TRL logs it: the mean over the last logging interval
     out["final_loss"] = float(m[m["step"] > a.steps - k]["loss"].mean())
+    out["step0_reference_check"] = info.get("step0_reference_check")
     out["peak_gpu_mib"] = None if a.cpu else torch.cuda.max_memory_allocated() / 2**20
     out["peak_rss_mib"] = peak_rss_mib()
     write_result(work, name, out)
@@ -384,6 +385,14 @@ def summary(work: Path, a) -> int:
             mx, nz, n = step0[prec]
             lines.append(f"step-0 margins, {prec} run: max |margin| = {mx!r} over {n} pairs ({nz} nonzero)  "
                          f"{'OK (exactly 0)' if mx == 0.0 else 'FAIL (must be exactly 0)'}")
+        r = {"bf16": d16, "fp32": d32}[prec]
+        check = None if r is None else r.get("step0_reference_check")
+        if check is not None:  # the policy at step 0 over 64 pairs against the reference pass (relative)
+            ok = check <= 1e-3
+            lines.append(f"policy at step 0 against the reference pass, {prec}: largest relative difference "
+                         f"{check:.3e}  {'OK (<= 1e-3)' if ok else 'FAIL (> 1e-3)'}")
+            if not ok:
+                bad.append(f"the {prec} policy at step 0 does not reproduce the reference pass")
     if diff is not None:
         lines.append("largest |margin(bf16) - margin(fp32)| per checkpoint (beside the largest |margin| of fp32):")
         for s, v in diff.items():

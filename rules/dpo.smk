@@ -40,6 +40,8 @@ rule dpo:
         # every margin split over the training groups during training: the actual updates (last_layer) or
         # TracIn (full, lora)
         attribution=f"{RUN}/dpo/attribution.parquet",
+        # every training pair's margin at the step it was trained on, from that step's forward pass
+        batch_margins=f"{RUN}/dpo/batch_margins.parquet",
     log:
         f"{LOGS}/dpo/{{run}}.log",
     conda:

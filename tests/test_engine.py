@@ -45,14 +45,15 @@ def job(tmp_path, model_dir, cfg, name):
     return {"ref_path": str(model_dir), "train": str(tmp_path / "train.parquet"), "test": str(tmp_path / "test.parquet"),
             "ref_logps_path": str(tmp_path / "ref.parquet"), "cfg": cfg, "seed": 7,
             "out_margins": str(out / "margins"), "out_metrics": str(out / "metrics.parquet"),
-            "work_dir": str(out / "work"), "out_info": str(out / "run.json")}
+            "work_dir": str(out / "work"), "out_info": str(out / "run.json"),
+            "out_batch_margins": str(out / "batch_margins.parquet")}
 
 
 def one_process(tmp_path, model_dir, run, name, **over):
     train, test, cfg = run
     j = job(tmp_path, model_dir, {**cfg, **over}, name)
     loop.train_dpo(model_dir, train, test, j["ref_logps_path"], j["cfg"], 7, j["out_margins"], j["out_metrics"],
-                   j["work_dir"], out_info=j["out_info"])
+                   j["work_dir"], out_info=j["out_info"], out_batch_margins=j["out_batch_margins"])
     return tables.read_margins(j["out_margins"])
 
 
@@ -73,6 +74,12 @@ def test_two_processes_give_the_same_margins_as_one(tmp_path, tiny_model_dir, ru
     np.testing.assert_allclose(two["margin"], one["margin"], atol=1e-5, rtol=0)
     np.testing.assert_allclose(two["logp_chosen"], one["logp_chosen"], atol=1e-5, rtol=0)
     assert (two.loc[two["step"] == 10, "margin"] != 0).all()
+    # the in-batch margins: every pair of each global batch once, gathered from both processes
+    b1 = pd.read_parquet(tmp_path / "one" / "batch_margins.parquet")
+    b2 = pd.read_parquet(j["out_batch_margins"])
+    pd.testing.assert_frame_equal(b1[["step", "sample_id"]], b2[["step", "sample_id"]])
+    assert len(b2) == 10 * 4 and not b2.duplicated(["step", "sample_id"]).any()
+    np.testing.assert_allclose(b2["margin"], b1["margin"], atol=1e-5, rtol=0)
 
 
 def test_token_budget_and_logit_chunks_keep_the_margins(tmp_path, tiny_model_dir, run10):
@@ -82,6 +89,11 @@ def test_token_budget_and_logit_chunks_keep_the_margins(tmp_path, tiny_model_dir
     small = one_process(tmp_path, tiny_model_dir, run10, "small", max_tokens_per_batch=24, logit_chunk=3,
                         eval_max_tokens_per_batch=40)
     np.testing.assert_allclose(small["margin"], base["margin"], atol=1e-5, rtol=0)
+    # token-sized micro-batches (gradients accumulated) record each pair of the batch once
+    b0 = pd.read_parquet(tmp_path / "base" / "batch_margins.parquet").sort_values(["step", "sample_id"])
+    b1 = pd.read_parquet(tmp_path / "small" / "batch_margins.parquet").sort_values(["step", "sample_id"])
+    assert b1["sample_id"].tolist() == b0["sample_id"].tolist() and len(b1) == 40
+    np.testing.assert_allclose(b1["margin"], b0["margin"], atol=1e-5, rtol=0)
 
 
 def test_micro_batches_hold_the_budget():
@@ -202,6 +214,8 @@ def test_killed_two_process_fsdp_job_resumes_to_identical_tables(tmp_path, tiny_
     ma, mb = pd.read_parquet(full["out_metrics"]), pd.read_parquet(killed["out_metrics"])
     cols = [c for c in ma.columns if c not in ("pairs_per_s", "elapsed_s")]
     pd.testing.assert_frame_equal(ma[cols], mb[cols])
+    pd.testing.assert_frame_equal(pd.read_parquet(full["out_batch_margins"]),
+                                  pd.read_parquet(killed["out_batch_margins"]))
 
 
 def test_a_save_from_another_world_size_is_refused(tmp_path, tiny_model_dir, run10, monkeypatch):

@@ -60,3 +60,8 @@ def test_kill_9_then_rerun_resumes_and_matches(tmp_path):
     cols = [c for c in ma.columns if c not in ("pairs_per_s", "elapsed_s")]
     pd.testing.assert_frame_equal(ma[cols], mb[cols])
     assert mb["step"].tolist() == list(range(CFG["dpo"]["steps"] + 1))
+    # the in-batch margins of the steps before the save came back from it, the rest were recorded anew
+    ba = pd.read_parquet(ref_dir / "results" / "tiny" / "k2" / "dpo" / "batch_margins.parquet")
+    bb = pd.read_parquet(out / "dpo" / "batch_margins.parquet")
+    pd.testing.assert_frame_equal(ba, bb)
+    assert sorted(bb["step"].unique()) == list(range(CFG["dpo"]["steps"]))

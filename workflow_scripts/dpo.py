@@ -15,4 +15,4 @@ with job(snakemake) as log:
         "seed": p.seed, "out_margins": o.margins, "out_metrics": o.metrics,
         "work_dir": str(Path(o.metrics).parent / "resume"), "out_info": o.info,
         "ref_features_path": i.ref_features, "out_features": o.features,
-        "out_attribution": o.attribution}, p.dpo["processes"])
+        "out_attribution": o.attribution, "out_batch_margins": o.batch_margins}, p.dpo["processes"])

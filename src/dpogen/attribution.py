@@ -29,17 +29,24 @@ def attribution(features: np.ndarray, ref: pd.DataFrame, margins: pd.DataFrame, 
 
 
 def exact_split(features: np.ndarray, ref: pd.DataFrame, margins: pd.DataFrame,
-                dpo_cfg: dict) -> tuple[dict[int, np.ndarray], pd.DataFrame]:
+                dpo_cfg: dict, train: pd.DataFrame | None = None) -> tuple[dict[int, np.ndarray], pd.DataFrame]:
     """One run of the recursion split over the training (concept, cluster) groups: ({checkpoint: predicted
     margins}, the attribution table). The theory stage's dynamics reuse the margins, so the recursion runs
-    once."""
-    from .theory.dynamics import predicted_margins
+    once. It runs over every training pair and the held-out pairs the margins hold (dynamics.predicted_pairs);
+    the table keeps the tracked ones (``train``: the training pairs' table, whose groups a subset needs)."""
+    from .theory.dynamics import predicted_pairs, predicted_margins
 
     first = margins[margins["step"] == margins["step"].min()].set_index("sample_id")
+    keep = predicted_pairs(ref, margins)
+    features, ref = np.asarray(features)[keep], ref[keep]
     n = int((ref["split"] == "train").sum())
     ids = ref["sample_id"].to_numpy()
-    concept = first.loc[ids, "concept"].astype(str).to_numpy()
-    cluster = first.loc[ids, "cluster"].astype(int).to_numpy()
+    meta = first[["concept", "cluster"]]
+    if train is not None:  # a tracked subset: the groups of every training pair, tracked or not
+        meta = pd.concat([train.set_index("sample_id")[["concept", "cluster"]], meta])
+        meta = meta[~meta.index.duplicated()]
+    concept = meta.loc[ids, "concept"].astype(str).to_numpy()
+    cluster = meta.loc[ids, "cluster"].astype(int).to_numpy()
     keys = sorted(set(zip(concept[:n], cluster[:n])))
     group = {k: g for g, k in enumerate(keys)}
     groups = np.array([group[(c, s)] for c, s in zip(concept[:n], cluster[:n])])
@@ -51,8 +58,9 @@ def exact_split(features: np.ndarray, ref: pd.DataFrame, margins: pd.DataFrame,
     pred, parts = predicted_margins(g[:n], w[:n], lo[:n], g, w, lo, beta=dpo_cfg["beta"], lr=float(dpo_cfg["lr"]),
                                     steps=max(checkpoints), checkpoints=checkpoints, groups=groups, **kw)
     split = ref["split"].to_numpy()
+    tracked = np.isin(ids, first.index.to_numpy())
     frames = [pd.DataFrame({"step": step, "split": split, "sample_id": ids, "concept": concept, "train_concept": c,
-                            "train_cluster": s, "contribution": P[:, gi]})
+                            "train_cluster": s, "contribution": P[:, gi]})[tracked]
               for step, P in parts.items() for gi, (c, s) in enumerate(keys)]
     return pred, pd.concat(frames, ignore_index=True).assign(method=METHOD_EXACT)
 

@@ -160,7 +160,7 @@ def validate_runs(cfg: dict, schema_path=SCHEMA) -> None:
 
 def check(cfg: dict) -> None:
     """Checks beyond the schema, run before any job; each message names the key."""
-    from .engine.schedule import eval_schedule, geometry_steps
+    from .engine.schedule import eval_schedule, geometry_steps, log_schedule
 
     for a in axes(cfg):
         get(cfg, a["param"])
@@ -181,8 +181,11 @@ def check(cfg: dict) -> None:
         try:
             if not rc["dpo"].get("epochs"):
                 geometry_steps(rc["dpo"], eval_schedule(rc["dpo"]))
+            elif (rc["dpo"].get("eval_schedule") or {}).get("log") is not None:
+                log_schedule(2, rc["dpo"]["eval_schedule"]["log"])
         except ValueError as e:
-            raise ConfigError(str(e)) from None
+            raise ConfigError(f"{e} (run {run})") from None
+        check_track(rc, run)
         d = rc["data"]
         if d["source"] == "gaussian":
             from .gaussian import GaussianSpec, check as check_gaussian
@@ -216,6 +219,40 @@ def check(cfg: dict) -> None:
         if rc["dpo"]["batch_size"] not in (None, "full") and rc["dpo"]["batch_size"] % rc["dpo"]["grad_accum"]:
             raise ConfigError("dpo.grad_accum: must divide dpo.batch_size")
         check_engine(rc, run)
+
+
+def pair_counts(rc: dict) -> dict[str, tuple[int, int]] | None:
+    """(pairs, (concept, cluster) strata) per split when the config fixes them (synthetic, gaussian), else
+    None (the data stage's check_data knows them for files)."""
+    d = rc["data"]
+    spec = d.get(d["source"]) or {}
+    if d["source"] not in ("synthetic", "gaussian") or not d.get("k"):
+        return None
+    per = {"train": spec["train_per_cluster"] if d["source"] == "synthetic" else spec["q"],
+           "test": spec["test_per_cluster"]}
+    return {split: (2 * d["k"] * q, 2 * d["k"]) for split, q in per.items()}
+
+
+def check_track(rc: dict, run: str, counts: dict[str, tuple[int, int]] | None = None) -> None:
+    """dpo.track: each split's size within (0, N], a count no larger than the data, every (concept, cluster)
+    stratum kept; with ``counts`` (or a source whose sizes the config fixes) against the real numbers."""
+    from .engine.tracked import SPLITS, size_of
+
+    track = rc["dpo"].get("track", "auto")
+    if track in (None, "auto", "all"):
+        return
+    counts = counts or pair_counts(rc)
+    for split in SPLITS:
+        value = track.get(split, "all")
+        key = f"dpo.track.{split}"
+        total, strata = counts[split] if counts else (None, None)
+        try:
+            n = size_of(value, total if total is not None else 10**12, key)
+        except ValueError as e:
+            raise ConfigError(f"{e} (run {run})") from None
+        if total is not None and n < strata:
+            raise ConfigError(f"{key}: {n} pairs for {strata} (concept, cluster) strata would leave a stratum "
+                              f"empty; track at least {strata} (run {run})")
 
 
 def check_model_path(pre: dict) -> None:

@@ -68,9 +68,24 @@ def plot_run(summary: pd.DataFrame, title: str, path) -> None:
         ax.set_xlabel("DPO step")
         ax.set_ylabel("0-1 error")
         ax.set_ylim(-0.02, 1.02)
+        for split, style, col in (("train", "-", OKABE_ITO[0]), ("test", "--", OKABE_ITO[1])):
+            if _subsampled(summary, split):  # a tracked subset: the estimate's 95% interval
+                ax.fill_between(summary["step"], summary[f"{split}_error_lo"], summary[f"{split}_error_hi"],
+                                color=col, alpha=0.15, label=f"{split} error, 95% interval (tracked subset)")
         ax.legend()
-        fig.suptitle(title)
+        fig.suptitle(title + subset_note(summary))
     save_fig(fig, path)
+
+
+def _subsampled(summary: pd.DataFrame, split: str) -> bool:
+    return f"{split}_n" in summary and bool((summary[f"{split}_n"] < summary[f"{split}_N"]).any())
+
+
+def subset_note(summary: pd.DataFrame) -> str:
+    """A title's second line when a run tracked a subset: estimates from n of N pairs."""
+    parts = [f"{split} {int(summary[f'{split}_n'].iloc[-1])} of {int(summary[f'{split}_N'].iloc[-1])}"
+             for split in ("train", "test") if _subsampled(summary, split)]
+    return ("\nestimates from a tracked subset: " + ", ".join(parts) + " pairs") if parts else ""
 
 
 def plot_dynamics(dyn: pd.DataFrame, title: str, path) -> None:

@@ -254,6 +254,76 @@ def forward_rows(model, enc: EncodedPairs, row_ids, pair_slot: dict[int, int], o
     return out
 
 
+def _cache_kw(model) -> str:
+    """The forward argument that takes a key/value cache: ``cache`` from transformers 5.2x, else
+    ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(unwrap(model).forward).parameters else "past_key_values"
+
+
+PROMPT_BUCKET = 16  # a shared-prompt pass pads its prompts to a multiple of this: see forward_shared_prompt
+
+
+def prompt_bucket(enc: EncodedPairs, pairs) -> np.ndarray:
+    """The padded prompt length of each pair's shared-prompt pass: its prompt length rounded up to a multiple of
+    PROMPT_BUCKET."""
+    plen = enc.feature_at[np.asarray(pairs, dtype=np.int64), 1] + 1
+    return -(-plen // PROMPT_BUCKET) * PROMPT_BUCKET
+
+
+def forward_shared_prompt(model, enc: EncodedPairs, pairs, pair_slot: dict[int, int], out: torch.Tensor,
+                          feats: torch.Tensor | None, logit_chunk: int | None = None) -> torch.Tensor:
+    """Multi-token pairs without gradients: each prompt runs once and both responses continue from its
+    cached keys and values, instead of two rows that each repeat the prompt. Adds the log-probs into
+    ``out[pair_slot[pair]]``.
+
+    The pairs of one pass share one padded prompt length (prompt_bucket): prompts are right-padded to it, the
+    continuations (chosen and rejected of each pair, side by side) follow in the cache at that offset with
+    their true positions. A pair's numbers then do not depend on which other pairs share its pass, so a
+    tracked subset scores its pairs exactly as a pass over every pair does."""
+    device = next(model.parameters()).device
+    pairs = [int(p) for p in pairs]
+    rows = [enc.pair_rows[p] for p in pairs]
+    plen = [int(enc.feature_at[p][1]) + 1 for p in pairs]
+    Lp = int(prompt_bucket(enc, pairs).max())
+    ids = torch.full((len(pairs), Lp), enc.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(pairs), Lp), dtype=torch.long)
+    for b, (rw, n) in enumerate(zip(rows, plen)):
+        ids[b, :n] = torch.as_tensor(enc.rows[rw[0]][:n])
+        mask[b, :n] = 1
+    mask = mask.to(device)
+    with _head_input(model) as box:
+        res = model(input_ids=ids.to(device), attention_mask=mask, use_cache=True)
+    # the last prompt token of every pair: the first target of both answers, and g(x)
+    h_prompt = box["h"][torch.arange(len(pairs), device=device), torch.as_tensor(plen, device=device) - 1]
+    conts = [enc.rows[r][n:] for rw, n in zip(rows, plen) for r in rw]  # chosen, rejected, next pair, ...
+    Lc = max(1, max(len(c) for c in conts))  # one pass even when every answer is one token: FSDP counts passes
+    ids_c = torch.full((len(conts), Lc), enc.pad_id, dtype=torch.long)
+    mask_c = torch.zeros((len(conts), Lc), dtype=torch.long)
+    for j, c in enumerate(conts):
+        ids_c[j, :len(c)] = torch.as_tensor(c, dtype=torch.long)
+        mask_c[j, :len(c)] = 1
+    cache = getattr(res, "cache", None) or res.past_key_values  # transformers 5.2x names it cache
+    cache.batch_repeat_interleave(2)
+    start = torch.as_tensor(plen, device=device).repeat_interleave(2)
+    with _head_input(model) as box:
+        model(input_ids=ids_c.to(device), attention_mask=torch.cat([mask.repeat_interleave(2, 0), mask_c.to(device)], 1),
+              position_ids=start[:, None] + torch.arange(Lc, device=device), use_cache=True, **{_cache_kw(model): cache})
+    h_cont = box["h"]
+    hs, toks, dest = [], [], []
+    for b, (p, rw) in enumerate(zip(pairs, rows)):
+        for k, r in enumerate(rw):
+            tg = enc.row_targets[r]
+            hs += [h_prompt[b:b + 1], h_cont[2 * b + k, :len(tg) - 1]]
+            toks.append(torch.as_tensor(tg[:, 1], device=device))
+            dest.append(torch.full((len(tg),), pair_slot[p] * 2 + int(tg[0, 2]), device=device))
+        if feats is not None:
+            feats[pair_slot[p]] = h_prompt[b].detach().to(feats.dtype)
+    logp = _token_logps(model, torch.cat(hs), torch.cat(toks), out.dtype, logit_chunk)
+    return out.view(-1).index_add(0, torch.cat(dest), logp).view(-1, 2)
+
+
 def row_batches(lengths: np.ndarray, max_rows: int | None = None, max_tokens: int | None = None,
                 world: int = 1) -> list[np.ndarray]:
     """Split rows (indices into ``lengths``, longest first) into passes: each process gets at most
@@ -274,7 +344,7 @@ def row_batches(lengths: np.ndarray, max_rows: int | None = None, max_tokens: in
 
 def pair_logps(model, enc: EncodedPairs, pairs=None, *, batch_rows: int | None = None,
                max_tokens: int | None = None, logit_chunk: int | None = None, features: bool = False,
-               shard: tuple[int, int] | None = None):
+               shard: tuple[int, int] | None = None, shared_prompt: bool = False):
     """Summed response log-probs (fp32) of chosen and rejected for ``pairs`` (default: all), shape (n, 2).
 
     Gradients flow when called under grad mode (training); evaluation wraps it in ``torch.no_grad()``.
@@ -283,34 +353,44 @@ def pair_logps(model, enc: EncodedPairs, pairs=None, *, batch_rows: int | None =
     ``features``, also returns g(x) per pair, shape (n, d), fp32. With ``shard=(rank, world)`` every
     process makes the same number of passes (FSDP gathers parameters in each) over its share of each
     pass's rows and returns partial sums: adding the results of all processes gives every pair's values.
+    ``shared_prompt`` (passes without gradients): a multi-token pair's prompt runs once and both answers
+    continue from it (forward_shared_prompt); single-token pairs are one row either way.
     """
     pairs = np.arange(enc.n_pairs) if pairs is None else np.asarray(pairs)
     uniq, inv = np.unique(pairs, return_inverse=True)
     if len(uniq) < len(pairs):  # a pair twice (a batch across an epoch boundary): compute once, repeat rows
         res = pair_logps(model, enc, uniq, batch_rows=batch_rows, max_tokens=max_tokens, logit_chunk=logit_chunk,
-                         features=features, shard=shard)
+                         features=features, shard=shard, shared_prompt=shared_prompt)
         t_inv = torch.as_tensor(inv, device=next(model.parameters()).device)
         return (res[0][t_inv], res[1][t_inv]) if features else res[t_inv]
     device = next(model.parameters()).device
     dtype = compute_dtype(model)
     rank, world = shard or (0, 1)
     pair_slot = {int(p): j for j, p in enumerate(pairs)}
-    row_ids = np.array([r for p in pairs for r in enc.pair_rows[int(p)]], dtype=np.int64)
     out = torch.zeros((len(pairs), 2), dtype=dtype, device=device)
     feats = None
     if features:
         d = backbone_and_head(model)[1].weight.shape[1]
         feats = torch.zeros((len(pairs), d), dtype=dtype, device=device)
-    passes = [row_ids[b] for b in row_batches(enc.lengths()[row_ids], batch_rows, max_tokens, world)]
-    tick = _Ticker(len(passes), len(row_ids)) if len(passes) >= 20 else None  # long passes log progress
+    shared = pairs[~enc.fused[pairs]] if shared_prompt else pairs[:0]
+    by_rows = pairs[enc.fused[pairs]] if shared_prompt else pairs
+    row_ids = np.array([r for p in by_rows for r in enc.pair_rows[int(p)]], dtype=np.int64)
+    passes = [(forward_rows, row_ids[b]) for b in row_batches(enc.lengths()[row_ids], batch_rows, max_tokens, world)]
+    bucket = prompt_bucket(enc, shared)
+    for size in np.unique(bucket):  # passes of one padded prompt length each (forward_shared_prompt)
+        members = shared[bucket == size]  # a pair costs its prompt once and both continuations: ~ two rows
+        cost = np.array([size + 2 * (max(enc.n_tokens[p]) - 1) for p in members])
+        passes += [(forward_shared_prompt, members[b]) for b in
+                   row_batches(cost, None if batch_rows is None else max(1, batch_rows // 2), max_tokens, world)]
+    tick = _Ticker(len(passes), sum(len(x) for _, x in passes)) if len(passes) >= 20 else None  # long passes
     done = 0
-    for k, rows in enumerate(passes):
-        mine = rows[rank::world]
+    for k, (forward, items) in enumerate(passes):
+        mine = items[rank::world]
         if len(mine):
-            out = forward_rows(model, enc, mine, pair_slot, out, feats, logit_chunk)
+            out = forward(model, enc, mine, pair_slot, out, feats, logit_chunk)
         else:  # nothing left for this process: take part in the pass (FSDP gathers in it), keep nothing
-            forward_rows(model, enc, rows[:1], pair_slot, torch.zeros_like(out), None, logit_chunk)
-        done += len(rows)
+            forward(model, enc, items[:1], pair_slot, torch.zeros_like(out), None, logit_chunk)
+        done += len(items)
         if tick:
             tick(k + 1, done)
     return (out, feats) if features else out

@@ -32,20 +32,22 @@ def eval_budget(cfg: dict) -> dict:
     """How a checkpoint or reference pass groups rows: at most ``eval_batch_size`` rows and
     ``eval_max_tokens_per_batch`` padded tokens per process and pass, ``logit_chunk`` positions of logits."""
     return {"batch_rows": cfg["eval_batch_size"], "max_tokens": cfg.get("eval_max_tokens_per_batch"),
-            "logit_chunk": cfg.get("logit_chunk")}
+            "logit_chunk": cfg.get("logit_chunk"), "shared_prompt": True}
 
 
 @torch.no_grad()
 def eval_logps(model, enc, cfg: dict, features: bool = False, pairs=None, dist=None):
-    """All pairs (or ``pairs``), in eval mode (dropout off), no gradients. With several processes
-    (``dist``) each computes its share of every pass and the shares are added up on all of them."""
-    from .engine.parallel import precision
+    """All pairs (or ``pairs``), in eval mode (dropout off), no gradients, a multi-token pair's prompt run
+    once for both answers. With several processes (``dist``) each computes its share of every pass and the
+    shares are added up on all of them; under FSDP the weights are gathered once for the whole pass where
+    they fit (parallel.gathered)."""
+    from .engine.parallel import gathered, precision
 
     sharded = dist is not None and dist.enabled
     was = model.training
     model.eval()
     try:
-        with precision(model, cfg):
+        with precision(model, cfg), gathered(model, cfg):
             res = pair_logps(model, enc, pairs, features=features, shard=dist.shard if sharded else None,
                              **eval_budget(cfg))
     finally:

@@ -25,6 +25,9 @@ def run_summary(run: str, sweep_value, margins: pd.DataFrame, certs: pd.DataFram
                          "reward_rejected_mean": g["reward_rejected"].mean()}).unstack("split")
     wide.columns = [f"{split}_{name}" for name, split in wide.columns]
     wide = wide.reset_index()
+    est = tracked_estimates(margins)
+    for col in est.columns:  # n, N and the intervals; a subset's stratified estimates over its plain means
+        wide[col] = wide["step"].map(est[col])
     c = certs[certs["concept"] == "all"].set_index("step")["upper"].rename("test_error_upper")
     wide = wide.join(c, on="step")
     wide.insert(0, "run", run)
@@ -51,6 +54,26 @@ def run_summary(run: str, sweep_value, margins: pd.DataFrame, certs: pd.DataFram
     wide["cross_concept_share"] = wide["step"].map(share).astype(float)  # NaN where nothing was attributed
     wide["attribution"] = attribution_kind(interference)
     return wide
+
+
+def tracked_estimates(margins: pd.DataFrame) -> pd.DataFrame:
+    """Per checkpoint and split: the tracked pairs n and the split's N, the mean margin and error with their
+    95% intervals (estimates.split_estimates: the value itself when every pair is tracked). Indexed by step;
+    a subsampled split's mean margin and error are the stratified estimates, replacing the plain means."""
+    from .estimates import split_estimates
+
+    rows = {}
+    for (step, split), g in margins.groupby(["step", "split"], sort=True):
+        e = split_estimates(g)
+        row = rows.setdefault(int(step), {})
+        row |= {f"{split}_n": e["n"], f"{split}_N": e["N"], f"{split}_margin_mean_lo": e["margin_mean_lo"],
+                f"{split}_margin_mean_hi": e["margin_mean_hi"], f"{split}_error_lo": e["error_lo"],
+                f"{split}_error_hi": e["error_hi"]}
+        if not e["exact"]:
+            row |= {f"{split}_margin_mean": e["margin_mean"], f"{split}_error": e["error"]}
+    out = pd.DataFrame.from_dict(rows, orient="index")
+    out.index.name = "step"
+    return out
 
 
 def attribution_kind(interference: pd.DataFrame | None) -> str:
@@ -235,6 +258,7 @@ def markdown(experiment: str, summary: pd.DataFrame, meta: dict, claims: pd.Data
         lines.append(f"| {r['group']} | {own}{r['K']} | {r['Q']} | {_cell(r, 'train_margin_mean')} | "
                      f"{_cell(r, 'test_margin_mean')} | {_cell(r, 'train_error')} | {_cell(r, 'test_error')} | "
                      f"{_cell(r, 'test_error_upper')} | {r['bound_v3']:.3g} / {r['bound_v5']:.3g} |")
+    lines += subsampled_lines(final)
     lines += [""] + fit_lines(fit_table(summary)) + [""]
     if meta.get("paper_model"):
         lines += comparison_rows(meta["paper_model"], agg)
@@ -253,6 +277,27 @@ def markdown(experiment: str, summary: pd.DataFrame, meta: dict, claims: pd.Data
               + "; its data card: <run>/data/card.md."]
     lines += code_lines(meta.get("code"), meta.get("rerun_on_code", True))
     return "\n".join(lines) + "\n"
+
+
+def subsampled_lines(final: pd.DataFrame) -> list[str]:
+    """The runs whose checkpoints scored a tracked subset (dpo.track), with their final estimates and 95%
+    intervals: none of their numbers reads as exact."""
+    out = []
+    for _, r in final.iterrows():
+        parts = [(s_, int(r[f"{s_}_n"]), int(r[f"{s_}_N"])) for s_ in ("train", "test")
+                 if f"{s_}_n" in r and r[f"{s_}_n"] == r[f"{s_}_n"]]
+        if all(n == N for _, n, N in parts):
+            continue
+        est = "; ".join(f"{s_} margin {r[f'{s_}_margin_mean']:.3f} [{r[f'{s_}_margin_mean_lo']:.3f}, "
+                        f"{r[f'{s_}_margin_mean_hi']:.3f}], {s_} error {r[f'{s_}_error']:.3f} "
+                        f"[{r[f'{s_}_error_lo']:.3f}, {r[f'{s_}_error_hi']:.3f}]" for s_, n, N in parts if n < N)
+        out.append(f"- {r['run']} tracks " + " and ".join(f"{s_} {n} of {N}" for s_, n, N in parts)
+                   + f" pairs: its {'/'.join(s_ for s_, n, N in parts if n < N)} numbers are stratified estimates "
+                   f"({est}; 95%)")
+    if not out:
+        return []
+    return ["", "Subsampled runs (dpo.track; every checkpoint in <run>/report/summary.csv with n, N and intervals):",
+            ""] + out
 
 
 def code_lines(versions: list[dict] | None, rerun_on_code) -> list[str]:

@@ -58,6 +58,25 @@ MARGINS = pa.schema(
         ("reward_chosen", pa.float64()),
         ("reward_rejected", pa.float64()),
         ("margin", pa.float64()),
+        # the pair's sampling weight: 1 when every pair of its split is tracked (dpo.track: all), else its
+        # (concept, cluster) stratum's pairs over the stratum's tracked pairs
+        ("weight", pa.float64()),
+    ]
+)
+
+# The margins of the pairs each training step trained on, from the step's own forward pass before its
+# update (dpo/batch_margins.parquet): ``step`` counts the updates made before, as the margin tables do, so a
+# pair trained in the first step has step 0. The policy log-probs are NaN where training reads only their
+# difference (single-token answers in last_layer); the margin is exact there too.
+BATCH_MARGINS = pa.schema(
+    [
+        ("step", pa.int64()),
+        ("sample_id", pa.string()),
+        ("logp_chosen", pa.float64()),
+        ("logp_rejected", pa.float64()),
+        ("ref_logp_chosen", pa.float64()),
+        ("ref_logp_rejected", pa.float64()),
+        ("margin", pa.float64()),
     ]
 )
 
@@ -332,6 +351,10 @@ def read_margins(folder) -> pd.DataFrame:
     df["step"] = df["step"].astype("int64")
     df = df[MARGINS.names]
     return df.sort_values(["step", "split", "sample_id"], kind="stable").reset_index(drop=True)
+
+
+def write_batch_margins(df: pd.DataFrame, path) -> None:
+    write(df, BATCH_MARGINS, path)
 
 
 def write_metrics(df: pd.DataFrame, path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,10 +30,12 @@ from .policy import Policy
 from .state import ResumeState, fingerprint
 from . import tracin as TI
 from . import update_split as US
+from . import tracked as TR
 from .tracking import Tracker
 
 # settings that cannot change a saved state's numbers: a save made with other values is still resumed
 EXECUTION_ONLY = {"processes", "log_every", "save_every", "eval_batch_size", "eval_max_tokens_per_batch", "report_to"}
+REFERENCE_CHECK = 64  # pairs the policy at step 0 is checked on against the reference pass
 # batch sums of each step, in TRL's metric names (means over the batch once divided by its size)
 STAT_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
               "logps/chosen", "logps/rejected")
@@ -50,6 +53,8 @@ class Run:
     bsz: int
     steps: int
     schedule: list[int]
+    tracked: TR.Tracked | None = None  # the pairs each checkpoint scores (dpo.track), chosen in train_dpo
+    tracking: str = ""  # what was chosen and why
 
 
 def _reference_features(ref_features_path, ref_logps_path, pairs: pd.DataFrame) -> np.ndarray:
@@ -74,16 +79,42 @@ def prepare_run(train, test, tok, model, ref_logps_path, ref_features_path, cfg:
     steps = S.total_steps(cfg, n_train, bsz)
     cfg = {**cfg, "steps": steps}
     feats = None
-    if (cfg["regime"] == "last_layer" or cfg.get("eval_at_tau1")) and ref_features_path is not None:
+    # τ_1 is a checkpoint when asked for, and in a log schedule wherever the theory defines it (full-batch sgd)
+    tau1 = cfg.get("eval_at_tau1") or ((cfg.get("eval_schedule") or {}).get("log") and cfg["optimizer"] == "sgd"
+                                       and bsz == n_train and ref_features_path is not None)
+    if (cfg["regime"] == "last_layer" or tau1) and ref_features_path is not None:
         feats = _reference_features(ref_features_path, ref_logps_path, pairs)
     schedule = S.eval_schedule(cfg)
-    if cfg.get("eval_at_tau1"):
+    if tau1:
         schedule = sorted(set(schedule) | S.tau1_checkpoint(cfg, train, feats))
     return Run(pairs, n_train, enc, ref, feats, bsz, steps, schedule), cfg
 
 
+def choose_tracking(run: Run, cfg: dict, policy: Policy, seed: int) -> None:
+    """The tracked pairs and the checkpoint steps (dpo.track, tracked.py), from the token counts of this
+    run's pairs: a checkpoint pass runs each multi-token prompt once, a training step two rows per pair.
+    In last_layer both are products with the head on cached features."""
+    enc = run.enc
+    rows = [[len(enc.rows[r]) for r in rw] for rw in enc.pair_rows]
+    if policy.cache is not None:
+        head = policy.model.get_output_embeddings().weight
+        train_tok = pass_tok = enc.n_tokens.sum(1).astype(np.float64)
+        params = head.numel()
+    else:
+        train_tok = np.array([sum(r) for r in rows], dtype=np.float64)
+        plen = enc.feature_at[:, 1] + 1
+        pass_tok = np.where(enc.fused, train_tok, train_tok - plen)
+        params = sum(p.numel() for p in policy.model.parameters())
+    keep = set(S.geometry_steps(cfg, run.schedule)) | (set(run.schedule) - set(S.eval_schedule(cfg)))
+    tracked, schedule, why = TR.choose(run.pairs, run.n_train, train_tok, pass_tok, run.steps, run.bsz, run.schedule,
+                                       keep, cfg.get("track", "all"), seed, params, policy.checkpointing)
+    run.tracked, run.schedule, run.tracking = tracked, schedule, why
+    log.info("%s", why)
+
+
 class MarginWriter:
-    """Margin checkpoints: every pair's log-probs under the policy, gathered, written by the first process."""
+    """Margin checkpoints: the tracked pairs' log-probs under the policy, gathered, written by the first
+    process. In last_layer every pair is scored (a product with the head) and the tracked ones written."""
 
     def __init__(self, policy: Policy, run: Run, cfg: dict, work: Path, dist: Dist, tracker: Tracker,
                  attribution=None):
@@ -91,23 +122,55 @@ class MarginWriter:
         self.attribution = attribution
         self.margins, self.features = work / "margins", work / "features"
         self.feature_steps = S.geometry_steps(cfg, run.schedule) if policy.cache is None else []
+        self.seconds = 0.0
+        self.each: dict[int, float] = {}  # seconds of each checkpoint
+        self.step0 = math.nan  # largest relative difference of the policy at step 0 from the reference pass
+
+    def reference_check(self, scored: np.ndarray, n: int = REFERENCE_CHECK) -> None:
+        """Step 0 takes the reference pass's log-probs; a pass of the policy over ``n`` of the pairs (spread
+        over them) checks that it reproduces them: a model, dtype or encoding that differs from the reference
+        pass's shows here (run.json's step0_reference_check; a warning above 1e-3)."""
+        sample = scored[np.linspace(0, len(scored) - 1, min(n, len(scored))).astype(np.int64)]
+        lp = self.policy.eval_pairs(sample)
+        if self.dist.main:
+            ref = self.run.ref[sample]
+            self.step0 = float(np.max(np.abs(lp.cpu().numpy().astype(np.float64) - ref) / np.maximum(np.abs(ref), 1.0)))
+            if not self.step0 <= 1e-3:
+                log.warning("dpo: the policy at step 0 differs from the reference pass by %.3g (relative) on %d "
+                            "pairs: the reference log-probs were made by another model, dtype or encoding?",
+                            self.step0, len(sample))
 
     def __call__(self, step: int) -> tuple[float, float]:
-        run = self.run
-        every = np.arange(len(run.pairs))
-        if step in self.feature_steps:  # g(x) moves with the backbone: keep the training pairs' for theory
-            lp_t, g_t = self.policy.eval_pairs(every, features=True)
+        t0 = time.perf_counter()
+        try:
+            return self._checkpoint(step)
+        finally:
+            self.each[step] = time.perf_counter() - t0
+            self.seconds += self.each[step]
+
+    def _checkpoint(self, step: int) -> tuple[float, float]:
+        run, tr = self.run, self.run.tracked
+        scored = np.arange(len(run.pairs)) if self.policy.cache is not None else tr.index
+        if step == 0:  # the policy is the reference: its log-probs are the reference pass's, margins exactly 0
+            lp_t = torch.as_tensor(run.ref[scored])
+            self.reference_check(scored)
+        elif step in self.feature_steps:  # g(x) moves with the backbone: keep the tracked training pairs'
+            lp_t, g_t = self.policy.eval_pairs(scored, features=True)
             if self.dist.main:
                 self.features.mkdir(exist_ok=True)
                 with atomic_path(self.features / f"step={step}.npy") as tmp:
                     with open(tmp, "wb") as f:
-                        np.save(f, g_t.cpu().numpy()[:run.n_train])
+                        np.save(f, g_t.cpu().numpy()[scored < run.n_train])
         else:
-            lp_t = self.policy.eval_pairs(every)
+            lp_t = self.policy.eval_pairs(scored)
         if not self.dist.main:
             return math.nan, math.nan
         lp = lp_t.cpu().numpy().astype(np.float64)
-        df = margins_frame(step, run.pairs, lp, run.ref, self.cfg["beta"])
+        if self.attribution is not None:
+            self.attribution.checkpoint(step, lp)
+        if len(scored) != len(tr.index):  # every pair scored, the tracked ones written
+            lp = lp[tr.index]
+        df = margins_frame(step, run.pairs.iloc[tr.index], lp, run.ref[tr.index], self.cfg["beta"], tr.weight)
         bad = ~np.isfinite(df["margin"].to_numpy())
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
@@ -116,30 +179,40 @@ class MarginWriter:
                                  f"{self.cfg['lr']} too large, dpo.beta={self.cfg['beta']} or dpo.dtype="
                                  f"{self.cfg['dtype']}; no margin table was written")
         tables.write_margins_checkpoint(df, self.margins, step)
-        if self.attribution is not None:
-            self.attribution.checkpoint(step, lp)
         self.tracker.checkpoint(step, df)
-        err = pd.Series(tables.margin_errors(df["margin"])).groupby(df["split"].to_numpy()).mean()
+        w = df["weight"].to_numpy()  # a tracked subset's error is its weighted mean (1 each when all)
+        err = (pd.Series(tables.margin_errors(df["margin"]) * w).groupby(df["split"].to_numpy()).sum()
+               / pd.Series(w).groupby(df["split"].to_numpy()).sum())
         return float(err.get("train", np.nan)), float(err.get("test", np.nan))
 
 
-def margins_frame(step: int, pairs: pd.DataFrame, lp: np.ndarray, ref: np.ndarray, beta: float) -> pd.DataFrame:
+def rewards(lp: np.ndarray, ref: np.ndarray, beta: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(β(log π − log π_ref) of chosen, of rejected, their difference: the margin), in float64."""
     rc = beta * (lp[:, 0] - ref[:, 0])
     rr = beta * (lp[:, 1] - ref[:, 1])
+    return rc, rr, rc - rr
+
+
+def margins_frame(step: int, pairs: pd.DataFrame, lp: np.ndarray, ref: np.ndarray, beta: float,
+                  weight: np.ndarray | None = None) -> pd.DataFrame:
+    rc, rr, margin = rewards(lp, ref, beta)
     return pd.DataFrame({
         "step": step, "split": pairs["split"].to_numpy(), "sample_id": pairs["sample_id"].to_numpy(),
         "concept": pairs["concept"].to_numpy(), "cluster": pairs["cluster"].to_numpy(),
         "logp_chosen": lp[:, 0], "logp_rejected": lp[:, 1],
         "ref_logp_chosen": ref[:, 0], "ref_logp_rejected": ref[:, 1],
-        "reward_chosen": rc, "reward_rejected": rr, "margin": rc - rr,
+        "reward_chosen": rc, "reward_rejected": rr, "margin": margin,
+        "weight": np.ones(len(pairs)) if weight is None else weight,
     })
 
 
 def micro_step(policy: Policy, chunk: np.ndarray, ref_t: torch.Tensor, n_tokens: torch.Tensor, cfg: dict,
-               scale: float) -> np.ndarray:
-    """Forward and backward of one process's share of a micro-batch; returns its batch sums (STAT_NAMES).
-    ``scale`` turns the per-pair losses into this share of the global batch mean (times the world size,
-    since FSDP and DDP average gradients over processes). An empty share still takes part with weight 0."""
+               scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """Forward and backward of one process's share of a micro-batch; returns its batch sums (STAT_NAMES) and
+    per pair, from the same forward pass, (log π(chosen), log π(rejected), their difference) in float64 (the
+    two log-probs NaN on the margin-only path). ``scale`` turns the per-pair losses into this share of the
+    global batch mean (times the world size, since FSDP and DDP average gradients over processes). An empty
+    share still takes part with weight 0."""
     empty = len(chunk) == 0
     if empty:
         chunk = np.zeros(1, dtype=np.int64)  # any pair: the collectives need every process in every pass
@@ -156,13 +229,62 @@ def micro_step(policy: Policy, chunk: np.ndarray, ref_t: torch.Tensor, n_tokens:
     loss = dpo_loss(ratio_c, ratio_r, beta, cfg["loss"], cfg["label_smoothing"], n_tokens[t]).sum()
     (loss * (0.0 if empty else scale)).backward()
     if empty:
-        return np.zeros(len(STAT_NAMES))
+        return np.zeros(len(STAT_NAMES)), np.zeros((0, 3))
     with torch.no_grad():
         rc, rr = beta * ratio_c, beta * ratio_r
         nan = math.nan
-        return np.array([loss.item(), nan if lp is None else rc.sum().item(), nan if lp is None else rr.sum().item(),
-                         (rc - rr).sum().item(), (rc > rr).sum().item(),
-                         nan if lp is None else lp[:, 0].sum().item(), nan if lp is None else lp[:, 1].sum().item()])
+        stats = np.array([loss.item(), nan if lp is None else rc.sum().item(), nan if lp is None else rr.sum().item(),
+                          (rc - rr).sum().item(), (rc > rr).sum().item(),
+                          nan if lp is None else lp[:, 0].sum().item(), nan if lp is None else lp[:, 1].sum().item()])
+        if lp is None:
+            rec = np.full((len(chunk), 3), nan)
+            rec[:, 2] = d.detach().double().cpu().numpy()
+        else:
+            lp64 = lp.detach().double().cpu().numpy()
+            rec = np.column_stack([lp64, lp64[:, 0] - lp64[:, 1]])
+    return stats, rec
+
+
+class BatchMargins:
+    """Every training pair's margin at the step it is trained on, from the step's own forward pass (no
+    extra pass): one row per pair of the global batch and step, gathered from every process (each pair is
+    computed by one process, and a pair drawn twice in a batch is one row). Kept in the resume saves."""
+
+    def __init__(self, run: Run, beta: float, margin_only: bool):
+        self.run, self.beta, self.margin_only = run, beta, margin_only
+        self.steps: list[np.ndarray] = []
+        self.idx: list[np.ndarray] = []
+        self.rec: list[np.ndarray] = []
+        self.seconds = 0.0
+
+    def add(self, step: int, idx: np.ndarray, rec: np.ndarray) -> None:
+        keep = np.unique(idx, return_index=True)[1]
+        self.steps.append(np.full(len(keep), step, dtype=np.int64))
+        self.idx.append(idx[keep])
+        self.rec.append(rec[keep])
+
+    def state(self) -> dict:
+        return {"steps": self.steps, "idx": self.idx, "rec": self.rec}
+
+    def load(self, state: dict | None, start: int) -> None:
+        if not state:
+            return
+        n = sum(1 for s_ in state["steps"] if len(s_) and s_[0] < start)
+        self.steps, self.idx, self.rec = state["steps"][:n], state["idx"][:n], state["rec"][:n]
+
+    def frame(self) -> pd.DataFrame:
+        run = self.run
+        idx = np.concatenate(self.idx) if self.idx else np.zeros(0, np.int64)
+        rec = np.concatenate(self.rec) if self.rec else np.zeros((0, 3))
+        ref = run.ref[idx]
+        if self.margin_only:  # training read only the difference of the log-probs
+            margin = self.beta * (rec[:, 2] - (ref[:, 0] - ref[:, 1]))
+        else:
+            margin = rewards(rec[:, :2], ref, self.beta)[2]
+        return pd.DataFrame({"step": np.concatenate(self.steps) if self.steps else np.zeros(0, np.int64),
+                             "sample_id": run.pairs["sample_id"].to_numpy()[idx],
+                             "logp_chosen": rec[:, 0], "logp_rejected": rec[:, 1],
+                             "ref_logp_chosen": ref[:, 0], "ref_logp_rejected": ref[:, 1], "margin": margin})
 
 
 class NonFiniteError(FloatingPointError):
@@ -186,9 +308,10 @@ def nonfinite(step: int, loss: float, gn: float, cfg: dict, resume: ResumeState)
 
 def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path, cfg: dict, seed: int,
               out_margins, out_metrics, work_dir, out_info=None, ref_features_path=None, out_features=None,
-              out_attribution=None) -> dict:
-    """DPO from the reference checkpoint ``ref_path``; writes the margins folder and the metrics table, and
-    with ``out_attribution`` every margin split over the training groups (attribution_of)."""
+              out_attribution=None, out_batch_margins=None) -> dict:
+    """DPO from the reference checkpoint ``ref_path``; writes the margins folder and the metrics table, with
+    ``out_attribution`` every margin split over the training groups (attribution_of), and with
+    ``out_batch_margins`` every training pair's margin at the step it was trained on."""
     from ..codehash import stage_hash
 
     dist = Dist(cfg["device"])
@@ -201,6 +324,7 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
     model, tok = load_for(ref_path, cfg, dist)
     run, cfg = prepare_run(train, test, tok, model, ref_logps_path, ref_features_path, cfg)
     policy = Policy(model, run.enc, cfg, dist, run.feats if cfg["regime"] == "last_layer" else None)
+    choose_tracking(run, cfg, policy, seed)
     device = next(policy.model.parameters()).device
     ref_t = torch.tensor(run.ref, device=device)
     n_tokens = torch.tensor(run.enc.n_tokens, device=device)
@@ -211,9 +335,11 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
     sched = make_scheduler(opt, cfg["schedule"], cfg["warmup_steps"], run.steps)
     att, att_reason = attribution_of(policy, run, cfg, seed, bool(out_attribution))
     split = att if isinstance(att, US.UpdateSplit) else None  # it follows every optimizer step
+    batch = BatchMargins(run, cfg["beta"], policy.margin_only)
     start, rows = resume.load(policy.model, opt, sched) if resume.exists() else (0, [])
     if att is not None and resume.extra:
         att.load_state_dict(resume.extra)
+    batch.load(resume.batch, start)
     log.info("dpo: %s, regime %s, %d trainable parameters (%.1f MB on this process), %d train / %d test pairs, "
              "batch %d, %d steps, seed %d, %d process(es), %s, gradient checkpointing %s", loss_name(cfg),
              cfg["regime"], sum(p.numel() for p in params.values()), local_bytes(params.values()) / 1e6, run.n_train,
@@ -235,10 +361,19 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
         lr = sched.get_last_lr()[0]
         opt.zero_grad(set_to_none=True)
         stats = np.zeros(len(STAT_NAMES))
-        for mb in S.micro_batches(idx, pair_tokens, rows_per_pair, dist.world, int(cfg["grad_accum"]),
-                                  cfg.get("max_tokens_per_batch")):
-            stats += micro_step(policy, mb[dist.rank::dist.world], ref_t, n_tokens, cfg, dist.world / len(idx))
+        rec = np.zeros((len(idx), 3))  # this process's pairs of the batch, by position in idx
+        # micro-batches of positions in idx: the same pairs in the same order as micro-batches of idx itself
+        for mb in S.micro_batches(np.arange(len(idx)), pair_tokens[idx], rows_per_pair[idx], dist.world,
+                                  int(cfg["grad_accum"]), cfg.get("max_tokens_per_batch")):
+            mine = mb[dist.rank::dist.world]
+            st, rec[mine] = micro_step(policy, idx[mine], ref_t, n_tokens, cfg, dist.world / len(idx))
+            stats += st
         stats = dist.sum(stats) / len(idx)
+        t0 = time.perf_counter()
+        rec = dist.sum(rec)  # each position filled by one process
+        if dist.main:
+            batch.add(step, idx, rec)
+        batch.seconds += time.perf_counter() - t0
         gn = grad_norm(params.values(), cfg["max_grad_norm"])
         done = step + 1
         if nonfinite(done, stats[0], gn, cfg, resume):  # on_nonfinite: skip_step (stop raises)
@@ -261,19 +396,34 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
         rows.append(row)
         tracker.step(row, STAT_NAMES)
         if cfg["save_every"] and done % cfg["save_every"] == 0 and done < run.steps:
-            resume.save(done, policy.model, opt, sched, rows, att.state_dict() if att is not None else None)
+            resume.save(done, policy.model, opt, sched, rows, att.state_dict() if att is not None else None,
+                        batch=batch.state() if dist.main else None)
     tracker.close()
     info = run_info(cfg, run, seed, dist, params, device, policy) | {"skipped_steps": skipped}
     info["attribution"] = att_reason or ("update split; largest part no group made "
                                          f"{split.residual():.3g}" if split is not None else "TracIn")
+    info["time_s"] = timing(prog.elapsed(), checkpoint.each, batch.seconds)
+    info["step0_reference_check"] = checkpoint.step0
     dist.barrier()
     if dist.main:
         finish(run, checkpoint, rows, resume.work, out_margins, out_metrics, out_features, out_info, info)
         if out_attribution:
             write_attribution(att, att_reason, run.pairs, rows, out_attribution)
+        if out_batch_margins:
+            tables.write_batch_margins(batch.frame(), out_batch_margins)
         resume.close()
     dist.close()
     return info
+
+
+def timing(loop: float, each: dict[int, float], batch_margins: float) -> dict:
+    """Seconds of this attempt (a resumed job counts from its resume): the margin checkpoints (each, and in
+    all), the in-batch recording, and training (the loop's time less its checkpoints; step 0's comes before
+    the loop), with tracking over training."""
+    checkpoints = sum(each.values())
+    training = max(loop - (checkpoints - each.get(0, 0.0)), 1e-9)
+    return {"training": training, "checkpoints": checkpoints, "batch_margins": batch_margins,
+            "tracking_over_training": checkpoints / training, "checkpoint": each}
 
 
 def attribution_of(policy: Policy, run: Run, cfg: dict, seed: int, wanted: bool):
@@ -285,6 +435,9 @@ def attribution_of(policy: Policy, run: Run, cfg: dict, seed: int, wanted: bool)
         reason = US.not_applicable(policy, cfg)
         return (US.UpdateSplit(policy, run, cfg) if reason is None else None), reason
     reason = TI.not_applicable(policy, cfg)
+    if reason is None and not run.tracked.everything:
+        reason = (f"not computed: TracIn needs every pair's log-probs at each checkpoint, and this run tracks "
+                  f"{run.tracked.describe()} (dpo.track: all computes it)")
     return (TI.TracIn(policy, run, cfg, seed) if reason is None else None), reason
 
 
@@ -306,7 +459,8 @@ def run_info(cfg: dict, run: Run, seed: int, dist: Dist, params: dict, device, p
             "grad_accum": cfg["grad_accum"], "logit_chunk": cfg.get("logit_chunk"), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
             "numpy": np.__version__,
-            "device": str(device), "dtype": cfg["dtype"], "autocast": cfg.get("autocast")}
+            "device": str(device), "dtype": cfg["dtype"], "autocast": cfg.get("autocast"),
+            "tracking": run.tracking, "tracked": {k: list(v) for k, v in run.tracked.counts.items()}}
 
 
 def finish(run: Run, checkpoint: MarginWriter, rows, work: Path, out_margins, out_metrics, out_features, out_info,
@@ -323,10 +477,14 @@ def finish(run: Run, checkpoint: MarginWriter, rows, work: Path, out_margins, ou
         with atomic_dir(out_features) as tmp:
             for s_ in checkpoint.feature_steps:
                 shutil.copy(checkpoint.features / f"step={s_}.npy", Path(tmp) / f"step={s_}.npy")
+            tr = run.tracked
+            kept = tr.index[tr.index < run.n_train]
             note = ("g(x) of the training pairs under the policy, rows in train.parquet order"
+                    + ("" if len(kept) == run.n_train else f" (the {len(kept)} tracked of {run.n_train}: train_rows)")
                     if checkpoint.feature_steps else
                     "no files: the backbone is frozen (last_layer), so g(x) is the reference's at every step")
-            write_json({"steps": checkpoint.feature_steps, "note": note}, Path(tmp) / "index.json")
+            write_json({"steps": checkpoint.feature_steps, "note": note,
+                        "train_rows": None if len(kept) == run.n_train else kept.tolist()}, Path(tmp) / "index.json")
     tables.write_metrics(pd.DataFrame(rows), out_metrics)
     if out_info:  # the manifest lets every reader tell a missing or damaged checkpoint
         write_json({**info, "checkpoint_manifest": tables.margins_manifest(out_margins)}, out_info)
@@ -336,8 +494,10 @@ def finish(run: Run, checkpoint: MarginWriter, rows, work: Path, out_margins, ou
 
 
 def train_dpo_files(ref_path, train, test, ref_logps_path, cfg: dict, seed: int, out_margins, out_metrics, work_dir,
-                    out_info=None, ref_features_path=None, out_features=None, out_attribution=None) -> dict:
+                    out_info=None, ref_features_path=None, out_features=None, out_attribution=None,
+                    out_batch_margins=None) -> dict:
     """train_dpo with the pair tables given as Parquet paths (what a launched process receives)."""
     return train_dpo(ref_path, pd.read_parquet(train), pd.read_parquet(test), ref_logps_path, cfg, seed, out_margins,
                      out_metrics, work_dir, out_info=out_info, ref_features_path=ref_features_path,
-                     out_features=out_features, out_attribution=out_attribution)
+                     out_features=out_features, out_attribution=out_attribution,
+                     out_batch_margins=out_batch_margins)

@@ -127,6 +127,46 @@ def is_fsdp(model) -> bool:
     return isinstance(model, FSDPModule)
 
 
+@contextlib.contextmanager
+def gathered(model, cfg: dict):
+    """A pass without gradients under FSDP2 (a checkpoint, the reference pass): every layer's weights are
+    gathered once and kept for the whole pass, instead of once per micro-batch and layer, when the full
+    weights in the compute dtype take at most half of the device's free memory (the host's for CPU
+    processes); otherwise layer by layer, as in training. Resharded after the pass."""
+    if not is_fsdp(model):
+        yield
+        return
+    import logging
+
+    from torch.distributed.fsdp import FSDPModule
+
+    from ..model import DTYPES
+
+    compute = DTYPES[cfg["autocast"]] if cfg.get("autocast") else next(model.parameters()).dtype
+    full = sum(p.numel() for p in model.parameters()) * torch.finfo(compute).bits // 8
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if full > free / 2:
+        logging.getLogger("dpogen").info("pass without gradients: full weights %.2f GB against %.2f GB free: gathered "
+                                         "layer by layer", full / 1e9, free / 1e9)
+        yield
+        return
+    # the decoder layers; the root keeps its own rule (FSDP2 does not reshard it after forward: the LM head,
+    # which is ours to call after the forward, lives there)
+    mods = [m for m in model.modules() if isinstance(m, FSDPModule) and m is not model]
+    for m in mods:
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
+
+
 def precision(model, cfg: dict):
     """torch.autocast for ``dpo.autocast`` in one process or DDP; under FSDP the policy casts instead."""
     if not cfg.get("autocast") or is_fsdp(model):

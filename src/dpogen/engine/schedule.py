@@ -12,16 +12,37 @@ import numpy as np
 
 
 def eval_schedule(cfg: dict) -> list[int]:
-    """Checkpoint steps: the configured list and every ``eval_every`` steps; step 0 and the last always."""
+    """Checkpoint steps: the configured list, and every ``eval_every`` steps or, with ``eval_schedule: {log:
+    n}``, n log-spaced steps instead; step 0 and the last always."""
     steps = set(cfg.get("eval_steps") or [])
+    log_n = (cfg.get("eval_schedule") or {}).get("log")
     every = cfg.get("eval_every")
-    if every:
+    if log_n:
+        steps |= set(log_schedule(cfg["steps"], log_n))
+    elif every:
         steps |= set(range(0, cfg["steps"] + 1, every))
     steps |= {0, cfg["steps"]}
     bad = [s for s in steps if s < 0 or s > cfg["steps"]]
     if bad:
         raise ValueError(f"dpo.eval_steps: {sorted(bad)} outside 0..dpo.steps={cfg['steps']}")
     return sorted(steps)
+
+
+def log_schedule(steps: int, n: int) -> list[int]:
+    """``n`` checkpoints over 0..``steps``: step 0, the last step, and between them steps spaced evenly in
+    log(step) from step 1, since the margins move fastest early. Rounded steps that collide are pushed apart,
+    so there are exactly n (every step when the run has no more than n − 1)."""
+    if n < 2:
+        raise ValueError(f"dpo.eval_schedule.log: {n} checkpoints; at least 2 (step 0 and the last)")
+    if steps + 1 <= n:
+        return list(range(steps + 1))
+    q = np.round(np.geomspace(1, steps, n - 1)).astype(np.int64)
+    for i in range(1, len(q)):  # distinct, rising ...
+        q[i] = max(q[i], q[i - 1] + 1)
+    q[-1] = steps
+    for i in range(len(q) - 2, -1, -1):  # ... and ending at the last step
+        q[i] = min(q[i], q[i + 1] - 1)
+    return [0, *(int(x) for x in q)]
 
 
 def geometry_steps(cfg: dict, schedule: list[int]) -> list[int]:

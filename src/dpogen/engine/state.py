@@ -67,6 +67,7 @@ class ResumeState:
         self.work, self.fp, self.dist = Path(work_dir), fp, dist
         self.save_dir = self.work / "save"
         self.extra = None
+        self.batch = None
 
     def prepare(self) -> None:
         if self.dist.main:
@@ -89,8 +90,10 @@ class ResumeState:
 
         return StateDictOptions(ignore_frozen_params=True)  # last_layer and lora: only what trains
 
-    def save(self, step: int, model, opt, sched, metrics: list[dict], extra: dict | None = None) -> None:
-        """``extra``: more state of the first process (the update split's sums), saved beside the metrics."""
+    def save(self, step: int, model, opt, sched, metrics: list[dict], extra: dict | None = None,
+             batch: dict | None = None) -> None:
+        """``extra``: more state of the first process (the update split's sums), saved beside the metrics;
+        ``batch``: the in-batch margins recorded so far."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -106,7 +109,7 @@ class ResumeState:
         self.dist.barrier()
         if self.dist.main:
             torch.save({"step": step, "world": self.dist.world, "scheduler": sched.state_dict(), "metrics": metrics,
-                        "extra": extra}, tmp / "meta.pt")
+                        "extra": extra, "batch": batch}, tmp / "meta.pt")
             old = self.work / "save.old"
             if self.save_dir.exists():
                 os.replace(self.save_dir, old)
@@ -145,6 +148,7 @@ class ResumeState:
         sched.load_state_dict(meta["scheduler"])
         set_rng_state(torch.load(self.save_dir / f"rng-rank{self.dist.rank}.pt", weights_only=False))
         self.extra = meta.get("extra")
+        self.batch = meta.get("batch")
         log.info("resuming from step %d (%s)", meta["step"], self.save_dir)
         return meta["step"], meta["metrics"]
 

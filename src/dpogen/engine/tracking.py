@@ -72,10 +72,11 @@ class Tracker:
         values = {}
         for split, g in margins.groupby("split"):
             prefix = "eval" if split == "test" else "train/full"
-            values |= {f"{prefix}/rewards/margins": g["margin"].mean(),
-                       f"{prefix}/rewards/accuracies": 1.0 - tables.margin_errors(g["margin"]).mean(),
-                       f"{prefix}/rewards/chosen": g["reward_chosen"].mean(),
-                       f"{prefix}/rewards/rejected": g["reward_rejected"].mean()}
+            w = g["weight"].to_numpy() if "weight" in g else np.ones(len(g))  # a tracked subset's weights
+            values |= {f"{prefix}/rewards/margins": np.average(g["margin"], weights=w),
+                       f"{prefix}/rewards/accuracies": 1.0 - np.average(tables.margin_errors(g["margin"]), weights=w),
+                       f"{prefix}/rewards/chosen": np.average(g["reward_chosen"], weights=w),
+                       f"{prefix}/rewards/rejected": np.average(g["reward_rejected"], weights=w)}
         self._scalars(values, step)
         for backend, w in self.writers:  # a run that stops later (diverged, killed) keeps its curves so far
             if backend == "tensorboard":

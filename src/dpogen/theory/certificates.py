@@ -25,14 +25,19 @@ def certificates(margins: pd.DataFrame, confidence: float) -> pd.DataFrame:
     concept (per-concept bounds at a Bonferroni-corrected level so they hold jointly)."""
     test = margins[margins["split"] == "test"]
     rows = []
+    # a tracked subset of the held-out pairs is a smaller sample of the same distribution: the bound holds,
+    # on n tracked pairs (the table's n), and the method says so
+    sub = "weight" in test and (test["weight"] != 1).any()
+    of = f" on {test.loc[test['step'] == test['step'].min()].shape[0]} tracked of " \
+         f"{int(round(test.loc[test['step'] == test['step'].min(), 'weight'].sum()))} held-out pairs" if sub else ""
     K = test["concept"].nunique()
     for step in sorted(set(margins["step"]) - set(test["step"])):  # marked, not skipped
         rows.append({"step": int(step), "split": "test", "concept": "all", "n": 0, "errors": 0, "error": math.nan,
                      "confidence": confidence, "upper": math.nan,
                      "method": "no held-out pairs at this checkpoint: no certificate"})
     for step, g in test.groupby("step", sort=True):
-        parts = [("all", g, confidence, "clopper-pearson")]
-        parts += [(c, gc, 1 - (1 - confidence) / max(K, 1), f"clopper-pearson, bonferroni over {K}")
+        parts = [("all", g, confidence, f"clopper-pearson{of}")]
+        parts += [(c, gc, 1 - (1 - confidence) / max(K, 1), f"clopper-pearson, bonferroni over {K}{of}")
                   for c, gc in g.groupby("concept", sort=True)]
         for concept, gg, conf, method in parts:
             n, e = len(gg), int(margin_errors(gg["margin"]).sum())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from ..estimates import tracked_note
 from ..tables import margin_errors
 from ..timescale import tau1_steps
 
@@ -102,6 +103,12 @@ def prediction_method(dpo_cfg: dict) -> str:
     return "recursion with a fitted time scale (adam/adamw: t/tau = c*k, c from the first checkpoint)"
 
 
+def predicted_pairs(ref: pd.DataFrame, margins: pd.DataFrame) -> np.ndarray:
+    """The rows of the reference table the recursion runs over: every training pair (the recursion sums over
+    them all) and the held-out pairs the margins hold (all of them unless dpo.track drew a subset)."""
+    return (ref["split"] == "train").to_numpy() | ref["sample_id"].isin(margins["sample_id"].unique()).to_numpy()
+
+
 def dynamics(features: np.ndarray, ref: pd.DataFrame, margins: pd.DataFrame, dpo_cfg: dict, K: int,
              scale: float = 1.0, pred: dict | None = None):
     """Predicted margins of every pair from the recursion of THEORY.md section 2 with the kernel measured
@@ -112,6 +119,8 @@ def dynamics(features: np.ndarray, ref: pd.DataFrame, margins: pd.DataFrame, dpo
     """
     if (ref["token_chosen"] < 0).any():
         return None, "no prediction: some responses are not single tokens after the same prompt"
+    keep = predicted_pairs(ref, margins)
+    features, ref = np.asarray(features)[keep], ref[keep]
     beta, steps = dpo_cfg["beta"], int(margins["step"].max())
     checkpoints = sorted(int(s) for s in margins["step"].unique())
     tr = (ref["split"] == "train").to_numpy()
@@ -136,9 +145,13 @@ def dynamics(features: np.ndarray, ref: pd.DataFrame, margins: pd.DataFrame, dpo
                                  checkpoints=checkpoints, **kw)
     ids, split = ref["sample_id"].to_numpy(), ref["split"].to_numpy()
     measured = margins.set_index(["step", "sample_id"])["margin"]
+    tracked = np.isin(ids, margins["sample_id"].unique())  # a tracked subset: only its pairs were measured
     per_pair = pd.concat([pd.DataFrame({"step": s, "split": split, "sample_id": ids, "predicted": r,
-                                        "measured": measured.loc[s].reindex(ids).to_numpy()})
+                                        "measured": measured.loc[s].reindex(ids).to_numpy()})[tracked]
                           for s, r in pred.items()], ignore_index=True)
+    note = tracked_note(margins)
+    if note:
+        method += f"; measured means are {note}"
     # the theorem's units: g rescaled by 1/scale (mean concept norm 1), so its time runs scale² faster
     env = envelope(beta, K, eta, scale)
     rows = []

@@ -17,7 +17,8 @@ from .geometry import check_finite, geometry
 def run_theory(train: pd.DataFrame, card: dict, features: np.ndarray, ref: pd.DataFrame,
                margins: pd.DataFrame, cfg: dict, dpo_cfg: dict,
                policy_features: dict[int, np.ndarray] | None = None,
-               dpo_attribution: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
+               dpo_attribution: pd.DataFrame | None = None,
+               policy_rows: list[int] | None = None) -> dict[str, pd.DataFrame]:
     """Everything the theory stage writes for one run. ``policy_features``: step → g(x) of the training pairs
     under the policy at that checkpoint (when the backbone trains), whose geometry is added at that step;
     the bounds and dynamics use the reference's g(x), as the theorems' frozen g does. ``dpo_attribution``: the
@@ -31,19 +32,25 @@ def run_theory(train: pd.DataFrame, card: dict, features: np.ndarray, ref: pd.Da
     geo = pd.concat([geo, data_rows], ignore_index=True)
     geo.insert(0, "step", 0)  # g(x) of the reference model, the policy at step 0
     parts = [geo]
+    # the policy's g(x) covers the tracked training pairs (policy_rows: their rows in train; None: every one)
+    at = train if policy_rows is None else train.iloc[list(policy_rows)]
     for step, X in sorted((policy_features or {}).items()):  # the backbone trained: g(x) moved
-        check_finite(np.asarray(X, np.float64), f"policy features at step {step}", train["sample_id"].to_numpy()
-                     if "sample_id" in train else None)
-        if len(X) != int(tr.sum()):
-            raise ValueError(f"theory: policy features at step {step} have {len(X)} rows, the run has {int(tr.sum())} "
-                             f"training pairs")
-        parts.append(geometry(X, train["concept"].to_numpy(), train["cluster"].to_numpy())[1].assign(step=step))
+        check_finite(np.asarray(X, np.float64), f"policy features at step {step}", at["sample_id"].to_numpy()
+                     if "sample_id" in at else None)
+        if len(X) != len(at):
+            raise ValueError(f"theory: policy features at step {step} have {len(X)} rows, the run has {len(at)} "
+                             f"tracked training pairs")
+        g = geometry(X, at["concept"].to_numpy(), at["cluster"].to_numpy())[1].assign(step=step)
+        if policy_rows is not None:
+            g["note"] = (g["note"].fillna("").astype(str) + f"; from the {len(at)} tracked of {len(train)} training "
+                         "pairs").str.lstrip("; ")
+        parts.append(g)
     geo = pd.concat(parts, ignore_index=True)
     conds = pd.DataFrame([c for ver in BOUNDS for c in conditions(ver, K=K, Q=Q, Z=Z, d=summary["d"],
                                                                    l_b=summary["l_b"], v=summary["v"])])
     bounds = bounds_table(K, Q, N, conds, cfg["failure_constant_c"], summary, Z)
     reason = attribution_reason(ref, dpo_cfg, margins)
-    split = None if reason else exact_split(features, ref, margins, dpo_cfg)  # the recursion, run once
+    split = None if reason else exact_split(features, ref, margins, dpo_cfg, train)  # the recursion, run once
     per_pair, dyn = dynamics(features, ref, margins, dpo_cfg, K, summary["scale"], pred=split[0] if split else None)
     if split:
         att = split[1]
