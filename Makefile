@@ -16,5 +16,6 @@ test: setup
 	$(PY)/python -m pytest $(PYTEST_ARGS)
 
 lint: setup
+	$(PY)/ruff check src tests bench workflow_scripts
 	$(PY)/snakemake --lint
 	$(PY)/snakefmt --check .

@@ -44,7 +44,8 @@ def main():
 
     with tempfile.TemporaryDirectory() as d:
         t = time.perf_counter()
-        card = prepare(cfg, None, f"{d}/train.parquet", f"{d}/test.parquet", f"{d}/card.json", f"{d}/card.md", tokenizer=tok)
+        card = prepare(cfg, None, f"{d}/train.parquet", f"{d}/test.parquet", f"{d}/card.json", f"{d}/card.md",
+                       tokenizer=tok)
         t_full = time.perf_counter() - t
         t = time.perf_counter()
         prepare(cfg, None, f"{d}/train.parquet", f"{d}/test.parquet", f"{d}/card.json", f"{d}/card.md", tokenizer=None)

@@ -106,7 +106,8 @@ def memory_child(mode: str, folder: str, steps: int, batch: int) -> None:
         reference.compute_reference(folder / "big", train, test, cfg, folder / "mref.parquet", folder / "mfeat.npy")
     elif mode == "dpogen":
         with tempfile.TemporaryDirectory() as d:
-            loop.train_dpo(folder / "big", train, test, folder / "mref.parquet", cfg, 0, f"{d}/m", f"{d}/x.parquet", f"{d}/w")
+            loop.train_dpo(folder / "big", train, test, folder / "mref.parquet", cfg, 0, f"{d}/m", f"{d}/x.parquet",
+                           f"{d}/w")
     else:
         trl_trainer(folder, train, test, steps, batch, precompute=(mode == "trl-precomputed"), model="big").train()
     # VmHWM: this process's own peak (ru_maxrss would include the parent's size at fork)
@@ -148,8 +149,8 @@ def main():
         # 1. training throughput (EOS appended, as TRL always does, so both score the same tokens)
         cfg = dpo_cfg(a.steps, a.batch, True)
         reference.compute_reference(folder / "model", train, test, cfg, folder / "ref.parquet", folder / "feat.npy")
-        loop.train_dpo(folder / "model", train, test, folder / "ref.parquet", cfg, 0, folder / "m", folder / "x.parquet",
-                      folder / "w")
+        loop.train_dpo(folder / "model", train, test, folder / "ref.parquet", cfg, 0, folder / "m",
+                       folder / "x.parquet", folder / "w")
         ours = pd.read_parquet(folder / "x.parquet")["pairs_per_s"].iloc[-1]
         # fused single-token training: " Yes"/" No" after the same prompt, no EOS, one forward row per pair
         cfg1 = dpo_cfg(a.steps, a.batch, False)
@@ -163,8 +164,10 @@ def main():
             rates[precompute] = tr.train().metrics["train_samples_per_second"]
         print("1. training throughput (pairs/s)")
         print(f"   dpogen (precomputed reference)           {ours:9.1f}")
-        print(f"   TRL DPOTrainer (reference model)         {rates[False]:9.1f}   dpogen/TRL = {ours / rates[False]:.2f}x")
-        print(f"   TRL DPOTrainer (precompute_ref_log_probs){rates[True]:9.1f}   dpogen/TRL = {ours / rates[True]:.2f}x")
+        print(f"   TRL DPOTrainer (reference model)         {rates[False]:9.1f}   "
+              f"dpogen/TRL = {ours / rates[False]:.2f}x")
+        print(f"   TRL DPOTrainer (precompute_ref_log_probs){rates[True]:9.1f}   "
+              f"dpogen/TRL = {ours / rates[True]:.2f}x")
         print(f"   dpogen, single-token answers, no EOS     {fused:9.1f}   against TRL precomputed: "
               f"{fused / rates[True]:.2f}x (goal >= 1.7x; TRL always appends EOS, so it scores two rows of two "
               f"tokens per pair where dpogen's fused row scores one position)\n")

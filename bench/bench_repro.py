@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import re
 import sys
 import tempfile
 from importlib import metadata

@@ -101,7 +101,8 @@ def attribution_timing(rng, n, d, K, checkpoints):
     t_att = time.perf_counter() - t
     print(f"attribution: {n} pairs, d = {d}, K = {K} ({2 * K} training groups), {checkpoints} checkpoints, 100 steps")
     print(f"baseline, the recursion alone                {t_rec:8.2f} s")
-    print(f"exact attribution ({len(att)} rows, K x K per checkpoint)  {t_att:8.2f} s  ({t_att / t_rec:.1f}x the baseline)")
+    print(f"exact attribution ({len(att)} rows, K x K per checkpoint)  {t_att:8.2f} s  "
+          f"({t_att / t_rec:.1f}x the baseline)")
 
 
 if __name__ == "__main__":

@@ -46,7 +46,8 @@ def test_one_step_without_a_concept_changes_margins_by_its_contribution(exact_ru
     tr = torch.tensor((ref["split"] == "train").to_numpy())
     w, lo = torch.tensor(ref["token_chosen"].to_numpy()), torch.tensor(ref["token_rejected"].to_numpy())
     concept = m[m["step"] == 0].set_index("sample_id").loc[ref["sample_id"], "concept"].to_numpy()
-    W0 = torch.randn(int(max(w.max(), lo.max())) + 1, g.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    W0 = torch.randn(int(max(w.max(), lo.max())) + 1, g.shape[1], dtype=torch.float64,
+                     generator=torch.Generator().manual_seed(0))
     beta, lr = cfg["beta"], cfg["lr"]
 
     def margins(W):
@@ -178,7 +179,8 @@ def test_leave_one_concept_out_against_the_exact_attribution(exact_run, tiny_mod
     assert np.abs(check["measured"]).max() > 1e-3
     assert c["pearson_r"] > 0.9, (c, check)
     n_left = len(train) - int((train["concept"] == train["concept"].iloc[0]).sum())
-    with pytest.raises(ValueError, match=f"dpo.batch_size {n_left + 1} is larger than the {n_left} training pairs left"):
+    with pytest.raises(ValueError,
+                       match=f"dpo.batch_size {n_left + 1} is larger than the {n_left} training pairs left"):
         leave_one_out(tiny_model_dir, train, test, tmp / "ref.parquet", tmp / "feat.npy", exact_run["margins"], inter,
                       {**exact_run["cfg"], "batch_size": n_left + 1}, 0)
     # the estimate is minus the removed concept's contribution: its own held-out pairs lose the most
@@ -245,7 +247,8 @@ def test_tracin_over_lora_adapters_is_the_first_order_change(tmp_path, tiny_mode
 
     base = dict(regime="lora", optimizer="sgd", lr=1e-2, beta=0.5, batch_size="full", steps=1, eval_every=1,
                 max_grad_norm=None, weight_decay=0.0, append_eos=True, dtype="float64", loss=loss)
-    _, _, m = train_run(tmp_path, tiny_model_dir, spec, dpo_cfg(**base, tracin={"params": "auto", "dim": None}), k=2, q=4)
+    _, _, m = train_run(tmp_path, tiny_model_dir, spec, dpo_cfg(**base, tracin={"params": "auto", "dim": None}),
+                        k=2, q=4)
     att = pd.read_parquet(tmp_path / "split.parquet")
     assert att["method"].str.contains("every trained parameter's gradient, unprojected").all()
     measured = m[m["step"] == 1].set_index("sample_id")["margin"]
@@ -253,6 +256,7 @@ def test_tracin_over_lora_adapters_is_the_first_order_change(tmp_path, tiny_mode
     assert np.abs(measured).max() > 1e-7
     assert np.abs(total - measured).max() <= 0.02 * np.abs(measured).max(), (total - measured).abs().max()
     monkeypatch.setattr(tracin, "trained_linears", lambda model, params: None)  # one backward per pair
-    train_run(tmp_path / "loop", tiny_model_dir, spec, dpo_cfg(**base, tracin={"params": "auto", "dim": None}), k=2, q=4)
+    train_run(tmp_path / "loop", tiny_model_dir, spec, dpo_cfg(**base, tracin={"params": "auto", "dim": None}),
+              k=2, q=4)
     loop = pd.read_parquet(tmp_path / "loop" / "split.parquet")
     assert np.abs(att["contribution"] - loop["contribution"]).max() <= 1e-9 * np.abs(loop["contribution"]).max()

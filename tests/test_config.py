@@ -76,6 +76,7 @@ def test_experiment_configs_are_valid(path, monkeypatch):
     if path.stem.startswith(("v3-", "v5-full")):
         dpo = next(iter(plans.values()))["dpo"]
         assert dpo["resources"]["gpus"] == 4 and cfg["resources"]["gpu_mem_gb"] == 80
-        assert f"per GPU {dpo['per_gpu']['total'] / 1e9:.1f} GB in dpo" in text.splitlines()[0]  # the header is the plan's
+        # the header is the plan's
+        assert f"per GPU {dpo['per_gpu']['total'] / 1e9:.1f} GB in dpo" in text.splitlines()[0]
     if path.stem == "v5-full-llama3.1-8b":
         assert dpo["per_gpu"]["total"] < 60e9

@@ -21,7 +21,8 @@ def base_cfg(**kw):
     cfg = {"source": "files", "k": None, "persona": {"path": str(PERSONA), "names": None, "seed": 1234},
            "hf": {"path": "", "name": None, "split": "train", "data_files": None, "revision": None},
            "files": {"paths": []},
-           "columns": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "concept": None, "cluster": None},
+           "columns": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "concept": None,
+                       "cluster": None},
            "format": "auto", "prompt_end": None, "concept_name": None, "keep_columns": [], "chat_template": False,
            "pairs_per_concept": None, "min_label_confidence": None, "test_fraction": 0.25, "split_seed": 1234,
            "seed": 0, "max_prompt_tokens": None, "max_response_tokens": None, "truncation": "drop"}
@@ -80,8 +81,10 @@ def test_persona_split_is_the_authors(tmp_path):
         rows = [json.loads(line) for line in (PERSONA / f"{p}.jsonl").read_text().splitlines() if line.strip()]
         random.shuffle(rows)
         n = int(0.9 * len(rows))
-        exp_train += [(p, r["question"] + "\n", r["answer_matching_behavior"], r["answer_not_matching_behavior"]) for r in rows[:n]]
-        exp_test += [(p, r["question"] + "\n", r["answer_matching_behavior"], r["answer_not_matching_behavior"]) for r in rows[n:]]
+        exp_train += [(p, r["question"] + "\n", r["answer_matching_behavior"], r["answer_not_matching_behavior"])
+                      for r in rows[:n]]
+        exp_test += [(p, r["question"] + "\n", r["answer_matching_behavior"], r["answer_not_matching_behavior"])
+                     for r in rows[n:]]
     cols = ["concept", "prompt", "chosen", "rejected"]
     assert list(train[cols].itertuples(index=False, name=None)) == exp_train
     assert list(test[cols].itertuples(index=False, name=None)) == exp_test
@@ -381,7 +384,8 @@ def test_a_load_failure_names_its_cause(tmp_path):
 def mc_file(path, n=8, flip_every=2):
     """A behaviour file of multiple-choice pairs: answers " (A)"/" (B)", matching in both orders."""
     path.parent.mkdir(exist_ok=True)
-    recs = [{"question": f"{path.stem} question {i}?\n", "answer_matching_behavior": " (A)" if i % flip_every else " (B)",
+    recs = [{"question": f"{path.stem} question {i}?\n",
+             "answer_matching_behavior": " (A)" if i % flip_every else " (B)",
              "answer_not_matching_behavior": " (B)" if i % flip_every else " (A)"} for i in range(n)]
     return write_jsonl(path, recs)
 

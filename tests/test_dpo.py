@@ -85,19 +85,53 @@ def small_run(tmp_path, tiny_model_dir, spec):
 def _train(tmp_path, tiny_model_dir, run, name):
     train, test, cfg = run
     out = tmp_path / name
-    loop.train_dpo(tiny_model_dir, train, test, tmp_path / "ref.parquet", cfg, 7, out / "margins", out / "metrics.parquet",
-                  out / "work")
+    loop.train_dpo(tiny_model_dir, train, test, tmp_path / "ref.parquet", cfg, 7, out / "margins",
+                   out / "metrics.parquet", out / "work")
     return tables.read_margins(out / "margins"), pd.read_parquet(out / "metrics.parquet")
 
 
-def test_training_records_every_pair_and_is_reproducible(tmp_path, tiny_model_dir, small_run):
+def plain_logps(model, tok, prompts, answers) -> np.ndarray:
+    """Σ log p(answer tokens | prompt) with plain transformers, one text at a time: the answer is what
+    tokenize(prompt + answer) holds beyond tokenize(prompt) (no EOS, the default)."""
+    out = []
+    for p, a in zip(prompts, answers):
+        n = len(tok(p)["input_ids"])
+        ids = torch.tensor([tok(p + a)["input_ids"]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0].double(), -1)
+        out.append(sum(float(logp[q - 1, ids[0, q]]) for q in range(n, ids.shape[1])))
+    return np.array(out)
+
+
+def test_training_records_every_pair_and_is_reproducible(tmp_path, tiny_model_dir, small_run, monkeypatch):
+    """Every pair at every checkpoint, and each margin equal to β((log π − log π_ref)(chosen) − (log π −
+    log π_ref)(rejected)) computed independently with plain transformers from the trained weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    weights = {}
+    real = loop.MarginWriter.__call__
+
+    def keep_weights(self, step):  # the policy's weights at each checkpoint, for the independent computation
+        weights[step] = {k: v.detach().clone() for k, v in self.policy.model.state_dict().items()}
+        return real(self, step)
+
+    monkeypatch.setattr(loop.MarginWriter, "__call__", keep_weights)
     m, metrics = _train(tmp_path, tiny_model_dir, small_run, "a")
-    train, test, _ = small_run
+    monkeypatch.setattr(loop.MarginWriter, "__call__", real)
+    train, test, cfg = small_run
     assert sorted(m["step"].unique()) == [0, 3, 6]
     assert len(m) == (len(train) + len(test)) * 3
     assert (m[m["step"] == 0]["margin"] == 0).all()  # exactly: θ = ref at step 0
     assert not (m[m["step"] == 6]["margin"] == 0).any()
-    np.testing.assert_allclose(m["margin"], m["reward_chosen"] - m["reward_rejected"])
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    pairs = pd.concat([train, test], ignore_index=True)
+    ref = [plain_logps(model, tok, pairs["prompt"], pairs[c]) for c in ("chosen", "rejected")]
+    model.load_state_dict(weights[6])
+    pol = [plain_logps(model, tok, pairs["prompt"], pairs[c]) for c in ("chosen", "rejected")]
+    want = pd.Series(cfg["beta"] * ((pol[0] - ref[0]) - (pol[1] - ref[1])), index=pairs["sample_id"])
+    last = m[m["step"] == 6].set_index("sample_id")["margin"]
+    np.testing.assert_allclose(last.to_numpy(), want.loc[last.index].to_numpy(), rtol=1e-4, atol=1e-5)
     assert metrics["step"].tolist() == list(range(7))
     assert metrics.loc[metrics["step"].isin([0, 3, 6]), "test_error"].notna().all()
     assert metrics.loc[metrics["step"] == 0, "train_error"].item() == 1.0  # margin 0 counts as an error

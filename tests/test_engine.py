@@ -42,7 +42,8 @@ def run10(tmp_path, tiny_model_dir, spec):
 
 def job(tmp_path, model_dir, cfg, name):
     out = tmp_path / name
-    return {"ref_path": str(model_dir), "train": str(tmp_path / "train.parquet"), "test": str(tmp_path / "test.parquet"),
+    return {"ref_path": str(model_dir), "train": str(tmp_path / "train.parquet"),
+            "test": str(tmp_path / "test.parquet"),
             "ref_logps_path": str(tmp_path / "ref.parquet"), "cfg": cfg, "seed": 7,
             "out_margins": str(out / "margins"), "out_metrics": str(out / "metrics.parquet"),
             "work_dir": str(out / "work"), "out_info": str(out / "run.json"),

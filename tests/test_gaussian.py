@@ -138,7 +138,7 @@ def test_theorems_hold_in_their_own_world(tmp_path):
     r = run_library(tmp_path, K, steps=14, q=48, test_per_cluster=20, d=8, v=None, l_b=0.3)
     conds = r["out"]["conditions"]
     assert conds.loc[conds["version"] == "v5", "holds"].all(), conds
-    # the envelope, computed here from THEORY.md's formulas with the concept-norm scale estimated here
+    # the envelope, computed here from docs/theory.md's formulas with the concept-norm scale estimated here
     tr = r["train"]
     X = np.stack(tr["embedding"])
     norms = [np.linalg.norm(X[(tr["concept"] == c).to_numpy() & (tr["cluster"] == 1).to_numpy()].mean(0)
@@ -247,6 +247,7 @@ def test_nan_features_name_the_row_and_sample():
 # ------------------------------------------------------------------------------------- the workflow
 
 
+@pytest.mark.slow
 def test_workflow_grid_runs_the_scaling_study(tmp_path):
     """The gaussian source through the real Snakefile on a 2 x 2 grid of K and Q: every run's claims, the
     scaling table and figure."""

@@ -325,7 +325,8 @@ def test_check_refuses_a_run_over_the_gpu_memory():
 def test_check_refuses_more_processes_than_gpus():
     cfg = pretrained(BIG["mistral-7b-v0.3"])
     cfg["resources"] = {"gpu_mem_gb": None, "gpus": 2}
-    with pytest.raises(ConfigError, match=r"dpo.processes: run synthetic-persona, stage ref_logps asks for 4 GPUs.*gpus=2"):
+    with pytest.raises(ConfigError,
+                       match=r"dpo.processes: run synthetic-persona, stage ref_logps asks for 4 GPUs.*gpus=2"):
         P.check(cfg)
     cfg["dpo"]["device"] = "cpu"  # CPU processes ask for no GPU
     P.check(cfg)

@@ -125,7 +125,7 @@ def assert_recursion(tmp_path, model_dir, spec, loss="sigmoid", extra=None, scor
                                         ("robust", {"label_smoothing": 0.2}),
                                         ("ipo", {})])
 def test_last_layer_margins_equal_the_recursion(tmp_path, tiny_model_dir, spec, loss, extra):
-    """THEORY.md section 2: with the head alone training by full-batch GD, single-token answers and no
+    """docs/theory.md section 2: with the head alone training by full-batch GD, single-token answers and no
     weight decay, margins follow r_j(k+1) = r_j(k) + η(β²/N) Σ_i −f′(r_i) C_ij exactly, for train and
     held-out pairs alike."""
     assert_recursion(tmp_path, tiny_model_dir, spec, loss, extra)
@@ -152,7 +152,8 @@ def test_last_layer_trains_only_an_untied_head(tmp_path, tiny_gpt2_dir, spec):
     assert (m.loc[m["step"] == 0, "margin"] == 0).all()
     assert (m.loc[m["step"] == 4, "margin"] != 0).all()
     info = yaml.safe_load((tmp_path / "run.json").read_text())
-    assert info["regime"] == "last_layer" and info["trainable_parameters"] == model.get_output_embeddings().weight.numel()
+    assert (info["regime"] == "last_layer"
+            and info["trainable_parameters"] == model.get_output_embeddings().weight.numel())
 
 
 def test_lora_trains_adapters(tmp_path, tiny_model_dir, spec):
@@ -196,8 +197,8 @@ def test_theory_stage_predicts_the_measured_margins(tmp_path, tiny_model_dir, sp
     adam = dpo_cfg(regime="last_layer", optimizer="adam", lr=1e-2, batch_size="full", steps=12, eval_every=4,
                    append_eos=False)
     _, _, m2 = train_run(tmp_path / "b", tiny_model_dir, spec, adam)
-    per_pair, dyn = dynamics.dynamics(np.load(tmp_path / "b" / "feat.npy"), pd.read_parquet(tmp_path / "b" / "ref.parquet"),
-                               m2, adam, K=2)
+    per_pair, dyn = dynamics.dynamics(np.load(tmp_path / "b" / "feat.npy"),
+                                      pd.read_parquet(tmp_path / "b" / "ref.parquet"), m2, adam, K=2)
     assert dyn["method"].str.contains("fitted").all() and np.isfinite(dyn["eta"]).all()
     first = dyn[(dyn["step"] == 4) & (dyn["split"] == "train")].iloc[0]
     # the slope at t = 0 is fitted to the first checkpoint, so there the two agree up to the curvature
@@ -205,6 +206,6 @@ def test_theory_stage_predicts_the_measured_margins(tmp_path, tiny_model_dir, sp
 
     eos = dpo_cfg(steps=2, eval_every=1, append_eos=True)
     _, _, m3 = train_run(tmp_path / "c", tiny_model_dir, spec, eos)
-    none, reason = dynamics.dynamics(np.load(tmp_path / "c" / "feat.npy"), pd.read_parquet(tmp_path / "c" / "ref.parquet"),
-                              m3, eos, K=2)
+    none, reason = dynamics.dynamics(np.load(tmp_path / "c" / "feat.npy"),
+                                     pd.read_parquet(tmp_path / "c" / "ref.parquet"), m3, eos, K=2)
     assert none is None and "single tokens" in reason

@@ -26,7 +26,8 @@ def test_a_groups_interval_is_the_t_interval_of_its_replicates():
     a = report.across_replicates(s, []).set_index("group")
     half = 4.302652729911275 / math.sqrt(3)  # t(0.975, 2) · sd 1 / √3
     assert a.loc["k1", "test_margin_mean"] == pytest.approx(2.0) and a.loc["k1", "n"] == 3
-    assert (a.loc["k1", "test_margin_mean_lo"], a.loc["k1", "test_margin_mean_hi"]) == pytest.approx((2 - half, 2 + half))
+    assert ((a.loc["k1", "test_margin_mean_lo"], a.loc["k1", "test_margin_mean_hi"])
+            == pytest.approx((2 - half, 2 + half)))
     # an error rate's interval is cut at 0: 0.1 ± 0.248
     assert (a.loc["k1", "test_error_lo"], a.loc["k1", "test_error_hi"]) == pytest.approx((0.0, 0.1 + half / 10))
     assert a.loc["k2", "n"] == 1 and math.isnan(a.loc["k2", "test_error_lo"])
@@ -165,7 +166,8 @@ def test_report_to_tensorboard_writes_trls_metric_names(tmp_path, tiny_model_dir
     metrics = pd.read_parquet(out / "metrics.parquet")
     loss = {e.step: e.value for e in ev.Scalars("train/loss")}
     assert sorted(loss) == list(range(1, 7))
-    assert [loss[s] for s in range(1, 7)] == pytest.approx(metrics.set_index("step").loc[1:6, "loss"].tolist(), rel=1e-6)
+    assert [loss[s] for s in range(1, 7)] == pytest.approx(metrics.set_index("step").loc[1:6, "loss"].tolist(),
+                                                           rel=1e-6)
     m = tables.read_margins(out / "margins.parquet")
     held = m[m["split"] == "test"].groupby("step")["margin"].mean()
     assert {e.step: e.value for e in ev.Scalars("eval/rewards/margins")} == pytest.approx(held.to_dict(), rel=1e-6)
@@ -204,7 +206,8 @@ def test_flip_fraction_swaps_a_seeded_share_of_training_pairs():
     assert a["flipped"].sum() == 4 and a["flipped"].tolist() == b["flipped"].tolist()
     f = a[a["flipped"]]
     orig = train.loc[f.index]
-    assert (f["chosen"].to_numpy() == orig["rejected"].to_numpy()).all() and not f["sample_id"].isin(orig["sample_id"]).any()
+    assert ((f["chosen"].to_numpy() == orig["rejected"].to_numpy()).all()
+            and not f["sample_id"].isin(orig["sample_id"]).any())
 
 
 def test_interference_against_k_names_the_attribution_even_after_a_csv_round_trip(tmp_path):

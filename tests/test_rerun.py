@@ -36,8 +36,8 @@ def wf(tmp_path_factory):
     dot = snakemake(repo, work, "--rulegraph", *args).stdout
     names = dict(re.findall(r"^\s*(\d+)\[label = \"(\w+)\"", dot, re.M))
     edges = [(names[a], names[b]) for a, b in re.findall(r"^\s*(\d+) -> (\d+)", dot, re.M)]
-    return {"repo": repo, "work": work, "plan": lambda *more: planned_jobs(repo, work, *args, *more), "rules": set(names.values()),
-            "edges": edges}
+    return {"repo": repo, "work": work, "plan": lambda *more: planned_jobs(repo, work, *args, *more),
+            "rules": set(names.values()), "edges": edges}
 
 
 @functools.cache
@@ -155,7 +155,8 @@ def _downstream(wf, rules) -> dict[str, int]:
     return {r: 1 for r in stale}
 
 
-EXECUTION_CHANGES = [("dpo.log_every", 3), ("dpo.save_every", 7), ("sft.log_every", 3), ("dpo.report_to", ["tensorboard"])]
+EXECUTION_CHANGES = [("dpo.log_every", 3), ("dpo.save_every", 7), ("sft.log_every", 3),
+                     ("dpo.report_to", ["tensorboard"])]
 
 
 def _changed(tmp_path, key, value) -> tuple[str]:
@@ -176,7 +177,8 @@ def test_execution_settings_schedule_nothing(wf, key, value, tmp_path):
 
 
 VALUE_CHANGES = [("dpo.beta", "0.2", {"dpo"}), ("theory.confidence", "0.9", {"theory"}),
-                 ("dpo.eval_batch_size", "7", {"ref_logps", "dpo"}), ("threads.train", "2", {"sft", "ref_logps", "dpo"}),
+                 ("dpo.eval_batch_size", "7", {"ref_logps", "dpo"}),
+                 ("threads.train", "2", {"sft", "ref_logps", "dpo"}),
                  ("dpo.max_tokens_per_batch", "64", {"dpo"}), ("dpo.logit_chunk", "5", {"sft", "ref_logps", "dpo"})]
 
 

@@ -8,11 +8,14 @@ import sys
 import time
 
 import pandas as pd
+import pytest
 import yaml
 
 from dpogen import tables
 from tests.conftest import REPO
 from tests.workflow_util import snakemake
+
+pytestmark = pytest.mark.slow  # the real workflow end to end
 
 CFG = yaml.safe_load((REPO / "tests" / "tiny.yaml").read_text())
 CFG["sweep"] = {"param": "data.k", "values": [2], "prefix": "k"}

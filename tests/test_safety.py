@@ -170,7 +170,8 @@ def _files_run(tmp_path, rows, keys):
     cfg = yaml.safe_load((REPO / "tests" / "tiny.yaml").read_text())
     cfg["sweep"] = {"param": "data.k", "values": [2], "prefix": "k"}
     cfg["data"] = {**cfg["data"], "source": "files", "files": {"paths": [str(data)]},
-                   "columns": {**dict(zip(("prompt", "chosen", "rejected"), keys)), "concept": "topic", "cluster": None}}
+                   "columns": {**dict(zip(("prompt", "chosen", "rejected"), keys)), "concept": "topic",
+                               "cluster": None}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     return data, ("--configfile", str(tmp_path / "c.yaml"))
 

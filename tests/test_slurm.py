@@ -43,7 +43,8 @@ def slurm_cmd(repo, work, cfg_path, *args):
             "--workflow-profile", str(repo / "profiles" / "slurm"), "--jobs", "4", "--cores", "2",
             "--slurm-init-seconds-before-status-checks", "2", "--latency-wait", "5",
             # the profile's memory is sized for real models; the tiny config needs little
-            "--set-resources", *[f"{r}:mem_mb=1000" for r in ("base_model", "data", "sft", "ref_logps", "dpo", "theory")],
+            "--set-resources",
+            *[f"{r}:mem_mb=1000" for r in ("base_model", "data", "sft", "ref_logps", "dpo", "theory")],
             "--configfile", str(cfg_path), *args]
 
 

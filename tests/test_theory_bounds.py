@@ -8,13 +8,16 @@ from scipy import stats
 from dpogen.theory import bounds, certificates, geometry
 
 
-def test_bound_formulas():
-    assert bounds.bound_v5(1, 100) == pytest.approx(2 * 100**2 * math.exp(-100 / 45))
-    assert bounds.bound_v3(3, 81) == pytest.approx(2 * 3 * 81**2 * math.exp(-3 / 6))
+def test_bounds_at_points_worked_by_hand():
+    """Worked from the statements (docs/theory.md), not from the code: v5 at K = 1, Q = 90 is
+    2 · 1 · 90² · e^(−90/45) = 16,200 e^(−2) = 2,192.43; v3 at K = 3, Q = 81, where Q^(1/4) = 3, is
+    2 · 3 · 81² · e^(−3/6) = 39,366 e^(−1/2) = 23,876.69 (e^(−2) = 0.135335, e^(−1/2) = 0.606531)."""
+    assert bounds.bound_v5(1, 90) == pytest.approx(2192.43, abs=0.01)
+    assert bounds.bound_v3(3, 81) == pytest.approx(23876.69, abs=0.01)
 
 
 def test_v5_worked_values():
-    # THEORY.md: at K = 10 the v5 bound drops below 0.05 between Q = 879 and 880
+    # docs/theory.md: at K = 10 the v5 bound drops below 0.05 between Q = 879 and 880
     assert bounds.bound_v5(10, 879) > 0.05 > bounds.bound_v5(10, 880)
     worked = {1: 764, 2: 799, 4: 834, 8: 869, 10: 880, 16: 904}
     for K, q in worked.items():

@@ -93,16 +93,20 @@ def test_stratified_draw_and_sizes():
     t = tracked.draw(df, {"train": 10, "test": 20}, seed=0)
     sub = df.iloc[t.index]
     counts = sub[sub["split"] == "train"].groupby(["concept", "cluster"]).size().to_dict()
-    assert counts == {("a", -1): 4, ("a", 1): 3, ("b", -1): 1, ("b", 1): 2} or sum(counts.values()) == 10
-    assert all(v >= 1 for v in counts.values()) and sum(counts.values()) == 10
+    # strata of 35, 35, 15, 15 pairs: 10 draws, proportional (3.5, 3.5, 1.5, 1.5) with two at least each
+    assert sorted(counts.values()) == [2, 2, 3, 3] and sum(counts.values()) == 10
     # weights: each stratum's size over its draws, so they add up to the split's size
     assert pytest.approx(t.weight[sub["split"].to_numpy() == "train"].sum()) == 100
     assert (t.weight[sub["split"].to_numpy() == "test"] == 1).all()
     # the draw does not depend on the table's order
     t2 = tracked.draw(df.iloc[::-1].reset_index(drop=True), {"train": 10, "test": 20}, seed=0)
     assert set(df.iloc[t.index]["sample_id"]) == set(df.iloc[::-1].reset_index(drop=True).iloc[t2.index]["sample_id"])
-    with pytest.raises(ValueError, match="stratum empty"):
-        tracked.draw(df, {"train": 3, "test": 20}, seed=0)
+    with pytest.raises(ValueError, match="without the two pairs its spread needs; track at least 8"):
+        tracked.draw(df, {"train": 7, "test": 20}, seed=0)
+    # strata of very unequal size: the floor of two holds everywhere, the rest goes to the large stratum
+    take = tracked.allocate(np.array([2000] + [15] * 20), 60, "k")
+    assert take.sum() == 60 and (take[1:] == 2).all() and take[0] == 20
+    assert tracked.allocate(np.array([100, 1, 1, 1]), 5, "k").tolist() == [2, 1, 1, 1]
     for value, msg in ((1.5, r"outside \(0, 1\]"), (0.0, r"outside \(0, 1\]"), (101, "the run has 100"),
                        ("some", "use all")):
         with pytest.raises(ValueError, match=msg):
@@ -121,7 +125,7 @@ def test_config_check_refuses_bad_tracking_before_any_job():
 
     refused({"track": {"train": 10_000}}, r"dpo.track.train: 10000 pairs asked for, the run has 64 \(run k1\)")
     refused({"track": {"test": 1.5}}, r"dpo.track.test: fraction 1.5 outside \(0, 1\] \(run k1\)")
-    refused({"track": {"train": 3}}, r"dpo.track.train: 3 pairs for 4 .*strata.* \(run k2\)")
+    refused({"track": {"train": 3}}, r"dpo.track.train: 3 pairs for 2 .*strata.*track at least 4 \(run k1\)")
     refused({"eval_schedule": {"log": 1}}, r"dpo.eval_schedule.log: 1 checkpoints; at least 2.* \(run k1\)")
     check_track(run_config({**cfg, "dpo": {**cfg["dpo"], "track": {"train": 0.5}}}, "k8"), "k8")  # fine
 
@@ -162,6 +166,10 @@ def test_auto_tracks_everything_when_cheap_and_a_subset_on_long_responses():
     assert c.ratio <= tracked.GOAL * 1.01
     assert t.counts["test"][0] == t.counts["test"][1] or t.counts["train"][0] >= tracked.MIN_TRACKED
     assert "chose" in why and f"{c.ratio:.3g}x" in why
+    # steps the user listed stay checkpoints when auto switches to a log schedule
+    t, s, _ = tracked.choose(df, n_train, long_train, long_pass, 477, 16, list(range(0, 478, 5)), {33, 250},
+                             "auto", 0, 8_000_000_000, True)
+    assert {33, 250} <= set(s)
 
 
 def test_auto_subsamples_a_run_through_the_engine(tmp_path, tiny_model_dir, pairs, monkeypatch):
@@ -170,10 +178,11 @@ def test_auto_subsamples_a_run_through_the_engine(tmp_path, tiny_model_dir, pair
     monkeypatch.setattr(tracked, "FLOOR_FLOPS", 0.0)
     monkeypatch.setattr(tracked, "LOG_POINTS", 4)
     monkeypatch.setattr(tracked, "MIN_TRACKED", 4)
-    m, _, info = train(tmp_path, tiny_model_dir, pairs, "auto", append_eos=True, eval_every=1, track="auto")
-    assert sorted(m["step"].unique()) == schedule.log_schedule(10, 4)
+    m, _, info = train(tmp_path, tiny_model_dir, pairs, "auto", append_eos=True, eval_every=1, eval_steps=[7],
+                       track="auto")
+    assert sorted(m["step"].unique()) == sorted(set(schedule.log_schedule(10, 4)) | {7})  # eval_steps kept
     n = m[m["step"] == 0].groupby("split").size().to_dict()
-    assert n["train"] < 32 and "chose 4 log-spaced checkpoints" in info["tracking"]
+    assert n["train"] < 32 and "chose 5 log-spaced checkpoints" in info["tracking"]
     saved = json.loads((tmp_path / "auto" / "run.json").read_text())
     assert saved["tracked"]["train"] == [n["train"], 32] and saved["tracking"] == info["tracking"]
 
@@ -214,6 +223,13 @@ def test_estimates_and_their_intervals():
     assert e["error"] == pytest.approx(2 / 6)
     census = split_estimates(g.assign(weight=1.0))
     assert census["exact"] and census["margin_mean_lo"] == census["margin_mean"] == pytest.approx(2 / 3)
+    # one tracked pair in every stratum: no spread to estimate, so no interval (never a zero-width one)
+    alone = split_estimates(g.iloc[[0, 2]].assign(weight=[4.0, 2.0]))
+    assert not alone["exact"] and np.isnan(alone["margin_mean_lo"]) and np.isnan(alone["margin_mean_hi"])
+    # unequal weights: the error's interval rests on Kish's effective sample size, (Σw)²/Σw² < n
+    from dpogen.estimates import kish
+
+    assert kish(np.array([1.0, 1.0, 4.0])) == pytest.approx(36 / 18)
 
     rng = np.random.default_rng(1)
     pop = pd.DataFrame({"concept": np.repeat(["a", "b", "c", "d"], 250), "cluster": np.tile([1, -1], 500),
@@ -294,19 +310,19 @@ def test_the_workflow_on_a_tracked_subset(tmp_path):
 
     cfg = yaml.safe_load((REPO / "tests" / "tiny.yaml").read_text())
     cfg["sweep"] = {"param": "data.k", "values": [2], "prefix": "k"}
-    cfg["dpo"] = {**cfg["dpo"], "track": {"train": 8, "test": 0.5}, "eval_schedule": {"log": 3}, "steps": 6}
+    cfg["dpo"] = {**cfg["dpo"], "track": {"train": 8, "test": 0.7}, "eval_schedule": {"log": 3}, "steps": 6}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     snakemake(REPO, tmp_path, "--configfile", str(tmp_path / "c.yaml"))
     out = tmp_path / "results" / "tiny"
     m = tables.read_margins(out / "k2" / "dpo" / "margins.parquet")
     assert sorted(m["step"].unique()) == schedule.log_schedule(6, 3)
     first = m[m["step"] == 0].groupby("split").size().to_dict()
-    assert first == {"train": 8, "test": 6}
+    assert first == {"train": 8, "test": 9}
     b = pd.read_parquet(out / "k2" / "dpo" / "batch_margins.parquet")
     assert sorted(b["step"].unique()) == list(range(6)) and len(b) == 6 * 4
     geo = pd.read_parquet(out / "k2" / "theory" / "geometry.parquet")
     assert geo.loc[geo["step"] == 6, "note"].str.contains("from the 8 tracked of 16 training pairs").all()
     text = (out / "summary.md").read_text()
-    assert "k2 tracks train 8 of 16 and test 6 of 12 pairs" in text
+    assert "k2 tracks train 8 of 16 and test 9 of 12 pairs" in text
     info = json.loads((out / "k2" / "dpo" / "run.json").read_text())
-    assert info["tracked"] == {"train": [8, 16], "test": [6, 12]} and "stratified subset" in info["tracking"]
+    assert info["tracked"] == {"train": [8, 16], "test": [9, 12]} and "stratified subset" in info["tracking"]

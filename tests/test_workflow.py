@@ -12,6 +12,8 @@ from dpogen import tables
 from tests.conftest import REPO, copy_repo
 from tests.workflow_util import planned_jobs, snakemake
 
+pytestmark = pytest.mark.slow  # the real workflow end to end
+
 RUNS = ["k1", "k2"]
 RERUN_OUTPUTS = {"all": 1, "summary": 1}
 

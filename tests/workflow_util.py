@@ -11,7 +11,8 @@ def snakemake(repo: Path, workdir: Path, *args, check=True, timeout=900):
            "--cores", "2", *args]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-6000:]}")
+        raise AssertionError(f"snakemake {' '.join(args)} failed ({p.returncode}):\n"
+                             f"{p.stdout[-4000:]}\n{p.stderr[-6000:]}")
     return p
 
 

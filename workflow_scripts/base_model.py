@@ -21,7 +21,8 @@ with job(snakemake) as log:
     elif m["source"] == "scratch":
         arch = m["scratch"]
         # the rows were validated by the check_data job this one waits for
-        tok = M.train_tokenizer(corpus(pin_hf_revision(snakemake.params.data, hf_pin_path(snakemake.config["experiment"])),
+        tok = M.train_tokenizer(corpus(pin_hf_revision(snakemake.params.data,
+                                                       hf_pin_path(snakemake.config["experiment"])),
                                        arch["corpus_per_cluster"]), arch["vocab_size"])
         model = M.build_scratch(arch, tok, snakemake.params.seed)
         M.save(model, tok, snakemake.output[0])

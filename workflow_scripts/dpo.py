@@ -11,7 +11,8 @@ from dpogen.workflow import job, run_model_stage  # noqa: E402
 with job(snakemake) as log:
     i, o, p = snakemake.input, snakemake.output, snakemake.params
     run_model_stage(snakemake, train_dpo_files, {
-        "ref_path": i.ref, "train": i.train, "test": i.test, "ref_logps_path": i.ref_logps, "cfg": {**p.dpo, **execution_settings(snakemake.config, "dpo")},
+        "ref_path": i.ref, "train": i.train, "test": i.test, "ref_logps_path": i.ref_logps,
+        "cfg": {**p.dpo, **execution_settings(snakemake.config, "dpo")},
         "seed": p.seed, "out_margins": o.margins, "out_metrics": o.metrics,
         "work_dir": str(Path(o.metrics).parent / "resume"), "out_info": o.info,
         "ref_features_path": i.ref_features, "out_features": o.features,

@@ -9,5 +9,6 @@ from dpogen.workflow import job, run_model_stage  # noqa: E402
 
 with job(snakemake):
     i, o, p = snakemake.input, snakemake.output, snakemake.params
-    run_model_stage(snakemake, compute_reference_files, {"ref_path": i.ref, "train": i.train, "test": i.test, "cfg": p.dpo,
-                                       "out_logps": o.logps, "out_features": o.features}, p.dpo["processes"])
+    run_model_stage(snakemake, compute_reference_files, {"ref_path": i.ref, "train": i.train, "test": i.test,
+                                                         "cfg": p.dpo, "out_logps": o.logps,
+                                                         "out_features": o.features}, p.dpo["processes"])

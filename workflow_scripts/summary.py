@@ -27,7 +27,8 @@ with job(snakemake):
     if snakemake.input.checks:
         from dpogen.attribution_check import summary_table
 
-        check = summary_table({run: pd.read_parquet(p) for run, p in zip(snakemake.params.runs, snakemake.input.checks)})
+        check = summary_table({run: pd.read_parquet(p)
+                               for run, p in zip(snakemake.params.runs, snakemake.input.checks)})
         report.write_summary_csv(check, snakemake.output.checks[0])
     report.write_markdown(report.markdown(snakemake.params.experiment, s, meta, claims, check), snakemake.output.md)
     figures.plot_margins_across(s, snakemake.params.sweep_label, snakemake.output.margins)

@@ -1,6 +1,6 @@
 """Why more concepts hurt: each margin split over the training concepts (and clusters) that moved it.
 
-In the theorems' regime (the LM head alone, full-batch sgd, single-token answers) the recursion of THEORY.md
+In the theorems' regime (the LM head alone, full-batch sgd, single-token answers) the recursion of docs/theory.md
 section 2 is exact and linear in the per-step sum over training pairs, so every pair's margin at a
 checkpoint splits exactly into the parts each training (concept, cluster) contributed:
 Δr_j = η (β²/N) Σ_k Σ_{i in group} w_i(k) C_ij, w_i(k) = −f′(r_i(k)). Outside it the dpo stage's estimate is

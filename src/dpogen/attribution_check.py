@@ -20,8 +20,11 @@ import pandas as pd
 from . import tables
 
 
-def mean_test_margins(margins: pd.DataFrame, step: int) -> pd.Series:
+def mean_test_margins(margins: pd.DataFrame, step: int, ids=None) -> pd.Series:
+    """Each concept's mean held-out margin at ``step``, over the pairs ``ids`` (default: every one there)."""
     last = margins[(margins["step"] == step) & (margins["split"] == "test")]
+    if ids is not None:
+        last = last[last["sample_id"].isin(ids)]
     return last.groupby("concept")["margin"].mean()
 
 
@@ -45,7 +48,10 @@ def leave_one_out(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_p
     if bsz not in (None, "full") and int(bsz) > smallest:
         raise ValueError(f"theory.attribution_check: dpo.batch_size {bsz} is larger than the {smallest} training "
                          f"pairs left when a concept is removed; use a smaller batch or batch_size: full")
-    cfg = {**cfg, "steps": step, "epochs": None, "save_every": 0, "report_to": []}  # the same number of steps
+    # the same number of steps; every pair tracked, only at the step compared (the retraining measures the
+    # held-out means themselves, never a subset of them)
+    cfg = {**cfg, "steps": step, "epochs": None, "save_every": 0, "report_to": [], "track": "all",
+           "eval_every": None, "eval_schedule": None, "eval_steps": [], "geometry_steps": []}
     ref = pd.read_parquet(ref_logps_path)
     feats = np.load(ref_features_path)
     rows = []
@@ -61,7 +67,8 @@ def leave_one_out(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_p
             np.save(work / "feat.npy", feats[order])
             train_dpo(ref_path, kept, test, work / "ref.parquet", cfg, seed,
                       work / "margins", work / "metrics.parquet", work / "resume", ref_features_path=work / "feat.npy")
-            without = mean_test_margins(tables.read_margins(work / "margins"), step)
+            # over the held-out pairs the run tracked: the same pairs on both sides
+            without = mean_test_margins(tables.read_margins(work / "margins"), step, set(margins["sample_id"]))
             for cp in full.index:
                 e = est.get((c, cp), math.nan)
                 rows.append({"step": step, "train_concept": c, "concept": cp, "estimated": -float(e),

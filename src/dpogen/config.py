@@ -250,9 +250,9 @@ def check_track(rc: dict, run: str, counts: dict[str, tuple[int, int]] | None = 
             n = size_of(value, total if total is not None else 10**12, key)
         except ValueError as e:
             raise ConfigError(f"{e} (run {run})") from None
-        if total is not None and n < strata:
+        if total is not None and n < total and n < 2 * strata:
             raise ConfigError(f"{key}: {n} pairs for {strata} (concept, cluster) strata would leave a stratum "
-                              f"empty; track at least {strata} (run {run})")
+                              f"without the two pairs its spread needs; track at least {2 * strata} (run {run})")
 
 
 def check_model_path(pre: dict) -> None:

@@ -54,7 +54,8 @@ def validate_pairs(df: pd.DataFrame, source: str, keys: dict | None = None) -> p
     field name. Returns the table with sample ids first."""
     for col in REQUIRED:
         if col not in df.columns:
-            raise DataError(f"{source}: missing column '{col}' (have {[c for c in df.columns if not c.startswith('_')]})")
+            raise DataError(f"{source}: missing column '{col}' "
+                            f"(have {[c for c in df.columns if not c.startswith('_')]})")
     problems: dict[int, str] = {}
     for col in ["concept", "prompt", "chosen", "rejected"]:
         for i, v in enumerate(df[col].tolist()):
@@ -69,7 +70,8 @@ def validate_pairs(df: pd.DataFrame, source: str, keys: dict | None = None) -> p
                                     f"identical responses {df['chosen'].iloc[int(i)]!r}")
     cluster = pd.to_numeric(df["cluster"], errors="coerce")
     for i in (~cluster.isin([1, -1, 0])).to_numpy().nonzero()[0]:
-        problems.setdefault(int(i), f"{_field('cluster', keys)}: must be +1, -1 or 0, got {df['cluster'].iloc[int(i)]!r}")
+        problems.setdefault(int(i), f"{_field('cluster', keys)}: must be +1, -1 or 0, "
+                                    f"got {df['cluster'].iloc[int(i)]!r}")
     if problems:
         rows = sorted(problems)
         lines = [f"{_where(df, i, source)}, {problems[i]}" for i in rows[:MAX_REPORTED]]
@@ -79,7 +81,8 @@ def validate_pairs(df: pd.DataFrame, source: str, keys: dict | None = None) -> p
                         + ":\n  " + "\n  ".join(lines))
     df = df.copy()
     df["cluster"] = cluster.astype("int8")
-    df.insert(0, "sample_id", [sample_id(*r) for r in df[["concept", "prompt", "chosen", "rejected"]].itertuples(index=False)])
+    df.insert(0, "sample_id",
+              [sample_id(*r) for r in df[["concept", "prompt", "chosen", "rejected"]].itertuples(index=False)])
     return df
 
 
@@ -149,7 +152,7 @@ def cluster_preferences(df: pd.DataFrame) -> dict[tuple[str, int], tuple[str, st
 
 
 def token_reuse_z(df: pd.DataFrame) -> int:
-    """Z (THEORY.md section 3): the most cluster-level preferences any one response appears in."""
+    """Z (docs/theory.md section 3): the most cluster-level preferences any one response appears in."""
     counts: Counter = Counter()
     for chosen, rejected in cluster_preferences(df).values():
         for tok in {chosen, rejected}:

@@ -7,8 +7,8 @@ weight N_h / n_h. The estimates are the stratified ones:
     mean = Σ_h (N_h / N) ȳ_h,   Var = Σ_h (N_h / N)² (1 − n_h / N_h) s_h² / n_h
 
 with a t interval on n − H degrees of freedom for mean margins, and a two-sided Clopper-Pearson interval
-for the error rate (on the tracked count: conservative, it ignores the finite population). When every pair
-is tracked the values are exact and the interval is the value itself.
+for the error rate on Kish's effective sample size (Σw)²/Σw² (conservative: it ignores the finite
+population). When every pair is tracked the values are exact and the interval is the value itself.
 """
 
 from __future__ import annotations
@@ -32,6 +32,12 @@ def clopper_pearson(errors: float, n: float, confidence: float = 0.95) -> tuple[
     return lo, hi
 
 
+def kish(weight: np.ndarray) -> float:
+    """Kish's effective sample size (Σw)²/Σw²: the tracked count when the weights are equal, less otherwise."""
+    w = np.asarray(weight, np.float64)
+    return float(w.sum() ** 2 / (w * w).sum()) if len(w) else 0.0
+
+
 def _stratified(y: np.ndarray, g: pd.DataFrame) -> tuple[float, float, int]:
     """(stratified mean, its variance, degrees of freedom) of ``y`` over the rows of ``g``."""
     w = g["weight"].to_numpy(np.float64) if "weight" in g else np.ones(len(g))
@@ -39,11 +45,13 @@ def _stratified(y: np.ndarray, g: pd.DataFrame) -> tuple[float, float, int]:
     df = pd.DataFrame({"y": y, "w": w, "h": keys.to_numpy()})
     per = df.groupby("h", sort=True).agg(n=("y", "size"), N=("w", "sum"), mean=("y", "mean"), var=("y", "var"))
     N = per["N"].sum()
-    pooled = float(np.nanmean(per["var"])) if per["var"].notna().any() else 0.0
-    var_h = per["var"].fillna(pooled)
+    # a stratum with one tracked pair has no spread of its own: the others' average stands in (NaN when no
+    # stratum has two, so no interval reads as exact); a stratum tracked in full adds nothing (fpc 0)
+    pooled = float(np.nanmean(per["var"])) if per["var"].notna().any() else math.nan
+    var_h = per["var"].where(per["n"] > 1, pooled).where(per["n"] < per["N"], 0.0)
     fpc = (1 - per["n"] / per["N"]).clip(lower=0)
     mean = float((per["N"] / N * per["mean"]).sum())
-    var = float(((per["N"] / N) ** 2 * fpc * var_h / per["n"]).sum())
+    var = float(((per["N"] / N) ** 2 * fpc * var_h / per["n"]).sum(skipna=False))
     return mean, var, max(1, int(per["n"].sum() - len(per)))
 
 
@@ -64,7 +72,8 @@ def split_estimates(g: pd.DataFrame, confidence: float = 0.95) -> dict:
     else:
         half = float(stats.t.ppf(1 - (1 - confidence) / 2, dof) * math.sqrt(var_m))
         m_lo, m_hi = m - half, m + half
-        e_lo, e_hi = clopper_pearson(e * n, n, confidence)
+        n_eff = kish(w)
+        e_lo, e_hi = clopper_pearson(e * n_eff, n_eff, confidence)
     return {"n": n, "N": N, "exact": exact, "margin_mean": m, "margin_mean_lo": m_lo, "margin_mean_hi": m_hi,
             "error": e, "error_lo": e_lo, "error_hi": e_hi}
 

@@ -110,7 +110,8 @@ def plot_dynamics(dyn: pd.DataFrame, title: str, path) -> None:
         d = dyn[dyn["split"] == "train"]
         tau1 = d["tau1_steps"].iloc[0] if len(d) else math.nan
         if method.startswith("exact"):
-            ax.fill_between(d["step"], d["r_L"], d["r_U"], color="grey", alpha=0.2, label="[r_L, r_U] up to tau_1 (v3 Thm 4.1)")
+            ax.fill_between(d["step"], d["r_L"], d["r_U"], color="grey", alpha=0.2,
+                            label="[r_L, r_U] up to tau_1 (v3 Thm 4.1)")
             if np.isfinite(tau1) and tau1 <= d["step"].max():
                 ax.axvline(tau1, color="k", lw=0.8, ls=":", label=f"tau_1 = {tau1:.3g} steps")
         worst = float(dyn["prediction_rel_error"].max())
@@ -247,7 +248,8 @@ def plot_scaling(summary: pd.DataFrame, table: pd.DataFrame, path) -> None:
         ax = axes[0]
         for K, col in zip(ks_seen, ordered_colors(len(ks_seen))):
             g = final[final["K"] == K].sort_values("Q")
-            yerr = (np.vstack([g["test_error_tau1"] - g["test_error_tau1_lo"], g["test_error_tau1_hi"] - g["test_error_tau1"]])
+            yerr = (np.vstack([g["test_error_tau1"] - g["test_error_tau1_lo"],
+                               g["test_error_tau1_hi"] - g["test_error_tau1"]])
                     if (g["n"] > 1).any() else None)
             ax.errorbar(g["Q"], g["test_error_tau1"], yerr=yerr, fmt="o-", color=col, capsize=3, label=f"K={K}")
         target = table["target"].iloc[0]
@@ -258,7 +260,8 @@ def plot_scaling(summary: pd.DataFrame, table: pd.DataFrame, path) -> None:
         ax.legend()
         ax = axes[1]
         found = table[table["Q_star_found"]]
-        ax.plot(found["K"], found["Q_star"], "o-", color=OKABE_ITO[0], label="measured: smallest Q with test error <= target")
+        ax.plot(found["K"], found["Q_star"], "o-", color=OKABE_ITO[0],
+                label="measured: smallest Q with test error <= target")
         ks = np.unique(np.geomspace(1, max(2, table["K"].max()), 50).round().astype(int))
         ax.plot(ks, [smallest_q("v5", int(k), target) for k in ks], "--", color=OKABE_ITO[1],
                 label="v5 bound <= target: Q = Theta(log K)")
@@ -316,7 +319,8 @@ def plot_interference_vs_k(final: pd.DataFrame, path) -> None:
             ax.set_axis_off()
         else:
             yerr = (np.vstack([ok["cross_concept_share"] - ok["cross_concept_share_lo"],
-                               ok["cross_concept_share_hi"] - ok["cross_concept_share"]]) if (ok["n"] > 1).any() else None)
+                               ok["cross_concept_share_hi"] - ok["cross_concept_share"]])
+                    if (ok["n"] > 1).any() else None)
             # read back from summary.csv a run without an attribution has NaN, not ""
             shown = final[np.isfinite(final["cross_concept_share"])] if "attribution" in final else final.iloc[0:0]
             kinds = sorted({str(k) for k in shown.get("attribution", pd.Series(dtype=object)).dropna()} - {""})

@@ -1,4 +1,4 @@
-"""The theorems' own world (THEORY.md sections 2 and 3), as a data source: ``gaussian``.
+"""The theorems' own world (docs/theory.md sections 2 and 3), as a data source: ``gaussian``.
 
 Embeddings are drawn exactly from the paper's data model: concept i has an aligned cluster with
 g(x) ~ N(c_i + b, v² I_d) and a misaligned one with g(x) ~ N(−c_i + b, v² I_d); c_1, c_2, ... and b/‖b‖ are

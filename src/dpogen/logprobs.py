@@ -308,8 +308,10 @@ def forward_shared_prompt(model, enc: EncodedPairs, pairs, pair_slot: dict[int, 
     cache.batch_repeat_interleave(2)
     start = torch.as_tensor(plen, device=device).repeat_interleave(2)
     with _head_input(model) as box:
-        model(input_ids=ids_c.to(device), attention_mask=torch.cat([mask.repeat_interleave(2, 0), mask_c.to(device)], 1),
-              position_ids=start[:, None] + torch.arange(Lc, device=device), use_cache=True, **{_cache_kw(model): cache})
+        model(input_ids=ids_c.to(device),
+              attention_mask=torch.cat([mask.repeat_interleave(2, 0), mask_c.to(device)], 1),
+              position_ids=start[:, None] + torch.arange(Lc, device=device), use_cache=True,
+              **{_cache_kw(model): cache})
     h_cont = box["h"]
     hs, toks, dest = [], [], []
     for b, (p, rw) in enumerate(zip(pairs, rows)):
@@ -436,7 +438,8 @@ class _Ticker:
 
         dt = self.time() - self.t0
         logging.getLogger("dpogen").info("log-prob pass: %d/%d rows, %.1f rows/s, elapsed %.0fs, left %.0fs", rows,
-                                         self.n_rows, rows / max(dt, 1e-9), dt, dt * (self.n_rows - rows) / max(rows, 1))
+                                         self.n_rows, rows / max(dt, 1e-9), dt,
+                                         dt * (self.n_rows - rows) / max(rows, 1))
 
 
 # ------------------------------------------------------------------ last-layer regime: cached features
@@ -474,7 +477,8 @@ class TargetCache:
         n = enc.n_pairs
         dev = features.device
         return cls(features, torch.arange(n, device=dev).repeat_interleave(2),
-                   torch.as_tensor(tg[:, :, 1].reshape(-1), device=dev), torch.as_tensor(tg[:, :, 2].reshape(-1), device=dev),
+                   torch.as_tensor(tg[:, :, 1].reshape(-1), device=dev),
+                   torch.as_tensor(tg[:, :, 2].reshape(-1), device=dev),
                    np.arange(0, 2 * n + 1, 2))
 
 
@@ -491,7 +495,8 @@ def cache_targets(model, enc: EncodedPairs, batch_rows: int | None = None) -> Ta
         h, tok, b_idx, slot, hidden = _rows_hidden(model, enc, rows)
         pos = torch.as_tensor(np.concatenate([enc.row_targets[r][:, 0] for r in rows]), device=h.device)
         uniq, inv = torch.unique(b_idx * hidden.shape[1] + pos, return_inverse=True)
-        first = torch.zeros(len(uniq), dtype=torch.long, device=h.device).scatter_(0, inv, torch.arange(len(inv), device=h.device))
+        first = torch.zeros(len(uniq), dtype=torch.long, device=h.device).scatter_(
+            0, inv, torch.arange(len(inv), device=h.device))
         parts_h.append(h[first].to(dtype))
         parts_row.append(inv + n_rows)
         n_rows += len(uniq)
@@ -507,7 +512,7 @@ def cache_targets(model, enc: EncodedPairs, batch_rows: int | None = None) -> Ta
 
 def cached_logratio(model, cache: TargetCache, pairs) -> torch.Tensor:
     """log π(y_w|x) − log π(y_l|x) for single-token pairs from cached features, through the two answer rows
-    of the head only: the log-partition is the same for both answers and cancels exactly (THEORY.md
+    of the head only: the log-partition is the same for both answers and cancels exactly (docs/theory.md
     section 2), so this costs O(d) per pair instead of O(|V| d), and so does its gradient, which is exactly
     the full softmax's (rows other than the two answers get none)."""
     pairs = np.asarray(pairs)

@@ -5,7 +5,6 @@ pairs stand out with low mean confidence."""
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 from scipy.special import expit
 from scipy.stats import rankdata

@@ -1,4 +1,4 @@
-"""Numbers the paper reports (THEORY.md section 5), for setting a run beside them."""
+"""Numbers the paper reports (docs/theory.md section 5), for setting a run beside them."""
 
 # Per model the paper trains: where it reports it, how it trains it, and the numbers it gives. per_k: the
 # end-of-training test error and mean train margin per K (None where the paper shows figures only); r2: the

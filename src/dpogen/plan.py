@@ -200,7 +200,7 @@ def param_shapes(mc: dict) -> list[tuple[str, tuple[int, ...], int | str]]:
     """(name, shape, group) of every parameter, named as transformers names them in the CausalLM model (a
     tied head is the embedding's tensor, listed once); group is the decoder layer's index or "root"."""
     d = dims(mc)
-    H, L, I, V = d["H"], d["L"], d["I"], d["V"]
+    H, L, I, V = d["H"], d["L"], d["I"], d["V"]  # noqa: E741 (I: the MLP's intermediate size)
     out: list = []
     if d["type"] == "gpt2":
         out += [("transformer.wte.weight", (V, H), "root"), ("transformer.wpe.weight", (d["positions"], H), "root")]
@@ -613,7 +613,8 @@ def tracking_lines(cfg: dict) -> list[str]:
             lines.append(f"  {run}: {t['note']}")
             continue
         lines.append(f"  {run}: training {t['steps']} steps x {t['batch']} pairs = {t['training_tokens']:.3g} tokens "
-                     f"({t['training_flops']:.2g} FLOPs); tracking {t['checkpoints'] - 1} checkpoints after step 0 x {t['tracked']} of "
+                     f"({t['training_flops']:.2g} FLOPs); tracking {t['checkpoints'] - 1} checkpoints after step 0 x "
+                     f"{t['tracked']} of "
                      f"{t['pairs']} pairs = {t['tracking_tokens']:.3g} tokens ({t['tracking_flops']:.2g} FLOPs); "
                      f"ratio {t['ratio']:.3g}; dpo.track {rc['dpo'].get('track', 'auto')}: {t['auto']}")
     basis = {tracking_cost(run_config(cfg, r), model_config(run_config(cfg, r))).get("tokens_basis") for r in runs(cfg)}

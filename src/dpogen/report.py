@@ -59,7 +59,7 @@ def run_summary(run: str, sweep_value, margins: pd.DataFrame, certs: pd.DataFram
 def tracked_estimates(margins: pd.DataFrame) -> pd.DataFrame:
     """Per checkpoint and split: the tracked pairs n and the split's N, the mean margin and error with their
     95% intervals (estimates.split_estimates: the value itself when every pair is tracked). Indexed by step;
-    a subsampled split's mean margin and error are the stratified estimates, replacing the plain means."""
+    a subsampled split's means, spread and error are weighted estimates, replacing the plain ones."""
     from .estimates import split_estimates
 
     rows = {}
@@ -69,8 +69,13 @@ def tracked_estimates(margins: pd.DataFrame) -> pd.DataFrame:
         row |= {f"{split}_n": e["n"], f"{split}_N": e["N"], f"{split}_margin_mean_lo": e["margin_mean_lo"],
                 f"{split}_margin_mean_hi": e["margin_mean_hi"], f"{split}_error_lo": e["error_lo"],
                 f"{split}_error_hi": e["error_hi"]}
-        if not e["exact"]:
-            row |= {f"{split}_margin_mean": e["margin_mean"], f"{split}_error": e["error"]}
+        if not e["exact"]:  # weighted: the spread and the rewards of the split, not of the subset as drawn
+            w = g["weight"].to_numpy(float)
+            dev = g["margin"].to_numpy(float) - e["margin_mean"]
+            row |= {f"{split}_margin_mean": e["margin_mean"], f"{split}_error": e["error"],
+                    f"{split}_margin_std": float(np.sqrt(np.average(dev * dev, weights=w))),
+                    f"{split}_reward_chosen_mean": float(np.average(g["reward_chosen"], weights=w)),
+                    f"{split}_reward_rejected_mean": float(np.average(g["reward_rejected"], weights=w))}
     out = pd.DataFrame.from_dict(rows, orient="index")
     out.index.name = "step"
     return out
@@ -366,7 +371,7 @@ def write_markdown(text: str, path) -> None:
 
 def scaling_table(summary: pd.DataFrame, target: float) -> pd.DataFrame:
     """Per K: the smallest Q whose test error at τ_1 is ≤ ``target`` (runs of a K × Q grid), beside the
-    smallest Q at which the v5 bound 2KQ² exp(−Q/45) is ≤ ``target`` (THEORY.md section 4: Θ(log K))."""
+    smallest Q at which the v5 bound 2KQ² exp(−Q/45) is ≤ ``target`` (docs/theory.md section 4: Θ(log K))."""
     from .theory.bounds import smallest_q
 
     final = across_replicates(final_rows(summary), [])  # with replicates: their means

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from . import model as M
 from .training import Progress, log, make_optimizer, make_scheduler

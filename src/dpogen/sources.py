@@ -66,7 +66,8 @@ def read_file(path: str | Path) -> pd.DataFrame:
                 try:
                     records = json.loads(text)
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); is the file truncated?") from None
+                    raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); "
+                                    "is the file truncated?") from None
                 df = pd.DataFrame.from_records(records)
                 df["_row"] = [f"record {i}" for i in range(1, len(df) + 1)]
                 df["_file"] = str(path)
@@ -202,7 +203,8 @@ def _fetch_persona_from_hub(names: list[str] | None, dest: Path) -> Path:
     """Download persona files from the hub (networked machines only)."""
     from huggingface_hub import hf_hub_download, list_repo_files
 
-    files = [f for f in list_repo_files(PERSONA_HUB, repo_type="dataset") if f.startswith("persona/") and f.endswith(".jsonl")]
+    files = [f for f in list_repo_files(PERSONA_HUB, repo_type="dataset")
+             if f.startswith("persona/") and f.endswith(".jsonl")]
     for f in files:
         if names is None or Path(f).stem in names:
             hf_hub_download(PERSONA_HUB, f, repo_type="dataset", local_dir=dest)

@@ -108,7 +108,8 @@ def concept_statements(spec: SyntheticSpec, concept: int, stance: str, n: int) -
     return seen
 
 
-def generate(k: int, train_per_cluster: int, test_per_cluster: int, spec: SyntheticSpec) -> tuple[pd.DataFrame, pd.DataFrame]:
+def generate(k: int, train_per_cluster: int, test_per_cluster: int,
+             spec: SyntheticSpec) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Train and test pairs for the first ``k`` concepts: Q = train_per_cluster per cluster, N = 2kQ."""
     if not 1 <= k <= spec.n_concepts:
         raise ValueError(f"synthetic: k={k} is outside 1..n_concepts={spec.n_concepts}")

@@ -336,7 +336,8 @@ def check_margins(folder) -> None:
         raise MarginsError(f"{folder}: checkpoint step {min(listed - present)} is missing ({info} lists "
                            f"{len(listed)} checkpoints); {rebuild}")
     if present - listed:
-        raise MarginsError(f"{folder}: step={min(present - listed)} is not one of the checkpoints {info} lists; {rebuild}")
+        raise MarginsError(f"{folder}: step={min(present - listed)} is not one of the checkpoints "
+                           f"{info} lists; {rebuild}")
     for m in manifest:
         if partition_digest(folder / f"step={m['step']}") != m["sha256"]:
             raise MarginsError(f"{folder}: checkpoint step {m['step']} is damaged (its checksum differs from "
@@ -349,6 +350,8 @@ def read_margins(folder) -> pd.DataFrame:
     check_margins(folder)
     df = pd.read_parquet(folder)
     df["step"] = df["step"].astype("int64")
+    if "weight" not in df:  # made before dpo.track: every pair was tracked
+        df["weight"] = 1.0
     df = df[MARGINS.names]
     return df.sort_values(["step", "split", "sample_id"], kind="stable").reset_index(drop=True)
 

@@ -1,6 +1,6 @@
 """The theorems' time scale, shared by the dpo stage (which checkpoints at τ_1) and the theory stage.
 
-THEORY.md states the theorems for concept vectors of unit norm; a model's g(x) is rescaled so the concept
+docs/theory.md states the theorems for concept vectors of unit norm; a model's g(x) is rescaled so the concept
 vectors' norms average 1 (section 3), which makes its time run scale² faster: with full-batch gradient
 descent of step η, t/τ = η·scale²·k after k steps.
 """

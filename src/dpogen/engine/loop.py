@@ -24,7 +24,7 @@ from ..io import atomic_dir, atomic_path, write_json
 from ..reference import encode, pairs_frame
 from ..training import Progress, log, make_optimizer, make_scheduler
 from . import schedule as S
-from .loss import dpo_loss, loss_name
+from .loss import loss_name, preference_loss
 from .parallel import Dist, grad_norm, load_for, local_bytes
 from .policy import Policy
 from .state import ResumeState, fingerprint
@@ -105,9 +105,16 @@ def choose_tracking(run: Run, cfg: dict, policy: Policy, seed: int) -> None:
         plen = enc.feature_at[:, 1] + 1
         pass_tok = np.where(enc.fused, train_tok, train_tok - plen)
         params = sum(p.numel() for p in policy.model.parameters())
-    keep = set(S.geometry_steps(cfg, run.schedule)) | (set(run.schedule) - set(S.eval_schedule(cfg)))
+    # steps a log schedule chosen by auto must keep: the geometry's, τ_1 and the ones the user listed
+    keep = (set(S.geometry_steps(cfg, run.schedule)) | (set(run.schedule) - set(S.eval_schedule(cfg)))
+            | set(cfg.get("eval_steps") or []))
+    track = cfg.get("track", "all")
+    if track == "auto" and policy.cache is not None:  # last_layer scores every pair on the cached features
+        track = "all"
     tracked, schedule, why = TR.choose(run.pairs, run.n_train, train_tok, pass_tok, run.steps, run.bsz, run.schedule,
-                                       keep, cfg.get("track", "all"), seed, params, policy.checkpointing)
+                                       keep, track, seed, params, policy.checkpointing)
+    if track != cfg.get("track", "all"):
+        why = f"dpo.track auto in last_layer: every pair (a checkpoint is a product with the head); {why}"
     run.tracked, run.schedule, run.tracking = tracked, schedule, why
     log.info("%s", why)
 
@@ -186,16 +193,10 @@ class MarginWriter:
         return float(err.get("train", np.nan)), float(err.get("test", np.nan))
 
 
-def rewards(lp: np.ndarray, ref: np.ndarray, beta: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(β(log π − log π_ref) of chosen, of rejected, their difference: the margin), in float64."""
-    rc = beta * (lp[:, 0] - ref[:, 0])
-    rr = beta * (lp[:, 1] - ref[:, 1])
-    return rc, rr, rc - rr
-
-
 def margins_frame(step: int, pairs: pd.DataFrame, lp: np.ndarray, ref: np.ndarray, beta: float,
                   weight: np.ndarray | None = None) -> pd.DataFrame:
-    rc, rr, margin = rewards(lp, ref, beta)
+    p = preference_loss(lp[:, 0], lp[:, 1], ref[:, 0], ref[:, 1], beta, None)  # float64, no loss needed
+    rc, rr, margin = p.reward_chosen.numpy(), p.reward_rejected.numpy(), p.margin.numpy()
     return pd.DataFrame({
         "step": step, "split": pairs["split"].to_numpy(), "sample_id": pairs["sample_id"].to_numpy(),
         "concept": pairs["concept"].to_numpy(), "cluster": pairs["cluster"].to_numpy(),
@@ -218,23 +219,23 @@ def micro_step(policy: Policy, chunk: np.ndarray, ref_t: torch.Tensor, n_tokens:
         chunk = np.zeros(1, dtype=np.int64)  # any pair: the collectives need every process in every pass
     t = torch.as_tensor(chunk, device=ref_t.device)
     r = ref_t[t]
-    beta = cfg["beta"]
-    if policy.margin_only:
+    how = (cfg["beta"], cfg["loss"], cfg["label_smoothing"], n_tokens[t])
+    if policy.margin_only:  # only log π(y_w) − log π(y_l) is computed: it stands for the chosen log-prob
         d = policy.logratio(chunk)
-        ratio_c, ratio_r, lp = d - (r[:, 0] - r[:, 1]).to(d.dtype), torch.zeros_like(d), None
+        lp, pref = None, preference_loss(d, torch.zeros_like(d), (r[:, 0] - r[:, 1]).to(d.dtype), 0.0, *how)
     else:
         lp = policy.logps(chunk)
         r = r.to(lp.dtype)
-        ratio_c, ratio_r = lp[:, 0] - r[:, 0], lp[:, 1] - r[:, 1]
-    loss = dpo_loss(ratio_c, ratio_r, beta, cfg["loss"], cfg["label_smoothing"], n_tokens[t]).sum()
+        pref = preference_loss(lp[:, 0], lp[:, 1], r[:, 0], r[:, 1], *how)
+    loss = pref.losses.sum()
     (loss * (0.0 if empty else scale)).backward()
     if empty:
         return np.zeros(len(STAT_NAMES)), np.zeros((0, 3))
     with torch.no_grad():
-        rc, rr = beta * ratio_c, beta * ratio_r
+        rc, rr = pref.reward_chosen, pref.reward_rejected
         nan = math.nan
         stats = np.array([loss.item(), nan if lp is None else rc.sum().item(), nan if lp is None else rr.sum().item(),
-                          (rc - rr).sum().item(), (rc > rr).sum().item(),
+                          pref.margin.sum().item(), (rc > rr).sum().item(),
                           nan if lp is None else lp[:, 0].sum().item(), nan if lp is None else lp[:, 1].sum().item()])
         if lp is None:
             rec = np.full((len(chunk), 3), nan)
@@ -278,9 +279,9 @@ class BatchMargins:
         rec = np.concatenate(self.rec) if self.rec else np.zeros((0, 3))
         ref = run.ref[idx]
         if self.margin_only:  # training read only the difference of the log-probs
-            margin = self.beta * (rec[:, 2] - (ref[:, 0] - ref[:, 1]))
+            margin = preference_loss(rec[:, 2], 0.0, ref[:, 0] - ref[:, 1], 0.0, self.beta, None).margin.numpy()
         else:
-            margin = rewards(rec[:, :2], ref, self.beta)[2]
+            margin = preference_loss(rec[:, 0], rec[:, 1], ref[:, 0], ref[:, 1], self.beta, None).margin.numpy()
         return pd.DataFrame({"step": np.concatenate(self.steps) if self.steps else np.zeros(0, np.int64),
                              "sample_id": run.pairs["sample_id"].to_numpy()[idx],
                              "logp_chosen": rec[:, 0], "logp_rejected": rec[:, 1],
@@ -403,7 +404,8 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
     info["attribution"] = att_reason or ("update split; largest part no group made "
                                          f"{split.residual():.3g}" if split is not None else "TracIn")
     info["time_s"] = timing(prog.elapsed(), checkpoint.each, batch.seconds)
-    info["step0_reference_check"] = checkpoint.step0
+    # None when this attempt resumed past step 0 (the check ran in an earlier attempt; its log has it)
+    info["step0_reference_check"] = None if math.isnan(checkpoint.step0) else checkpoint.step0
     dist.barrier()
     if dist.main:
         finish(run, checkpoint, rows, resume.work, out_margins, out_metrics, out_features, out_info, info)

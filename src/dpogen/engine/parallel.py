@@ -149,6 +149,10 @@ def gathered(model, cfg: dict):
         free = torch.cuda.mem_get_info(device)[0]
     else:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if torch.distributed.is_initialized():  # every process decides alike, or the gathers would not pair up
+        t = torch.tensor([float(free)], dtype=torch.float64)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        free = float(t.item())
     if full > free / 2:
         logging.getLogger("dpogen").info("pass without gradients: full weights %.2f GB against %.2f GB free: gathered "
                                          "layer by layer", full / 1e9, free / 1e9)

@@ -17,7 +17,7 @@ def eval_schedule(cfg: dict) -> list[int]:
     steps = set(cfg.get("eval_steps") or [])
     log_n = (cfg.get("eval_schedule") or {}).get("log")
     every = cfg.get("eval_every")
-    if log_n:
+    if log_n is not None:
         steps |= set(log_schedule(cfg["steps"], log_n))
     elif every:
         steps |= set(range(0, cfg["steps"] + 1, every))

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from ..logprobs import backbone_and_head, head_gradients, pair_logps, unwrap
-from .loss import dpo_loss
+from .loss import preference_loss
 
 METHOD = "estimate: TracIn over the margin checkpoints ({what}), first order, the optimizer's preconditioner left out"
 
@@ -142,8 +142,8 @@ class TracIn:
         lp_t = torch.tensor(lp[:n], dtype=torch.float64, requires_grad=True)
         ref = torch.tensor(run.ref[:n], dtype=torch.float64)
         nt = torch.tensor(run.enc.n_tokens[:n], dtype=torch.float64)
-        loss = dpo_loss(lp_t[:, 0] - ref[:, 0], lp_t[:, 1] - ref[:, 1], self.beta, self.cfg["loss"],
-                        self.cfg["label_smoothing"], nt).sum() / n
+        loss = preference_loss(lp_t[:, 0], lp_t[:, 1], ref[:, 0], ref[:, 1], self.beta, self.cfg["loss"],
+                               self.cfg["label_smoothing"], nt).losses.sum() / n
         (a,) = torch.autograd.grad(loss, lp_t)  # (n, 2): ∂L/∂log π of each answer
         a = a.to(phi.device)
         per_pair = a[:, 0, None] * phi[:n, 0] + a[:, 1, None] * phi[:n, 1]  # ∇ℓ_i / N, projected
@@ -167,9 +167,11 @@ class TracIn:
                 total = total + sum(lr.get(t, 0.0) for t in range(prev + 1, step + 1)) * self.scores[prev]
             frames += [pd.DataFrame({"step": step, **base, "train_concept": c, "train_cluster": s,
                                      "contribution": total[:, gi]}) for gi, (c, s) in enumerate(self.keys)]
-        what = (f"the LM head's gradient, {'unprojected' if self.dim is None else f'a {self.dim}-dim Kronecker projection'}"
+        what = ("the LM head's gradient, "
+                f"{'unprojected' if self.dim is None else f'a {self.dim}-dim Kronecker projection'}"
                 if self.mode == "head" else
-                f"every trained parameter's gradient, {'unprojected' if self.dim is None else f'a {self.dim}-dim projection'}")
+                "every trained parameter's gradient, "
+                f"{'unprojected' if self.dim is None else f'a {self.dim}-dim projection'}")
         return pd.concat(frames, ignore_index=True).assign(method=METHOD.format(what=what))
 
     def state_dict(self) -> dict:
@@ -210,7 +212,8 @@ class LinearProjection:
         return torch.einsum("blo,bli->boi", g, a).reshape(len(g), -1)
 
 
-def linear_gradients(model, enc, linears, projections, batch_rows: int | None, difference: bool = False) -> torch.Tensor:
+def linear_gradients(model, enc, linears, projections, batch_rows: int | None,
+                     difference: bool = False) -> torch.Tensor:
     """(n, 2, D): per pair and answer, the projected gradient of log π(y|x) with respect to the weights of
     ``linears``, from one forward and two backward passes per batch of rows: hooks keep each layer's inputs
     and output gradients per row, and a row's weight gradient is Σ_t g_t a_tᵀ (rows do not interact). With

@@ -76,13 +76,15 @@ def size_of(value, total: int, key: str) -> int:
 
 
 def allocate(sizes: np.ndarray, n: int, key: str) -> np.ndarray:
-    """``n`` draws over strata of ``sizes``: proportional, at least one per stratum, the rest to the largest
-    remainders (never more than a stratum holds)."""
-    if n < len(sizes):
+    """``n`` draws over strata of ``sizes``: proportional, at least two per stratum (one where a stratum has
+    one pair: a stratum's spread needs two), the rest to the largest remainders, never more than a stratum
+    holds."""
+    floor = np.minimum(sizes, 2)
+    if n < floor.sum():
         raise ValueError(f"{key}: {n} pairs for {len(sizes)} (concept, cluster) strata would leave a stratum "
-                         f"empty; track at least {len(sizes)}")
+                         f"without the two pairs its spread needs; track at least {int(floor.sum())}")
     share = n * sizes / sizes.sum()
-    take = np.clip(np.floor(share).astype(np.int64), 1, sizes)
+    take = np.clip(np.floor(share).astype(np.int64), floor, sizes)
     order = np.argsort(-(share - np.floor(share)), kind="stable")
     while take.sum() < n:  # hand out what is left, largest remainder first, where a stratum has room
         for h in order:
@@ -90,8 +92,9 @@ def allocate(sizes: np.ndarray, n: int, key: str) -> np.ndarray:
                 break
             if take[h] < sizes[h]:
                 take[h] += 1
-    while take.sum() > n:  # the floor of one per stratum overshot: take back from the largest
-        h = int(np.argmax(take - share))
+    while take.sum() > n:  # the floor overshot: take back from the strata furthest above their share
+        room = np.flatnonzero(take > floor)
+        h = room[np.argmax((take - share)[room])]
         take[h] -= 1
     return take
 
@@ -161,8 +164,6 @@ def choose(pairs: pd.DataFrame, n_train: int, train_tokens: np.ndarray, pass_tok
            checkpointing: bool) -> tuple[Tracked, list[int], str]:
     """(tracked pairs, checkpoint steps, what was chosen and why). ``keep``: steps the schedule must hold
     whatever it becomes (τ_1, the geometry steps)."""
-    every = np.arange(len(pairs))
-
     def priced(tr: Tracked, sched: list[int]) -> Cost:
         return cost(train_tokens, pass_tokens, n_train, steps, bsz, len(sched), tr.index, forward_params,
                     checkpointing)
@@ -202,5 +203,5 @@ def choose(pairs: pd.DataFrame, n_train: int, train_tokens: np.ndarray, pass_tok
 
 def _at_least(n: int, part: pd.DataFrame) -> int:
     """A subset size no smaller than MIN_TRACKED and two per stratum, and no larger than the split."""
-    strata = part.groupby(["concept", "cluster"]).ngroups
-    return int(min(len(part), max(n, MIN_TRACKED, 2 * strata)))
+    floor = int(np.minimum(part.groupby(["concept", "cluster"]).size().to_numpy(), 2).sum())
+    return int(min(len(part), max(n, MIN_TRACKED, floor)))

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from ..tables import NOT_A_CONCEPT as RESIDUAL  # the part no training group made: weight decay, rounding
-from .loss import dpo_loss
+from .loss import preference_loss
 
 METHOD = {
     "sgd": "estimate: the actual minibatch sgd updates split over training (concept, cluster) (first order in the "
@@ -55,7 +55,8 @@ class UpdateSplit:
         train = pairs.iloc[: run.n_train]
         self.keys = sorted(set(zip(train["concept"].astype(str), train["cluster"].astype(int))))
         index = {k: i for i, k in enumerate(self.keys)}
-        self.group = torch.as_tensor([index[k] for k in zip(train["concept"].astype(str), train["cluster"].astype(int))],
+        self.group = torch.as_tensor([index[k] for k in zip(train["concept"].astype(str),
+                                                            train["cluster"].astype(int))],
                                      device=policy.cache.hidden.device)
         cache = policy.cache
         first = torch.as_tensor(cache.offsets[:-1], device=cache.token.device)
@@ -67,7 +68,8 @@ class UpdateSplit:
         self.W = policy.model.get_output_embeddings().weight
         shape = (len(self.keys) + 1, len(self.rows), self.W.shape[1])  # the last slot: the residual
         self.total = torch.zeros(shape, dtype=torch.float64, device=self.W.device)
-        self.m = torch.zeros((shape[0] - 1,) + shape[1:], dtype=torch.float64, device=self.W.device)  # adam: m per group
+        self.m = torch.zeros((shape[0] - 1,) + shape[1:], dtype=torch.float64,
+                             device=self.W.device)  # adam: m per group
         self.parts: dict[int, np.ndarray] = {}
         self._grad = self._before = None
 
@@ -80,8 +82,9 @@ class UpdateSplit:
         with torch.enable_grad():
             d = self.policy.logratio(idx).detach().requires_grad_(True)
             r = ref_t[idx_t.to(ref_t.device)].to(d.dtype)
-            loss = dpo_loss(d - (r[:, 0] - r[:, 1]), torch.zeros_like(d), self.beta, self.cfg["loss"],
-                            self.cfg["label_smoothing"], torch.ones(len(idx), 2, dtype=d.dtype, device=d.device)).sum() / len(idx)
+            loss = preference_loss(d, torch.zeros_like(d), r[:, 0] - r[:, 1], 0.0, self.beta, self.cfg["loss"],
+                                   self.cfg["label_smoothing"],
+                                   torch.ones(len(idx), 2, dtype=d.dtype, device=d.device)).losses.sum() / len(idx)
             (a,) = torch.autograd.grad(loss, d)  # ∂loss/∂(log π(y_w) − log π(y_l)) per pair of the batch
         coef = a.to(torch.float64)[:, None] * self.g[idx_t].to(torch.float64)  # (b, d)
         G = torch.zeros_like(self.total[:-1])

@@ -1,4 +1,4 @@
-"""The paper's bounds on the test error and their conditions (THEORY.md; Im & Li, arXiv 2408.03459: v3 = the
+"""The paper's bounds on the test error and their conditions (docs/theory.md; Im & Li, arXiv 2408.03459: v3 = the
 ICLR 2025 submission, v5 = NeurIPS 2025), the failure probability, and the smallest Q a bound certifies."""
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ def bounds_table(K: int, Q: int, N: int, conds: pd.DataFrame, c: float, geometry
     for version, f in BOUNDS.items():
         value = f(K, Q)
         holds = bool(conds.loc[conds["version"] == version, "holds"].all())
-        rows.append({"version": version, "bound": f"R(P) <= {'2KQ^2 exp(-Q^(1/4)/6)' if version == 'v3' else '2KQ^2 exp(-Q/45)'}",
+        rows.append({"version": version,
+                     "bound": f"R(P) <= {'2KQ^2 exp(-Q^(1/4)/6)' if version == 'v3' else '2KQ^2 exp(-Q/45)'}",
                      "K": K, "Q": Q, "N": N, "value": value, "vacuous": value >= 1.0, "conditions_hold": holds,
                      "failure_probability": failure_probability(K, Q, c),
                      "note": f"at tau_1; failure probability uses c={c:g} (unspecified constant, illustrative)"})

@@ -8,11 +8,13 @@ import math
 import pandas as pd
 from scipy import stats
 
+from ..estimates import kish
 from ..tables import margin_errors
 
 
-def clopper_pearson_upper(errors: int, n: int, confidence: float) -> float:
-    """One-sided exact binomial upper bound on the error rate at ``confidence``."""
+def clopper_pearson_upper(errors: float, n: float, confidence: float) -> float:
+    """One-sided exact binomial upper bound on the error rate at ``confidence`` (fractional counts: a
+    weighted subset's error on its effective sample size)."""
     if n == 0:
         return math.nan
     if errors >= n:
@@ -25,8 +27,8 @@ def certificates(margins: pd.DataFrame, confidence: float) -> pd.DataFrame:
     concept (per-concept bounds at a Bonferroni-corrected level so they hold jointly)."""
     test = margins[margins["split"] == "test"]
     rows = []
-    # a tracked subset of the held-out pairs is a smaller sample of the same distribution: the bound holds,
-    # on n tracked pairs (the table's n), and the method says so
+    # a tracked subset of the held-out pairs is a smaller sample of the same distribution: the bound holds on
+    # the weighted error and Kish's effective sample size of the n tracked pairs, and the method says so
     sub = "weight" in test and (test["weight"] != 1).any()
     of = f" on {test.loc[test['step'] == test['step'].min()].shape[0]} tracked of " \
          f"{int(round(test.loc[test['step'] == test['step'].min(), 'weight'].sum()))} held-out pairs" if sub else ""
@@ -41,8 +43,13 @@ def certificates(margins: pd.DataFrame, confidence: float) -> pd.DataFrame:
                   for c, gc in g.groupby("concept", sort=True)]
         for concept, gg, conf, method in parts:
             n, e = len(gg), int(margin_errors(gg["margin"]).sum())
+            error, upper = (e / n if n else math.nan), clopper_pearson_upper(e, n, conf)
+            if sub and n:  # unequal weights: the weighted error on Kish's effective sample size
+                w = gg["weight"].to_numpy(float)
+                error = float((margin_errors(gg["margin"]) * w).sum() / w.sum())
+                n_eff = kish(w)
+                upper = clopper_pearson_upper(error * n_eff, n_eff, conf)
             rows.append({"step": int(step), "split": "test", "concept": concept, "n": n, "errors": e,
-                         "error": e / n if n else math.nan, "confidence": conf,
-                         "upper": clopper_pearson_upper(e, n, conf), "method": method})
+                         "error": error, "confidence": conf, "upper": upper, "method": method})
     return pd.DataFrame(rows, columns=["step", "split", "concept", "n", "errors", "error", "confidence", "upper",
                                        "method"]).sort_values("step", kind="stable", ignore_index=True)

@@ -36,7 +36,7 @@ def claims(per_pair: pd.DataFrame | None, dyn: pd.DataFrame, bounds: pd.DataFram
     the training envelope r_L ≤ r_i(t) ≤ r_U for every training pair and checkpoint up to τ_1, zero training
     error and margins in [log3/40, log3] at τ_1 (v3 Theorem 4.1, v5 Theorem 4.2), the test error at τ_1
     against each bound (v3 Theorem 4.2, v5 Theorem 4.3, the appendix's form), and measured margins equal to
-    the recursion of THEORY.md section 2. A statement holds or fails only where its premises hold: the
+    the recursion of docs/theory.md section 2. A statement holds or fails only where its premises hold: the
     theorems' regime (DPO's sigmoid loss on the LM head alone, full-batch sgd), the version's conditions,
     and a checkpoint at τ_1 (the last step at or before it; ``dpo.eval_at_tau1`` adds it). Elsewhere it is
     "not applicable", with what was measured and which premise is missing in the note.
@@ -80,8 +80,8 @@ def claims(per_pair: pd.DataFrame | None, dyn: pd.DataFrame, bounds: pd.DataFram
         rows.append(_claim(claim, "v3 Thm 4.1 / v5 Thm 4.2", None, nan, 1.0, None, regime + train_conds + at))
     if k1 is not None:
         m = train[train["step"] == k1]["measured"]
-        rows.append(_claim("zero training error at tau_1", "v3 Thm 4.1 / v5 Thm 4.2", k1, float(margin_errors(m).mean()), 0.0,
-                           bool((m > 0).all()), regime + train_conds + at))
+        rows.append(_claim("zero training error at tau_1", "v3 Thm 4.1 / v5 Thm 4.2", k1,
+                           float(margin_errors(m).mean()), 0.0, bool((m > 0).all()), regime + train_conds + at))
         lo, hi = math.log(3) / 40, math.log(3)
         frac = float(((m >= lo) & (m <= hi)).mean())
         rows.append(_claim("training margins in [log3/40, log3] at tau_1", "v3 Thm 4.1 / v5 Thm 4.2", k1, frac, 1.0,
@@ -99,8 +99,8 @@ def claims(per_pair: pd.DataFrame | None, dyn: pd.DataFrame, bounds: pd.DataFram
     diff = (per_pair["measured"] - per_pair["predicted"]).abs()
     rel = float((diff / np.maximum(1.0, per_pair["measured"].abs())).max())
     tol = RECURSION_TOL.get(dpo_cfg.get("dtype"), 1e-2)
-    rows.append(_claim("measured margins equal the recursion (train and test, every checkpoint)", "THEORY.md section 2",
-                       last, rel, tol, bool(rel <= tol), [] if exact else regime[:1],
+    rows.append(_claim("measured margins equal the recursion (train and test, every checkpoint)",
+                       "docs/theory.md section 2", last, rel, tol, bool(rel <= tol), [] if exact else regime[:1],
                        "max of abs(measured - predicted) / max(1, abs(measured)); tolerance for "
                        f"{dpo_cfg.get('dtype')}"))
     return pd.DataFrame(rows)

@@ -1,4 +1,4 @@
-"""Predicted margin dynamics: the recursion of THEORY.md section 2 with the kernel measured from g(x), the
+"""Predicted margin dynamics: the recursion of docs/theory.md section 2 with the kernel measured from g(x), the
 training envelope of v3 Theorem 4.1, tau_1, and how far the prediction is from the measured margins."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from ..timescale import tau1_steps
 
 
 def loss_weight(r: np.ndarray, beta: float, loss: str = "sigmoid", label_smoothing: float = 0.0) -> np.ndarray:
-    """−f′(r) for a per-pair loss f(r) (THEORY.md section 2: σ(−r) for DPO's sigmoid loss)."""
+    """−f′(r) for a per-pair loss f(r) (docs/theory.md section 2: σ(−r) for DPO's sigmoid loss)."""
     from scipy.special import expit
 
     if loss == "sigmoid":
@@ -29,7 +29,7 @@ def loss_weight(r: np.ndarray, beta: float, loss: str = "sigmoid", label_smoothi
 def predicted_margins(g_train, w_train, l_train, g_all, w_all, l_all, *, beta: float, lr: float, steps: int,
                       checkpoints, loss: str = "sigmoid", label_smoothing: float = 0.0, groups=None):
     """Margins of every pair (train or unseen) under full-batch gradient descent on the LM head alone,
-    from the recursion of THEORY.md section 2, in fp64:
+    from the recursion of docs/theory.md section 2, in fp64:
 
         r_j(k+1) = r_j(k) + η (β²/N) Σ_i −f′(r_i(k)) C_ij,   C_ij = (y_w,j − y_l,j)ᵀ(y_w,i − y_l,i) · g_iᵀ g_j.
 
@@ -103,6 +103,14 @@ def prediction_method(dpo_cfg: dict) -> str:
     return "recursion with a fitted time scale (adam/adamw: t/tau = c*k, c from the first checkpoint)"
 
 
+def _mean(values, rows: pd.DataFrame) -> float:
+    """The mean of ``values`` over ``rows``; weighted by a tracked subset's sampling weights (dpo.track)."""
+    w = rows["weight"].to_numpy(float) if "weight" in rows else None
+    if w is None or (w == 1).all():
+        return float(np.mean(np.asarray(values, float))) if not hasattr(values, "mean") else float(values.mean())
+    return float(np.average(np.asarray(values, float), weights=w))
+
+
 def predicted_pairs(ref: pd.DataFrame, margins: pd.DataFrame) -> np.ndarray:
     """The rows of the reference table the recursion runs over: every training pair (the recursion sums over
     them all) and the held-out pairs the margins hold (all of them unless dpo.track drew a subset)."""
@@ -111,7 +119,7 @@ def predicted_pairs(ref: pd.DataFrame, margins: pd.DataFrame) -> np.ndarray:
 
 def dynamics(features: np.ndarray, ref: pd.DataFrame, margins: pd.DataFrame, dpo_cfg: dict, K: int,
              scale: float = 1.0, pred: dict | None = None):
-    """Predicted margins of every pair from the recursion of THEORY.md section 2 with the kernel measured
+    """Predicted margins of every pair from the recursion of docs/theory.md section 2 with the kernel measured
     from g(x), next to the measured ones, and the envelope of v3 Theorem 4.1 in steps. ``pred``: the
     recursion's margins already computed with this run's step (attribution.exact_split), not run again.
 
@@ -129,14 +137,17 @@ def dynamics(features: np.ndarray, ref: pd.DataFrame, margins: pd.DataFrame, dpo
     g = np.asarray(features, np.float64)
     w, lo = ref["token_chosen"].to_numpy(), ref["token_rejected"].to_numpy()
     n = int(tr.sum())
-    kw = dict(loss=dpo_cfg["loss"] if dpo_cfg["loss"] != "ipo_norm" else "ipo", label_smoothing=dpo_cfg["label_smoothing"])
+    kw = dict(loss=dpo_cfg["loss"] if dpo_cfg["loss"] != "ipo_norm" else "ipo",
+              label_smoothing=dpo_cfg["label_smoothing"])
     method = prediction_method(dpo_cfg)
     if dpo_cfg["optimizer"] == "sgd":
         eta = float(dpo_cfg["lr"])
     else:  # effective step from the early slope: measured mean train margin at the first checkpoint
         first = next((s for s in checkpoints if s > 0), None)
-        slope = predicted_margins(g[:n], w[:n], lo[:n], g, w, lo, beta=beta, lr=1.0, steps=1, checkpoints=[1], **kw)[1][:n].mean()
-        m1 = margins[(margins["step"] == first) & (margins["split"] == "train")]["margin"].mean() if first else np.nan
+        slope = predicted_margins(g[:n], w[:n], lo[:n], g, w, lo, beta=beta, lr=1.0, steps=1, checkpoints=[1],
+                                  **kw)[1][:n].mean()
+        at = margins[(margins["step"] == first) & (margins["split"] == "train")]
+        m1 = _mean(at["margin"], at) if first else np.nan
         eta = float(m1 / (first * slope)) if first and slope > 0 and m1 > 0 else float("nan")
     if not np.isfinite(eta):
         return None, "no prediction: the time scale could not be fitted (no margin growth at the first checkpoint)"
@@ -152,14 +163,18 @@ def dynamics(features: np.ndarray, ref: pd.DataFrame, margins: pd.DataFrame, dpo
     note = tracked_note(margins)
     if note:
         method += f"; measured means are {note}"
+    weight = margins.drop_duplicates("sample_id").set_index("sample_id")["weight"] if "weight" in margins \
+        else pd.Series(1.0, index=ids)
     # the theorem's units: g rescaled by 1/scale (mean concept norm 1), so its time runs scale² faster
     env = envelope(beta, K, eta, scale)
     rows = []
     for (s, sp), grp in per_pair.groupby(["step", "split"], sort=True):
         t = s if s <= env["tau1_steps"] else np.nan
-        rows.append({"step": int(s), "split": sp, "measured_margin": grp["measured"].mean(),
-                     "predicted_margin": grp["predicted"].mean(), "measured_error": float(margin_errors(grp["measured"]).mean()),
-                     "predicted_error": float(margin_errors(grp["predicted"]).mean()),
+        grp = grp.assign(weight=weight.reindex(grp["sample_id"]).to_numpy())
+        rows.append({"step": int(s), "split": sp, "measured_margin": _mean(grp["measured"], grp),
+                     "predicted_margin": _mean(grp["predicted"], grp),
+                     "measured_error": float(_mean(margin_errors(grp["measured"]), grp)),
+                     "predicted_error": float(_mean(margin_errors(grp["predicted"]), grp)),
                      "r_L": env["r_L_per_step"] * t, "r_U": env["r_U_per_step"] * t, "tau1_steps": env["tau1_steps"],
                      "eta": eta, "method": method})
     return per_pair, with_prediction_error(pd.DataFrame(rows))

@@ -1,5 +1,5 @@
 """The geometry of g(x) the theorems are stated in: concept norms, angles, cluster separations, the
-quantities l_b and v of the conditions (THEORY.md section 3)."""
+quantities l_b and v of the conditions (docs/theory.md section 3)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from ..timescale import concept_scale
 
 
 def geometry(features: np.ndarray, concept: np.ndarray, cluster: np.ndarray) -> tuple[dict, pd.DataFrame]:
-    """THEORY.md section 3 estimates from g(x), rescaled so concept-vector norms average 1 (fp64)."""
+    """docs/theory.md section 3 estimates from g(x), rescaled so concept-vector norms average 1 (fp64)."""
     X = np.asarray(features, dtype=np.float64)
     check_finite(X)
     n, d = X.shape
@@ -53,7 +53,8 @@ def geometry(features: np.ndarray, concept: np.ndarray, cluster: np.ndarray) -> 
         return float(a @ b_ / (na * nb)) if na > 0 and nb > 0 else math.nan
 
     for c in (c for c in names if not np.isnan(cvec[c]).any()):
-        rows.append({"quantity": "concept_norm", "concept": c, "concept_b": "", "value": float(np.linalg.norm(cvec[c]))})
+        rows.append({"quantity": "concept_norm", "concept": c, "concept_b": "",
+                     "value": float(np.linalg.norm(cvec[c]))})
         rows.append({"quantity": "cos_concept_b", "concept": c, "concept_b": "", "value": cos(cvec[c], b)})
     if len(names) < 2:  # marked, not left out: a reader sees why there is no concept-to-concept cosine
         rows.append({"quantity": "cos_concepts", "concept": names[0] if names else "", "concept_b": "",

@@ -64,7 +64,8 @@ def run_theory(train: pd.DataFrame, card: dict, features: np.ndarray, ref: pd.Da
     applies = per_pair is not None
     if not applies:  # the theory does not apply: empty tables, the reason in the dynamics method column
         per_pair = pd.DataFrame({c: pd.Series(dtype=t) for c, t in
-                                 [("step", "int64"), ("split", str), ("sample_id", str), ("predicted", float), ("measured", float)]})
+                                 [("step", "int64"), ("split", str), ("sample_id", str), ("predicted", float),
+                                  ("measured", float)]})
         dyn = pd.DataFrame([{"step": -1, "split": "", "measured_margin": np.nan, "predicted_margin": np.nan,
                              "measured_error": np.nan, "predicted_error": np.nan, "r_L": np.nan, "r_U": np.nan,
                              "tau1_steps": np.nan, "eta": np.nan, "method": dyn, "prediction_rel_error": np.nan}])
