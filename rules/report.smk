@@ -11,6 +11,7 @@ rule run_report:
         dynamics=f"{RUN}/theory/dynamics.parquet",
         interference=f"{RUN}/theory/interference.parquet",
         train=f"{RUN}/data/train.parquet",
+        info=f"{RUN}/dpo/run.json",  # diverged_at: a run that finished under dpo.on_divergence: warn
     output:
         summary=f"{RUN}/report/summary.csv",
         pair_map=f"{RUN}/dpo/pair_map.parquet",

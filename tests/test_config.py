@@ -17,6 +17,11 @@ BAD = [
     ({"dpo": {"learning_rate": 0.1}}, "learning_rate"),
     ({"theory": {"confidence": 1.5}}, "confidence"),
     ({"sweep": {"param": "dpo.nonexistent", "values": [1]}}, "dpo.nonexistent"),
+    # values that pass a type check but cannot be right (before any job, not inside the dpo job)
+    ({"dpo": {"beta": float("nan")}}, "dpo.beta: nan is not a finite number (run k1)"),
+    ({"dpo": {"lr": float("inf")}}, "dpo.lr: inf is not a finite number (run k1)"),
+    ({"sweep": {"param": "dpo.lr", "values": [0.001, float("inf")]}}, "sweep.values[1]: inf is not a finite number"),
+    ({"dpo": {"warmup_steps": 50, "steps": 4}}, "dpo.warmup_steps: 50 is more than dpo.steps: 4"),
 ]
 
 
@@ -80,3 +85,17 @@ def test_experiment_configs_are_valid(path, monkeypatch):
         assert f"per GPU {dpo['per_gpu']['total'] / 1e9:.1f} GB in dpo" in text.splitlines()[0]
     if path.stem == "v5-full-llama3.1-8b":
         assert dpo["per_gpu"]["total"] < 60e9
+
+
+def test_a_sweep_over_another_key_is_named_by_that_key():
+    """The default's prefix k belongs to data.k: a sweep over dpo.beta merged over it is named beta0.1, ...,
+    never k0.1 (which reads as a value of K); a prefix given for that key stays."""
+    from dpogen.config import normalize
+    from dpogen.plan import merge
+
+    base = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg = normalize(merge(base, {"sweep": {"param": "dpo.beta", "values": [0.1, 0.5]}}))
+    assert list(runs(cfg)) == ["beta0.1", "beta0.5"]
+    cfg = normalize(merge(base, {"sweep": {"param": "dpo.beta", "values": [0.1], "prefix": "b"}}))
+    assert list(runs(cfg)) == ["b0.1"]
+    assert list(runs(normalize(base))) == ["k1", "k2", "k4", "k8"]

@@ -277,3 +277,74 @@ def test_multiple_choice_files_scored_by_first_difference_follow_the_recursion(t
     assert "not single tokens" in other["note"].iloc[0]
     card = json.loads((out / first / "data" / "card.json").read_text())
     assert card["K"] == 3 and card["cluster_plus_one"]["power-seeking"] == "' (A)' over ' (B)'"
+
+
+def test_runaway_rule_on_its_own():
+    """The divergence rule on loss and gradient curves: sustained, not a spike that recovers."""
+    from dpogen.engine.divergence import WINDOW, Watch
+
+    w = Watch()
+    for loss in [0.69] + [0.6] * 10 + [50.0, 80.0, 0.5, 0.4, 0.5]:  # two spikes that recover
+        w.add(loss, 1.0)
+        assert w.diverged() is None
+    for loss in (100.0, 3.0, 40.0):  # oscillating far above the start
+        w.add(loss, 1.0)
+        assert w.diverged() is None  # not yet: the window's median is at most 3
+    w.add(60.0, 1.0)
+    assert "the loss over the last 5 steps was 40 (median), more than 10x its 0.69 at step 1" in w.diverged()
+    g = Watch([{"step": 0, "loss": math.nan, "grad_norm": math.nan}]
+              + [{"step": k, "loss": 0.69, "grad_norm": 2.0} for k in range(1, 13)])
+    for _ in range(WINDOW):
+        g.add(0.7, 500.0)
+    assert "the gradient norm over the last 5 steps was 500 (median), more than 100x its median of 2 before" \
+        in g.diverged()
+
+
+def test_runaway_training_stops_or_is_marked(tmp_path, tiny_model_dir, small):
+    """AdamW at lr 10: the loss climbs to hundreds while staying finite. stop (the default) ends the job
+    at the step, naming the loss, lr and optimizer, with the last resume save kept and no output; warn
+    finishes the run and run.json says where it diverged."""
+    from dpogen.engine.divergence import DivergedError
+
+    runaway = dict(optimizer="adamw", lr=10.0, max_grad_norm=1.0, steps=30, eval_every=15)
+    with pytest.raises(DivergedError, match=r"dpo step \d+: training diverged: the loss over the last 5 steps "
+                                            r"was \S+ \(median\), more than 10x its 0.6931 at step 1.*dpo.lr=10.0 "
+                                            r"too large for dpo.optimizer=adamw"):
+        _run(tmp_path, tiny_model_dir, small, "stop", **runaway)
+    assert (tmp_path / "stop" / "work" / "save" / "meta.pt").exists()  # the save before it is kept
+    assert not (tmp_path / "stop" / "margins").exists() and not (tmp_path / "stop" / "metrics.parquet").exists()
+    out = _run(tmp_path, tiny_model_dir, small, "warn", on_divergence="warn", on_nonfinite="skip_step", **runaway)
+    import json
+
+    info = json.loads((out / "run.json").read_text())
+    assert info["diverged_at"] and 5 <= info["diverged_at"] <= 30
+    healthy = _run(tmp_path, tiny_model_dir, small, "ok", optimizer="adamw", lr=1e-3, max_grad_norm=1.0)
+    assert json.loads((healthy / "run.json").read_text())["diverged_at"] is None
+
+
+@pytest.mark.slow
+def test_runaway_training_through_the_real_workflow(tmp_path):
+    """AdamW at lr 10 on the tiny workflow: with dpo.on_divergence: warn the run finishes and the summary
+    names it as diverged at its step; with stop (the default) the dpo job fails naming the step and dpo.lr,
+    nothing after it runs, and its last resume save stays for a retry."""
+    from tests.workflow_util import snakemake
+
+    cfg = yaml.safe_load((REPO / "tests" / "tiny.yaml").read_text())
+    cfg["sweep"] = {"param": "data.k", "values": [1], "prefix": "k"}
+    cfg["dpo"] = {**cfg["dpo"], "optimizer": "adamw", "lr": 10.0, "steps": 30, "eval_every": 15, "save_every": 2,
+                  "on_divergence": "warn", "on_nonfinite": "skip_step"}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    snakemake(REPO, tmp_path, "--configfile", str(tmp_path / "c.yaml"))
+    out = tmp_path / "results" / "tiny"
+    text = (out / "summary.md").read_text()
+    assert "**Diverged**" in text and "k1 diverged at step" in text, text
+    assert pd.read_csv(out / "k1" / "report" / "summary.csv")["diverged_at"].iloc[0] > 0
+    cfg["dpo"]["on_divergence"] = "stop"
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    p = snakemake(REPO, tmp_path, "--configfile", str(tmp_path / "c.yaml"), check=False)
+    assert p.returncode != 0
+    log = (out / "logs" / "dpo" / "k1.log").read_text()
+    assert "DivergedError" in log and "training diverged: the loss over the last 5 steps" in log
+    assert "dpo.lr=10.0" in log
+    assert (out / "k1" / "dpo" / "resume" / "save" / "meta.pt").exists()
+    assert not (out / "k1" / "dpo" / "margins.parquet").exists()

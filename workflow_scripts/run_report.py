@@ -24,9 +24,12 @@ with job(snakemake):
     pm = pair_map(margins, train.set_index("sample_id")["flipped"] if "flipped" in train else None)
     auroc = flip_auroc(pm)
     s["flip_auroc"] = auroc  # NaN without data.flip_fraction
+    diverged = json.loads(open(i.info).read()).get("diverged_at")
+    s["diverged_at"] = -1 if diverged is None else int(diverged)  # -1: did not diverge
     tables.write_pair_map(pm, snakemake.output.pair_map)
     report.write_summary_csv(s, snakemake.output.summary)
-    figures.plot_run(s, f"run {snakemake.wildcards.run}", snakemake.output.figure)
+    mark = f" (DIVERGED at step {diverged})" if diverged else ""
+    figures.plot_run(s, f"run {snakemake.wildcards.run}{mark}", snakemake.output.figure)
     figures.plot_geometry(pd.read_parquet(i.geometry), f"run {snakemake.wildcards.run}: geometry of g(x)",
                          snakemake.output.geometry)
     figures.plot_dynamics(dyn, f"run {snakemake.wildcards.run}: margins, measured and predicted",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 
@@ -34,7 +35,16 @@ def normalize(cfg: dict) -> dict:
     than joining it. Called on the merged config before validation."""
     if isinstance(cfg.get("sweep"), dict) and "grid" in cfg["sweep"]:
         cfg["sweep"] = {k: cfg["sweep"][k] for k in ("grid", "seeds") if k in cfg["sweep"]}
+    sweep = cfg.get("sweep")
+    # the default's prefix k names its own axis, data.k: a sweep over another key, merged over it, would keep
+    # it (k0.1, k0.5 for dpo.beta) and read as K values; that key's own name is used instead
+    if isinstance(sweep, dict) and sweep.get("prefix") == DEFAULT_PREFIX[1] and sweep.get("param") not in (
+            None, DEFAULT_PREFIX[0]):
+        cfg["sweep"] = {k: v for k, v in sweep.items() if k != "prefix"}
     return cfg
+
+
+DEFAULT_PREFIX = ("data.k", "k")  # config/config.yaml's sweep axis and its run-name prefix
 
 
 def axes(cfg: dict) -> list[dict]:
@@ -185,6 +195,7 @@ def check(cfg: dict) -> None:
                 log_schedule(2, rc["dpo"]["eval_schedule"]["log"])
         except ValueError as e:
             raise ConfigError(f"{e} (run {run})") from None
+        check_meaning(rc, run)
         check_track(rc, run)
         d = rc["data"]
         if d["source"] == "gaussian":
@@ -219,6 +230,29 @@ def check(cfg: dict) -> None:
         if rc["dpo"]["batch_size"] not in (None, "full") and rc["dpo"]["batch_size"] % rc["dpo"]["grad_accum"]:
             raise ConfigError("dpo.grad_accum: must divide dpo.batch_size")
         check_engine(rc, run)
+
+
+def check_meaning(rc: dict, run: str) -> None:
+    """What the schema cannot say: every float setting finite (NaN and Inf pass a type check), and a warm-up
+    no longer than the run (the learning rate would never reach its value)."""
+    def walk(node, path):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{path}.{k}" if path else str(k))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{path}[{i}]")
+        elif isinstance(node, float) and not math.isfinite(node):
+            raise ConfigError(f"{path}: {node} is not a finite number (run {run})")
+
+    walk(rc, "")
+    for section in ("sft", "dpo"):
+        sec = rc.get(section) or {}
+        steps, warm = sec.get("steps"), sec.get("warmup_steps") or 0
+        if not sec.get("epochs") and isinstance(steps, int) and warm > steps:
+            raise ConfigError(f"{section}.warmup_steps: {warm} is more than {section}.steps: {steps}, so the learning "
+                              f"rate would never reach {section}.lr={sec.get('lr')}; lower it or train longer "
+                              f"(run {run})")
 
 
 def pair_counts(rc: dict) -> dict[str, tuple[int, int]] | None:

@@ -260,10 +260,13 @@ def markdown(experiment: str, summary: pd.DataFrame, meta: dict, claims: pd.Data
     for _, r in agg.iterrows():
         first = r["runs"].split()[0]
         own = "".join(f"{settings.get(first, {}).get(k)} | " for k in varying)
-        lines.append(f"| {r['group']} | {own}{r['K']} | {r['Q']} | {_cell(r, 'train_margin_mean')} | "
+        gone = [f"{x} diverged at step {int(d)}" for x, d in zip(final["run"], final.get("diverged_at", []))
+                if x in r["runs"].split() and d == d and d >= 0]
+        name = r["group"] + (f" (**{'; '.join(gone)}**)" if gone else "")
+        lines.append(f"| {name} | {own}{r['K']} | {r['Q']} | {_cell(r, 'train_margin_mean')} | "
                      f"{_cell(r, 'test_margin_mean')} | {_cell(r, 'train_error')} | {_cell(r, 'test_error')} | "
                      f"{_cell(r, 'test_error_upper')} | {r['bound_v3']:.3g} / {r['bound_v5']:.3g} |")
-    lines += subsampled_lines(final)
+    lines += subsampled_lines(final) + diverged_lines(final)
     lines += [""] + fit_lines(fit_table(summary)) + [""]
     if meta.get("paper_model"):
         lines += comparison_rows(meta["paper_model"], agg)
@@ -282,6 +285,16 @@ def markdown(experiment: str, summary: pd.DataFrame, meta: dict, claims: pd.Data
               + "; its data card: <run>/data/card.md."]
     lines += code_lines(meta.get("code"), meta.get("rerun_on_code", True))
     return "\n".join(lines) + "\n"
+
+
+def diverged_lines(final: pd.DataFrame) -> list[str]:
+    """The runs that diverged and finished anyway (dpo.on_divergence: warn): their numbers are not results."""
+    if "diverged_at" not in final:
+        return []
+    bad = final[final["diverged_at"].fillna(-1) >= 0]
+    return ["", "**Diverged** (dpo.on_divergence: warn; the run finished, its numbers are not results): "
+            + ", ".join(f"{r['run']} diverged at step {int(r['diverged_at'])}" for _, r in bad.iterrows()) + "."
+            ] if len(bad) else []
 
 
 def subsampled_lines(final: pd.DataFrame) -> list[str]:

@@ -30,11 +30,13 @@ from .policy import Policy
 from .state import ResumeState, fingerprint
 from . import tracin as TI
 from . import update_split as US
+from . import divergence as DV
 from . import tracked as TR
 from .tracking import Tracker
 
 # settings that cannot change a saved state's numbers: a save made with other values is still resumed
-EXECUTION_ONLY = {"processes", "log_every", "save_every", "eval_batch_size", "eval_max_tokens_per_batch", "report_to"}
+EXECUTION_ONLY = {"processes", "log_every", "save_every", "eval_batch_size", "eval_max_tokens_per_batch", "report_to",
+                  "on_divergence", "on_nonfinite"}
 REFERENCE_CHECK = 64  # pairs the policy at step 0 is checked on against the reference pass
 # batch sums of each step, in TRL's metric names (means over the batch once divided by its size)
 STAT_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -357,6 +359,7 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
     prog = Progress(run.steps, "dpo", every=cfg["log_every"], start_step=start)
     elapsed0 = rows[-1]["elapsed_s"] if rows else 0.0
     skipped = [r["step"] for r in rows[1:] if not math.isfinite(r["loss"])]
+    watch, diverged = DV.Watch(rows), next((r.get("diverged_at") for r in rows if r.get("diverged_at")), None)
     for step in range(start, run.steps):
         idx = S.batch_indices(step, run.n_train, run.bsz, seed)
         lr = sched.get_last_lr()[0]
@@ -377,6 +380,14 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
         batch.seconds += time.perf_counter() - t0
         gn = grad_norm(params.values(), cfg["max_grad_norm"])
         done = step + 1
+        if math.isfinite(stats[0]) and math.isfinite(gn):
+            watch.add(stats[0], gn)
+            why = None if diverged else watch.diverged()
+            if why and cfg.get("on_divergence", "stop") == "stop":  # before this step's update: the save is kept
+                raise DV.DivergedError(DV.message(done, why, cfg))
+            if why:
+                diverged = done
+                log.warning("dpo step %d: training diverged: %s; going on (dpo.on_divergence: warn)", done, why)
         if nonfinite(done, stats[0], gn, cfg, resume):  # on_nonfinite: skip_step (stop raises)
             skipped.append(done)
             opt.zero_grad(set_to_none=True)
@@ -389,6 +400,8 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
         sched.step()
         row = {**empty, "step": done, "epoch": done * run.bsz / run.n_train, "lr": lr, "grad_norm": gn,
                **dict(zip(STAT_NAMES, stats))}
+        if diverged == done:  # kept in the resume save's metrics, so a resumed run still knows
+            row["diverged_at"] = done
         prog.update(done, len(idx), loss=row["loss"], margin=row["rewards/margins"])
         row["pairs_per_s"] = prog.rate()
         row["elapsed_s"] = elapsed0 + prog.elapsed()
@@ -400,7 +413,8 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
             resume.save(done, policy.model, opt, sched, rows, att.state_dict() if att is not None else None,
                         batch=batch.state() if dist.main else None)
     tracker.close()
-    info = run_info(cfg, run, seed, dist, params, device, policy) | {"skipped_steps": skipped}
+    info = run_info(cfg, run, seed, dist, params, device, policy) | {"skipped_steps": skipped,
+                                                                     "diverged_at": diverged}
     info["attribution"] = att_reason or ("update split; largest part no group made "
                                          f"{split.residual():.3g}" if split is not None else "TracIn")
     info["time_s"] = timing(prog.elapsed(), checkpoint.each, batch.seconds)
