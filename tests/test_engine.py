@@ -302,3 +302,24 @@ def test_a_run_over_the_gpu_memory_stops_before_any_job(tmp_path):
     text = p.stdout + p.stderr
     assert "resources.gpu_mem_gb: run k1, stage" in text and "more than the limit of 0.001 GB" in text, text[-2000:]
     assert not (tmp_path / "results").exists()
+
+
+def test_a_damaged_resume_save_is_moved_aside_and_training_starts_over(tmp_path, tiny_model_dir, run10, monkeypatch,
+                                                                        caplog):
+    """A killed job's save with a truncated shard: the rerun does not fail on it (as it would at every retry);
+    it moves the save aside, kept as resume.damaged-<time>, says so, and trains from step 0 to the tables of
+    an uninterrupted run."""
+    cfg = {**run10[2], "save_every": 5}
+    full = one_process(tmp_path, tiny_model_dir, (run10[0], run10[1], cfg), "full")
+    allow = kill_at_checkpoint(monkeypatch, 10)
+    with pytest.raises(KeyboardInterrupt):
+        one_process(tmp_path, tiny_model_dir, (run10[0], run10[1], cfg), "w")
+    allow()
+    shard = next((tmp_path / "w" / "work" / "save").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    with caplog.at_level("WARNING", logger="dpogen"):
+        again = one_process(tmp_path, tiny_model_dir, (run10[0], run10[1], cfg), "w")
+    assert "is damaged" in caplog.text and "training starts from step 0" in caplog.text
+    aside = list((tmp_path / "w").glob("work.damaged-*"))
+    assert len(aside) == 1 and (aside[0] / shard.name).stat().st_size == 100  # kept as it was
+    pd.testing.assert_frame_equal(again, full)

@@ -64,7 +64,7 @@ def test_batch_margins_are_the_pre_update_margins(tmp_path, tiny_model_dir, pair
     assert (j.loc[j["step"] > 0, "margin"].abs() > 0).any()
     np.testing.assert_array_equal(j["ref_logp_chosen"], j["ref_logp_chosen_ckpt"])
     assert info["time_s"]["batch_margins"] < info["time_s"]["training"]
-    assert info["step0_reference_check"] < 1e-6  # the policy at step 0 reproduces the reference pass
+    assert info["step0_reference_check"] < 1e-5  # the policy at step 0 reproduces the reference pass
 
 
 def test_subset_rows_are_the_full_runs_rows(tmp_path, tiny_model_dir, pairs):

@@ -82,7 +82,35 @@ class ResumeState:
         self.dist.barrier()
 
     def exists(self) -> bool:
-        return (self.save_dir / "meta.pt").exists()
+        """A complete save is there, and whole: one whose files differ from the sizes recorded when it was
+        written (a truncated shard, a missing file) is moved aside, kept as ``resume.damaged-<time>`` beside
+        the work folder, and training starts over, saying so, instead of failing on it at every retry."""
+        if not (self.save_dir / "meta.pt").exists():
+            return False
+        damaged = self._damaged()
+        self.dist.barrier()
+        if damaged is None:
+            return True
+        if self.dist.main:
+            aside = self.work.parent / f"{self.work.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}"
+            os.replace(self.save_dir, aside)
+            log.warning("resume save %s is damaged (%s): moved aside to %s (kept), training starts from step 0",
+                        self.save_dir, damaged, aside)
+        self.dist.barrier()
+        return False
+
+    def _damaged(self) -> str | None:
+        sizes = self.save_dir / "sizes.json"
+        if not sizes.exists():
+            return "no sizes.json: an incomplete save"
+        want = json.loads(sizes.read_text())
+        for name, size in want.items():
+            f = self.save_dir / name
+            if not f.exists():
+                return f"{name} is missing"
+            if f.stat().st_size != size:
+                return f"{name} has {f.stat().st_size} bytes, {size} were written"
+        return None
 
     @staticmethod
     def _options():
@@ -110,6 +138,9 @@ class ResumeState:
         if self.dist.main:
             torch.save({"step": step, "world": self.dist.world, "scheduler": sched.state_dict(), "metrics": metrics,
                         "extra": extra, "batch": batch}, tmp / "meta.pt")
+            # every file's size, so a damaged save is told from a whole one before anything is loaded from it
+            write_sizes = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file()}
+            (tmp / "sizes.json").write_text(json.dumps(write_sizes))
             old = self.work / "save.old"
             if self.save_dir.exists():
                 os.replace(self.save_dir, old)
