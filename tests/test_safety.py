@@ -103,9 +103,10 @@ def test_experiment_names_are_one_folder(name):
 
 
 @pytest.mark.parametrize("sweep,needle", [
-    ({"param": "dpo.beta", "values": [0.1, 0]}, "run k0: dpo.beta = 0: 0 is less than or equal to the minimum"),
-    ({"param": "theory.confidence", "values": [1.5]}, "run k1.5: theory.confidence = 1.5"),
-    ({"param": "dpo.lr", "values": ["x"]}, "run kx: dpo.lr = 'x': 'x' is not of type 'number'"),
+    # a sweep over another key than data.k is named by that key, not by the default's prefix k
+    ({"param": "dpo.beta", "values": [0.1, 0]}, "run beta0: dpo.beta = 0: 0 is less than or equal to the minimum"),
+    ({"param": "theory.confidence", "values": [1.5]}, "run confidence1.5: theory.confidence = 1.5"),
+    ({"param": "dpo.lr", "values": ["x"]}, "run lrx: dpo.lr = 'x': 'x' is not of type 'number'"),
     ({"grid": [{"param": "data.k", "values": [1]}, {"param": "dpo.lr", "values": [-1]}]}, "run k1-lr-1: dpo.lr = -1"),
 ])
 def test_every_sweep_value_is_validated_before_any_job(tmp_path, sweep, needle):
