@@ -261,6 +261,9 @@ def test_truncated_parquet_and_unreadable_file(tmp_path):
         run(tmp_path, base_cfg(files={"paths": [str(path)]}))
     with pytest.raises(D.DataError, match="no such file"):
         run(tmp_path, base_cfg(files={"paths": [str(tmp_path / "absent.jsonl")]}))
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(D.DataError, match=r"empty\.jsonl: no records \(an empty file\)"):
+        run(tmp_path, base_cfg(files={"paths": [str(tmp_path / "empty.jsonl")]}))
 
 
 def test_concept_too_small_to_split(tmp_path):

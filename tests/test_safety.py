@@ -349,3 +349,20 @@ def test_runaway_training_through_the_real_workflow(tmp_path):
     assert "dpo.lr=10.0" in log
     assert (out / "k1" / "dpo" / "resume" / "save" / "meta.pt").exists()
     assert not (out / "k1" / "dpo" / "margins.parquet").exists()
+
+
+def test_library_info_lines_stay_out_of_the_console(tmp_path, capsys):
+    """fontTools' INFO lines (hundreds per report) go to the job's log only; dpogen's INFO and any library's
+    warning still reach the console."""
+    import logging
+
+    from dpogen.training import setup_logging
+
+    setup_logging(str(tmp_path / "job.log"))
+    logging.getLogger("fontTools.subset").info("head subsetting not needed")
+    logging.getLogger("fontTools.subset").warning("a font problem")
+    logging.getLogger("dpogen").info("dpo step 1/2")
+    err = capsys.readouterr().err
+    assert "subsetting not needed" not in err and "a font problem" in err and "dpo step 1/2" in err
+    assert "subsetting not needed" in (tmp_path / "job.log").read_text()
+    logging.basicConfig(force=True, handlers=[logging.NullHandler()])

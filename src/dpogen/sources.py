@@ -52,8 +52,15 @@ def read_jsonl(path: Path) -> pd.DataFrame:
 
 
 def read_file(path: str | Path) -> pd.DataFrame:
-    """jsonl, json (an array of objects, or JSON lines), parquet or csv, with file and row of each record."""
-    path = Path(path)
+    """jsonl, json (an array of objects, or JSON lines), parquet or csv, with file and row of each record; a
+    file with no records is an error naming it."""
+    df = _read_file(Path(path))
+    if df.empty:
+        raise DataError(f"{path}: no records (an empty file)")
+    return df
+
+
+def _read_file(path: Path) -> pd.DataFrame:
     if not path.exists():
         raise DataError(f"{path}: no such file")
     suffix = path.suffix.lower()

@@ -71,10 +71,18 @@ class Progress:
 def setup_logging(path: str | None = None, history: str | None = None) -> None:
     """Log to stderr and ``path``; with ``history``, also append to that file, which Snakemake does not
     own: the log of a failed or killed attempt stays there beside the new attempt's."""
-    handlers = [logging.StreamHandler()]
+    console = logging.StreamHandler()
+    console.addFilter(_quiet_libraries)
+    handlers = [console]
     if path:
         handlers.append(logging.FileHandler(path, mode="a"))
     if history:
         handlers.append(logging.FileHandler(history, mode="a"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", handlers=handlers,
                         force=True)
+
+
+def _quiet_libraries(record: logging.LogRecord) -> bool:
+    """The console shows dpogen's own messages and every library's warnings; libraries' INFO lines (fontTools
+    says "subsetting not needed" for every table of every PDF figure) go to the job's log only."""
+    return record.name.startswith("dpogen") or record.name == "root" or record.levelno >= logging.WARNING
