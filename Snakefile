@@ -3,6 +3,7 @@
 import sys
 from pathlib import Path
 
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -35,8 +36,13 @@ normalize(
 )  # a grid sweep replaces the default's single axis (config files merge key by key)
 
 # Types, ranges and unknown keys first, then what the schema cannot say (eval steps, K); both stop the
-# run before any job with a message naming the key.
-validate(config, str(REPO / "config" / "schema.yaml"))
+# run before any job with a message naming the key. Snakemake's own schema error prints the whole schema:
+# the check's one line (key, value, what is allowed) replaces it.
+try:
+    validate(config, str(REPO / "config" / "schema.yaml"))
+except WorkflowError:
+    check(config)
+    raise
 check(config)
 # the memory plan (python -m dpogen.plan): a run that needs more than resources.gpu_mem_gb per GPU, or
 # more GPUs than resources.gpus, stops here, naming the run and the largest term

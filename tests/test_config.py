@@ -99,3 +99,15 @@ def test_a_sweep_over_another_key_is_named_by_that_key():
     cfg = normalize(merge(base, {"sweep": {"param": "dpo.beta", "values": [0.1], "prefix": "b"}}))
     assert list(runs(cfg)) == ["b0.1"]
     assert list(runs(normalize(base))) == ["k1", "k2", "k4", "k8"]
+
+
+def test_a_schema_error_is_one_line_not_the_schema(tmp_path):
+    """An unknown key or a value outside an enum: one line naming the run, the key and what is allowed, not
+    Snakemake's dump of the whole schema."""
+    for override, line in (({"dpo": {"learning_rate": 0.1}}, "run k1: unknown key(s) learning_rate in dpo; known: "),
+                           ({"dpo": {"loss": "nope"}}, "run k1: dpo.loss = 'nope': not one of ['sigmoid', 'ipo'")):
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"experiment": "bad", **override}))
+        p = snakemake(REPO, tmp_path, "-n", "--configfile", str(tmp_path / "bad.yaml"), check=False)
+        out = p.stdout + p.stderr
+        assert p.returncode != 0 and line in out, out[-2000:]
+        assert "additionalProperties" not in out and "'$schema'" not in out and len(out.splitlines()) < 40

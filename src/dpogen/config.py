@@ -163,9 +163,23 @@ def validate_runs(cfg: dict, schema_path=SCHEMA) -> None:
     for run in runs(cfg):
         errors = sorted(validator.iter_errors(run_config(cfg, run)), key=lambda e: list(e.absolute_path))
         if errors:
-            e = errors[0]
-            key = ".".join(str(k) for k in e.absolute_path) or "(top level)"
-            raise ConfigError(f"run {run}: {key} = {e.instance!r}: {e.message}")
+            raise ConfigError(f"run {run}: {schema_message(errors[0])}")
+
+
+def schema_message(e) -> str:
+    """One line for a schema error: the key, the value (cut short) and what is allowed; an unknown key named
+    with the keys its section knows."""
+    key = ".".join(str(k) for k in e.absolute_path) or "(top level)"
+    if e.validator == "additionalProperties":
+        known = sorted((e.schema.get("properties") or {}).keys())
+        extra = sorted(set(e.instance) - set(known)) if isinstance(e.instance, dict) else []
+        where = "" if key == "(top level)" else f" in {key}"
+        return (f"unknown key(s) {', '.join(extra)}{where}" + (f"; known: {', '.join(known)}" if known else ""))
+    value = repr(e.instance)
+    value = value if len(value) <= 80 else value[:77] + "..."
+    if e.validator == "enum":
+        return f"{key} = {value}: not one of {e.validator_value}"
+    return f"{key} = {value}: {e.message if len(e.message) <= 160 else e.message[:157] + '...'}"
 
 
 def check(cfg: dict) -> None:
