@@ -22,6 +22,7 @@ BAD = [
     ({"dpo": {"lr": float("inf")}}, "dpo.lr: inf is not a finite number (run k1)"),
     ({"sweep": {"param": "dpo.lr", "values": [0.001, float("inf")]}}, "sweep.values[1]: inf is not a finite number"),
     ({"dpo": {"warmup_steps": 50, "steps": 4}}, "dpo.warmup_steps: 50 is more than dpo.steps: 4"),
+    ({"sft": {"warmup_steps": 50, "steps": 4}}, "sft.warmup_steps: 50 is more than sft.steps: 4"),
 ]
 
 
@@ -111,3 +112,12 @@ def test_a_schema_error_is_one_line_not_the_schema(tmp_path):
         out = p.stdout + p.stderr
         assert p.returncode != 0 and line in out, out[-2000:]
         assert "additionalProperties" not in out and "'$schema'" not in out and len(out.splitlines()) < 40
+
+
+def test_an_sft_schedule_that_never_runs_is_not_checked():
+    """sft.target: none trains nothing: its steps and warm-up are not held against each other."""
+    from dpogen.config import check, normalize
+
+    cfg = normalize(yaml.safe_load((REPO / "config" / "config.yaml").read_text()))
+    cfg["sft"] = {**cfg["sft"], "target": "none", "steps": 0}
+    check(cfg)

@@ -323,3 +323,12 @@ def test_a_damaged_resume_save_is_moved_aside_and_training_starts_over(tmp_path,
     aside = list((tmp_path / "w").glob("work.damaged-*"))
     assert len(aside) == 1 and (aside[0] / shard.name).stat().st_size == 100  # kept as it was
     pd.testing.assert_frame_equal(again, full)
+    # a save whose sizes.json was lost (renamed into place, contents never on disk) is damaged too
+    with pytest.raises(KeyboardInterrupt):
+        kill_at_checkpoint(monkeypatch, 10)
+        one_process(tmp_path, tiny_model_dir, (run10[0], run10[1], cfg), "v")
+    (tmp_path / "v" / "work" / "save" / "sizes.json").write_text("")
+    monkeypatch.undo()
+    assert pd.testing.assert_frame_equal(one_process(tmp_path, tiny_model_dir, (run10[0], run10[1], cfg), "v"),
+                                         full) is None
+    assert len(list((tmp_path / "v").glob("work.damaged-*"))) == 1

@@ -299,6 +299,13 @@ def test_runaway_rule_on_its_own():
         g.add(0.7, 500.0)
     assert "the gradient norm over the last 5 steps was 500 (median), more than 100x its median of 2 before" \
         in g.diverged()
+    # a resumed run rebuilds the watch from its metrics: skipped, non-finite steps count as they did live
+    curve = [(math.nan, math.nan)] + [(0.69, 1.0), (math.inf, math.nan)] + [(30.0, 1.0)] * WINDOW
+    live = Watch()
+    for loss, gn in curve[1:]:
+        live.add(loss, gn)
+    resumed = Watch([{"step": k, "loss": loss, "grad_norm": gn} for k, (loss, gn) in enumerate(curve)])
+    assert live.diverged() == resumed.diverged() and "its 0.69 at step 1" in resumed.diverged()
 
 
 def test_runaway_training_stops_or_is_marked(tmp_path, tiny_model_dir, small):

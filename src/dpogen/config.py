@@ -262,6 +262,8 @@ def check_meaning(rc: dict, run: str) -> None:
     walk(rc, "")
     for section in ("sft", "dpo"):
         sec = rc.get(section) or {}
+        if section == "sft" and sec.get("target") == "none":  # no SFT runs: its schedule is never used
+            continue
         steps, warm = sec.get("steps"), sec.get("warmup_steps") or 0
         if not sec.get("epochs") and isinstance(steps, int) and warm > steps:
             raise ConfigError(f"{section}.warmup_steps: {warm} is more than {section}.steps: {steps}, so the learning "

@@ -18,6 +18,7 @@ it "diverged at step k" in run.json, the summaries and the figures.
 
 from __future__ import annotations
 
+import bisect
 import math
 
 import numpy as np
@@ -38,31 +39,40 @@ class Watch:
     def __init__(self, rows: list[dict] | None = None):
         self.loss: list[float] = []
         self.grad: list[float] = []
+        self.first_step = None
+        self.history: list[float] = []  # gradient norms before the window, sorted (its median in O(log n))
         for r in rows or []:
             if r.get("step", 0) > 0:
-                self.add(r["loss"], r["grad_norm"])
+                self.add(r["loss"], r["grad_norm"], r["step"])
 
-    def add(self, loss: float, grad_norm: float) -> None:
+    def add(self, loss: float, grad_norm: float, step: int | None = None) -> None:
+        """One step's loss and gradient norm; a skipped, non-finite step is not one (as in a live run)."""
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            return
+        if self.first_step is None:
+            self.first_step = step if step is not None else 1
         self.loss.append(float(loss))
         self.grad.append(float(grad_norm))
+        if len(self.grad) > WINDOW:  # the step leaving the window joins the history
+            bisect.insort(self.history, self.grad[-WINDOW - 1])
 
     def diverged(self) -> str | None:
         """Why the run has diverged by now, or None."""
-        loss = np.asarray(self.loss)
-        if len(loss) < WINDOW or not math.isfinite(loss[0]) or loss[0] <= 0:
+        if len(self.loss) < WINDOW or self.loss[0] <= 0:
             return None
-        last = float(np.median(loss[-WINDOW:]))
-        if last > LOSS_FACTOR * loss[0]:
+        start = self.loss[0]
+        last = float(np.median(self.loss[-WINDOW:]))
+        if last > LOSS_FACTOR * start:
             return (f"the loss over the last {WINDOW} steps was {last:.4g} (median), more than {LOSS_FACTOR:g}x its "
-                    f"{loss[0]:.4g} at step 1")
-        grad = np.asarray(self.grad)
-        history = grad[:-WINDOW]
-        if len(history) >= MIN_HISTORY:
-            before, now = float(np.median(history)), float(np.median(grad[-WINDOW:]))
+                    f"{start:.4g} at step {self.first_step}")
+        h = self.history
+        if len(h) >= MIN_HISTORY:
+            before = (h[(len(h) - 1) // 2] + h[len(h) // 2]) / 2
+            now = float(np.median(self.grad[-WINDOW:]))
             if before > 0 and now > GRAD_FACTOR * before:
                 return (f"the gradient norm over the last {WINDOW} steps was {now:.4g} (median), more than "
-                        f"{GRAD_FACTOR:g}x its median of {before:.4g} before (loss {loss[0]:.4g} at step 1, "
-                        f"{last:.4g} now)")
+                        f"{GRAD_FACTOR:g}x its median of {before:.4g} before (loss {start:.4g} at step "
+                        f"{self.first_step}, {last:.4g} now)")
         return None
 
 

@@ -381,7 +381,7 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
         gn = grad_norm(params.values(), cfg["max_grad_norm"])
         done = step + 1
         if math.isfinite(stats[0]) and math.isfinite(gn):
-            watch.add(stats[0], gn)
+            watch.add(stats[0], gn, done)
             why = None if diverged else watch.diverged()
             if why and cfg.get("on_divergence", "stop") == "stop":  # before this step's update: the save is kept
                 raise DV.DivergedError(DV.message(done, why, cfg))

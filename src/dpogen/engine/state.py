@@ -103,7 +103,10 @@ class ResumeState:
         sizes = self.save_dir / "sizes.json"
         if not sizes.exists():
             return "no sizes.json: an incomplete save"
-        want = json.loads(sizes.read_text())
+        try:
+            want = json.loads(sizes.read_text())
+        except (ValueError, OSError) as e:  # written but lost (power loss before the disk had it)
+            return f"sizes.json unreadable ({e})"
         for name, size in want.items():
             f = self.save_dir / name
             if not f.exists():
@@ -142,6 +145,8 @@ class ResumeState:
             write_sizes = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file()}
             (tmp / "sizes.json").write_text(json.dumps(write_sizes))
             old = self.work / "save.old"
+            if old.exists():  # a kill between the last save's rename and its clean-up left it
+                shutil.rmtree(old)
             if self.save_dir.exists():
                 os.replace(self.save_dir, old)
             os.replace(tmp, self.save_dir)
