@@ -329,6 +329,5 @@ def test_a_damaged_resume_save_is_moved_aside_and_training_starts_over(tmp_path,
         one_process(tmp_path, tiny_model_dir, (run10[0], run10[1], cfg), "v")
     (tmp_path / "v" / "work" / "save" / "sizes.json").write_text("")
     monkeypatch.undo()
-    assert pd.testing.assert_frame_equal(one_process(tmp_path, tiny_model_dir, (run10[0], run10[1], cfg), "v"),
-                                         full) is None
+    pd.testing.assert_frame_equal(one_process(tmp_path, tiny_model_dir, (run10[0], run10[1], cfg), "v"), full)
     assert len(list((tmp_path / "v").glob("work.damaged-*"))) == 1

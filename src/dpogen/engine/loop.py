@@ -131,7 +131,6 @@ class MarginWriter:
         self.attribution = attribution
         self.margins, self.features = work / "margins", work / "features"
         self.feature_steps = S.geometry_steps(cfg, run.schedule) if policy.cache is None else []
-        self.seconds = 0.0
         self.each: dict[int, float] = {}  # seconds of each checkpoint
         self.step0 = math.nan  # largest relative difference of the policy at step 0 from the reference pass
 
@@ -155,7 +154,6 @@ class MarginWriter:
             return self._checkpoint(step)
         finally:
             self.each[step] = time.perf_counter() - t0
-            self.seconds += self.each[step]
 
     def _checkpoint(self, step: int) -> tuple[float, float]:
         run, tr = self.run, self.run.tracked
