@@ -3,8 +3,7 @@
 import sys
 from pathlib import Path
 
-from snakemake.exceptions import WorkflowError
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("9.0")
 
@@ -13,48 +12,36 @@ sys.path.insert(0, str(REPO / "src"))
 from dpogen.codehash import code_param  # noqa: E402
 from dpogen.config import (  # noqa: E402
     axes,
-    check,
+    base_settings,
     group_label,
-    normalize,
+    load,
     replicate,
-    run_config,
     runs,
     sweep_label,
     sweep_title,
-    with_replicate,
 )
 from dpogen.inputs import data_files  # noqa: E402
 from dpogen.plan import check as check_plan  # noqa: E402
-from dpogen.settings import THEORY_FROM_DPO, value_settings  # noqa: E402
+from dpogen.settings import THEORY_FROM_DPO  # noqa: E402
 
 
 configfile: str(REPO / "config" / "config.yaml")
 
 
-normalize(
-    config
-)  # a grid sweep replaces the default's single axis (config files merge key by key)
-
-# Types, ranges and unknown keys first, then what the schema cannot say (eval steps, K); both stop the
-# run before any job with a message naming the key. Snakemake's own schema error prints the whole schema:
-# the check's one line (key, value, what is allowed) replaces it.
-try:
-    validate(config, str(REPO / "config" / "schema.yaml"))
-except WorkflowError:
-    check(config)
-    raise
-check(config)
+# The typed settings (dpogen.settings), built once here: the experiment's and each run's (its sweep values
+# filled in). A bad key, type or value, and what the types cannot say (eval steps, K), stop the run before
+# any job with one line naming the key and the run. Past this point rules read settings by attribute.
+SETTINGS, RS = load(config)
 # the memory plan (python -m dpogen.plan): a run that needs more than resources.gpu_mem_gb per GPU, or
 # more GPUs than resources.gpus, stops here, naming the run and the largest term
-check_plan(config)
+check_plan(SETTINGS, RS)
 
-EXP = config["experiment"]
-RUNS = runs(config)
-SCALING = {"data.k", "data.gaussian.q"} <= {a["param"] for a in axes(config)}
+EXP = SETTINGS.experiment
+RUNS = runs(SETTINGS)  # run name → sweep value
+SCALING = {"data.k", "data.gaussian.q"} <= {a.param for a in axes(SETTINGS)}
 OUT = f"results/{EXP}"
 RUN = f"{OUT}/{{run}}"
 LOGS = f"{OUT}/logs"
-
 
 # cheap aggregation runs in the main process, not as cluster jobs
 localrules:

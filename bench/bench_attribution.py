@@ -54,9 +54,10 @@ def run_regime(repo: Path, work: Path, index: int, dpo: dict) -> tuple[pd.Series
 def tracin_cost(run_dir: Path, dpo_overrides: dict) -> tuple[float, float, int]:
     """(seconds in margin checkpoints, seconds in TracIn, checkpoints) of one dpo run in this process."""
     from dpogen.engine import loop, tracin
+    from dpogen.settings import DPO
 
     base = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["dpo"]
-    cfg = {**base, **dpo_overrides, "save_every": 0}
+    cfg = DPO.model_validate({**base, **dpo_overrides, "save_every": 0})
     spent = {"margins": 0.0, "tracin": 0.0, "n": 0}
     real_call, real_tracin = loop.MarginWriter.__call__, tracin.TracIn.checkpoint
 

@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from dpogen import model as M  # noqa: E402
 from dpogen.data import prepare  # noqa: E402
 from dpogen.synthetic import SyntheticSpec, corpus  # noqa: E402
+from dpogen.settings import Data  # noqa: E402
 
 
 def main():
@@ -36,6 +37,7 @@ def main():
     cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["data"]
     cfg.update(source="persona", k=None)
     cfg["persona"]["path"] = str(folder)
+    cfg = Data.model_validate(cfg)
     tok = M.train_tokenizer(corpus(SyntheticSpec(), 16), 2000)
 
     t = time.perf_counter()

@@ -40,6 +40,7 @@ from dpogen import model as M  # noqa: E402
 from dpogen.data import validate_pairs  # noqa: E402
 from dpogen.logprobs import cache_targets, cached_logps, encode_pairs, pair_logps  # noqa: E402
 from dpogen.synthetic import SyntheticSpec, corpus, generate  # noqa: E402
+from dpogen.settings import DPO, Scratch  # noqa: E402
 
 BETA = 0.1
 
@@ -50,7 +51,7 @@ def build(folder: Path, hidden: int, layers: int, pairs: int, mem_hidden: int, m
     for name, h, n in (("model", hidden, layers), ("big", mem_hidden, mem_layers)):
         arch = {"arch": "llama", "hidden_size": h, "intermediate_size": 4 * h, "num_layers": n,
                 "num_heads": max(1, h // 64), "max_position_embeddings": 256, "tie_word_embeddings": False}
-        M.save(M.build_scratch(arch, tok, 0), tok, folder / name)
+        M.save(M.build_scratch(Scratch.model_validate(arch), tok, 0), tok, folder / name)
     per = max(2, pairs // 32)
     train, test = generate(16, per, max(1, per // 4), spec)
     train, test = validate_pairs(train, "train"), validate_pairs(test, "test")
@@ -59,12 +60,12 @@ def build(folder: Path, hidden: int, layers: int, pairs: int, mem_hidden: int, m
     return train, test
 
 
-def dpo_cfg(steps: int, batch: int, append_eos: bool, **kw) -> dict:
+def dpo_cfg(steps: int, batch: int, append_eos: bool, **kw) -> DPO:
     cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["dpo"]
     cfg.update(steps=steps, batch_size=batch, beta=BETA, lr=1e-5, optimizer="adamw", max_grad_norm=None,
                eval_every=None, eval_steps=[], save_every=0, log_every=10**6, append_eos=append_eos,
                eval_batch_size=64, **kw)
-    return cfg
+    return DPO.model_validate(cfg)
 
 
 def trl_trainer(folder: Path, train, test, steps: int, batch: int, precompute: bool, model: str = "model"):

@@ -76,13 +76,14 @@ def short_pairs(vocab_words, n: int, seed: int):
 
 def build(folder: Path, n_train: int, n_test: int) -> int:
     from dpogen import model as M
+    from dpogen.settings import Scratch
     from dpogen import reference
 
     vw = words(VOCAB - 3)
     tok = tokenizer(vw)
     arch = {"arch": "llama", "hidden_size": HIDDEN, "intermediate_size": 4 * HIDDEN, "num_layers": LAYERS,
             "num_heads": HIDDEN // 64, "max_position_embeddings": 256, "tie_word_embeddings": False}
-    model = M.build_scratch(arch, tok, 0)
+    model = M.build_scratch(Scratch.model_validate(arch), tok, 0)
     M.save(model, tok, folder / "model")
     n_params = sum(p.numel() for p in model.parameters())
     del model
@@ -94,14 +95,16 @@ def build(folder: Path, n_train: int, n_test: int) -> int:
     return n_params
 
 
-def dpo_cfg(steps: int, batch: int, parallel: str = "fsdp") -> dict:
+def dpo_cfg(steps: int, batch: int, parallel: str = "fsdp"):
     import yaml
+
+    from dpogen.settings import DPO
 
     cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["dpo"]
     cfg.update(steps=steps, batch_size=batch, beta=BETA, lr=LR, optimizer="adamw", weight_decay=0.0,
                max_grad_norm=1.0, eval_every=None, eval_steps=[], save_every=0, log_every=10**6, append_eos=True,
                eval_batch_size=64, geometry_steps=[], parallel=parallel, gradient_checkpointing=False)
-    return cfg
+    return DPO.model_validate(cfg)
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -124,7 +127,7 @@ def worker(folder: Path, steps: int, batch: int, parallel: str, out_dir: Path) -
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     phases = {"imports": rss_mib()}
     cfg = dpo_cfg(steps, batch, parallel)
-    dist = Dist(cfg["device"])
+    dist = Dist(cfg.device)
     M.seed_everything(0)
     model, tok = load_for(folder / "model", cfg, dist)
     phases["load (peak)"] = peak_rss_mib()
@@ -134,7 +137,7 @@ def worker(folder: Path, steps: int, batch: int, parallel: str, out_dir: Path) -
     del model
     params = policy.trainable()
     phases["wrapped (now)"] = rss_mib()
-    opt = make_optimizer(cfg["optimizer"], params.values(), cfg["lr"], cfg["weight_decay"])
+    opt = make_optimizer(cfg.optimizer, params.values(), cfg.lr, cfg.weight_decay)
     device = next(policy.model.parameters()).device
     ref_t = torch.tensor(run.ref, device=device)
     n_tokens = torch.tensor(run.enc.n_tokens, device=device)
@@ -147,11 +150,11 @@ def worker(folder: Path, steps: int, batch: int, parallel: str, out_dir: Path) -
         idx = S.batch_indices(step, run.n_train, run.bsz, 0)
         opt.zero_grad(set_to_none=True)
         stats = np.zeros(len(loop.STAT_NAMES))
-        for mb in S.micro_batches(idx, pair_tokens, rows_per_pair, dist.world, int(cfg["grad_accum"]),
+        for mb in S.micro_batches(idx, pair_tokens, rows_per_pair, dist.world, cfg.grad_accum,
                                   cfg.get("max_tokens_per_batch")):
             stats += loop.micro_step(policy, mb[dist.rank::dist.world], ref_t, n_tokens, cfg, dist.world / len(idx))
         losses.append(float(dist.sum(stats)[0] / len(idx)))
-        grad_norm(params.values(), cfg["max_grad_norm"])
+        grad_norm(params.values(), cfg.max_grad_norm)
         opt.step()
         if step == 0:
             phases["step 1 (peak)"] = peak_rss_mib()

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from dpogen import model as M  # noqa: E402
 from dpogen.logprobs import encode_pairs, pair_logps  # noqa: E402
 from dpogen.synthetic import SyntheticSpec, corpus, generate  # noqa: E402
+from dpogen.settings import Scratch  # noqa: E402
 
 
 def baseline_logps(model, tok, prompts, chosen, rejected, batch):
@@ -74,7 +75,7 @@ def main():
     arch = {"arch": "llama", "hidden_size": a.hidden, "intermediate_size": 4 * a.hidden, "num_layers": a.layers,
             "num_heads": max(1, a.hidden // 64), "max_position_embeddings": 256, "tie_word_embeddings": False}
     with tempfile.TemporaryDirectory() as d:
-        M.save(M.build_scratch(arch, tok, 0), tok, d)
+        M.save(M.build_scratch(Scratch.model_validate(arch), tok, 0), tok, d)
         model, tok = M.load(d)
     model.eval()
     P, C, R = list(train["prompt"]), list(train["chosen"]), list(train["rejected"])

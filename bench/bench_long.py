@@ -125,13 +125,14 @@ def build(folder: Path, n_train: int, n_test: int) -> dict:
     import torch
 
     from dpogen import model as M
+    from dpogen.settings import Scratch
 
     vw = words(VOCAB - 3)
     tok = tokenizer(vw)
     assert len(tok) == VOCAB, len(tok)
     arch = {"arch": "llama", "hidden_size": HIDDEN, "intermediate_size": 4 * HIDDEN, "num_layers": LAYERS,
             "num_heads": HIDDEN // 64, "max_position_embeddings": POSITIONS, "tie_word_embeddings": False}
-    model = M.build_scratch(arch, tok, 0)
+    model = M.build_scratch(Scratch.model_validate(arch), tok, 0)
     M.save(model, tok, folder / "model")
     info = {"params": sum(p.numel() for p in model.parameters()),
             "head_rows": model.get_output_embeddings().weight.shape[0]}
@@ -151,15 +152,17 @@ def build(folder: Path, n_train: int, n_test: int) -> dict:
 # ------------------------------------------------------------------------------------------------ children
 
 
-def dpo_cfg(a) -> dict:
+def dpo_cfg(a):
     import yaml
+
+    from dpogen.settings import DPO
 
     cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["dpo"]
     cfg.update(steps=a.steps, batch_size=a.batch, beta=BETA, lr=LR, optimizer="adamw", max_grad_norm=None,
                schedule="constant", eval_every=None, eval_steps=[], save_every=0, log_every=10**6, append_eos=True,
                eval_batch_size=64, gradient_checkpointing=True, max_tokens_per_batch=a.max_tokens,
                eval_max_tokens_per_batch=a.max_tokens, geometry_steps=[])
-    return cfg  # logit_chunk: the default of config.yaml
+    return DPO.model_validate(cfg)  # logit_chunk: the default of config.yaml
 
 
 def child(mode: str, folder: Path, a) -> dict:
@@ -213,7 +216,7 @@ def dpogen_train(folder: Path, train, test, scale: int, steps: int, a) -> dict:
         return ckpt(self, step)
 
     schedule.batch_indices, loop.MarginWriter.__call__ = timed_draw, timed_ckpt
-    cfg = {**dpo_cfg(a), "steps": steps}
+    cfg = dpo_cfg(a).replace(steps=steps)
     with tempfile.TemporaryDirectory(dir=folder) as d:
         info = loop.train_dpo(folder / "model", train, test, folder / f"ref{scale}.parquet", cfg, 0, f"{d}/margins",
                               f"{d}/metrics.parquet", f"{d}/work")

@@ -24,6 +24,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from dpogen.theory.stage import run_theory  # noqa: E402
+from dpogen.settings import DPO, Theory  # noqa: E402
 
 
 def main():
@@ -54,16 +55,15 @@ def main():
                          for s in steps], ignore_index=True)
     q = int((split == "train").sum() / (2 * K))
     card = {"K": K, "Q_min": q, "N": int((split == "train").sum()), "Z": 2 * K}
-    dpo_cfg = {"beta": 0.1, "lr": 1e-3, "optimizer": "adam", "loss": "sigmoid", "label_smoothing": 0.0,
-               "regime": "last_layer", "batch_size": "full", "weight_decay": 0.0, "max_grad_norm": None,
-               "schedule": "constant", "warmup_steps": 0}
+    dpo_cfg = DPO(beta=0.1, lr=1e-3, optimizer="adam", loss="sigmoid", label_smoothing=0.0, regime="last_layer",
+                  batch_size="full", weight_decay=0.0, max_grad_norm=None, schedule="constant", warmup_steps=0)
     t = time.perf_counter()
     feats.mean(0)
     t_base = time.perf_counter() - t
     t = time.perf_counter()
     ntr = int((split == "train").sum())
     policy = {int(s): feats[:ntr] + np.float32(0.01 * i) for i, s in enumerate(steps[::-1][: a.policy_steps], 1)}
-    out = run_theory(train, card, feats, ref, margins, {"confidence": 0.95, "failure_constant_c": 1.0}, dpo_cfg,
+    out = run_theory(train, card, feats, ref, margins, Theory(confidence=0.95, failure_constant_c=1.0), dpo_cfg,
                      policy)
     t_theory = time.perf_counter() - t
     print(f"{n} pairs, d = {d}, K = {K}, {len(steps)} checkpoints ({len(margins)} margin rows)")
@@ -91,7 +91,7 @@ def attribution_timing(rng, n, d, K, checkpoints):
     steps = np.linspace(0, 100, checkpoints).astype(int)
     margins = pd.concat([pd.DataFrame({"step": s, "split": split, "sample_id": ids, "concept": concept,
                                        "cluster": cluster, "margin": 0.0}) for s in steps], ignore_index=True)
-    cfg = {"beta": 0.1, "lr": 1.0, "loss": "sigmoid", "label_smoothing": 0.0}
+    cfg = DPO(beta=0.1, lr=1.0, loss="sigmoid", label_smoothing=0.0)
     ntr = int((split == "train").sum())
     t = time.perf_counter()
     predicted_margins(g[:ntr], w[:ntr], lo[:ntr], g, w, lo, beta=0.1, lr=1.0, steps=100, checkpoints=list(steps))

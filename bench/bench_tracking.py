@@ -49,6 +49,7 @@ from dpogen.data import validate_pairs  # noqa: E402
 from dpogen.engine import loop, schedule, tracked  # noqa: E402
 from dpogen.estimates import split_estimates  # noqa: E402
 from dpogen.logprobs import encode_pairs, pair_logps  # noqa: E402
+from dpogen.settings import DPO, Scratch  # noqa: E402
 
 
 def word_tokenizer(vocab: int):
@@ -88,11 +89,11 @@ def workload(n_train: int, n_test: int, prompt: tuple[int, int], response: tuple
             validate_pairs(df.iloc[n_train:].reset_index(drop=True), "test"))
 
 
-def dpo_cfg(**kw) -> dict:
+def dpo_cfg(**kw) -> DPO:
     cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["dpo"]
     cfg.update(beta=0.1, lr=5e-4, optimizer="adamw", epochs=1, save_every=0, log_every=10**6, append_eos=True,
                eval_batch_size=16, eval_every=10, eval_steps=[], **kw)
-    return cfg
+    return DPO.model_validate(cfg)
 
 
 def train(folder: Path, name: str, train_df, test_df, cfg: dict) -> tuple[dict, pd.DataFrame]:
@@ -169,10 +170,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         folder = Path(d)
         tok = word_tokenizer(a.vocab)
-        model = M.build_scratch({"arch": "llama", "hidden_size": a.hidden, "intermediate_size": 4 * a.hidden,
+        model = M.build_scratch(Scratch(**{"arch": "llama", "hidden_size": a.hidden, "intermediate_size": 4 * a.hidden,
                                  "num_layers": a.layers, "num_heads": max(1, a.hidden // 64),
                                  "max_position_embeddings": a.prompt[1] + 2 * a.response[1] + 8,
-                                 "tie_word_embeddings": False}, tok, 0)
+                                 "tie_word_embeddings": False}), tok, 0)
         M.save(model, tok, folder / "model")
         tr, te = workload(a.train, a.test, tuple(a.prompt), tuple(a.response), a.vocab, a.concepts)
         steps = -(-a.train // a.batch)
@@ -185,9 +186,9 @@ def main() -> None:
                                                             folder / "feat.npy"))
         print(f"reference pass over {a.train + a.test} pairs: {t_ref:.1f} s (once per run, not counted below)")
 
-        info_auto, _ = train(folder, "auto", tr, te, {**base, "track": "auto"})
+        info_auto, _ = train(folder, "auto", tr, te, base.replace(track="auto"))
         auto_steps = sorted(int(s) for s in info_auto["checkpoints"])
-        truth_cfg = {**base, "track": "all", "eval_every": None, "eval_steps": auto_steps}
+        truth_cfg = base.replace(track="all", eval_every=None, eval_steps=auto_steps)
         info_full, truth = train(folder, "truth", tr, te, truth_cfg)
         t_auto = info_auto["time_s"]
         t_full = info_full["time_s"]
@@ -198,9 +199,9 @@ def main() -> None:
         pairs = pd.concat([tr, te], ignore_index=True)
         enc = encode_pairs(tok2, pairs["prompt"], pairs["chosen"], pairs["rejected"], append_eos=True)
         with torch.no_grad():
-            t_rows, _ = timed(lambda: pair_logps(model, enc, batch_rows=base["eval_batch_size"]))
-            t_shared, _ = timed(lambda: pair_logps(model, enc, batch_rows=base["eval_batch_size"], shared_prompt=True))
-        today_n = len(schedule.eval_schedule({"steps": steps, "eval_every": 10, "eval_steps": []}))
+            t_rows, _ = timed(lambda: pair_logps(model, enc, batch_rows=base.eval_batch_size))
+            t_shared, _ = timed(lambda: pair_logps(model, enc, batch_rows=base.eval_batch_size, shared_prompt=True))
+        today_n = len(schedule.eval_schedule(base.replace(steps=steps, eval_every=10, eval_steps=[])))
         today = today_n * t_rows / t_full["training"]
         auto = t_auto["tracking_over_training"]
         print("1. tracking time / training time (seconds)")
@@ -222,10 +223,10 @@ def main() -> None:
 
         speed, rel = prompt_pass(model, tok2, a.prompt_pass_length, 64)
         small_tok = word_tokenizer(1000)
-        small = M.build_scratch({"arch": "llama", "hidden_size": a.hidden, "intermediate_size": 4 * a.hidden,
+        small = M.build_scratch(Scratch(**{"arch": "llama", "hidden_size": a.hidden, "intermediate_size": 4 * a.hidden,
                                  "num_layers": a.layers, "num_heads": max(1, a.hidden // 64),
                                  "max_position_embeddings": 2 * a.prompt_pass_length + 8,
-                                 "tie_word_embeddings": False}, small_tok, 0).eval()
+                                 "tie_word_embeddings": False}), small_tok, 0).eval()
         speed_small, rel_small = prompt_pass(small, small_tok, a.prompt_pass_length, 64)
         head = a.vocab * a.hidden / sum(p.numel() for p in model.parameters())
         print(f"3. one prompt pass against two rows, prompts and responses of {a.prompt_pass_length} tokens, 64 pairs: "

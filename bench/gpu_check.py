@@ -119,8 +119,10 @@ def build(work: Path, a) -> None:
                                  "n_test": len(test), "seconds": time.perf_counter() - t0, "torch": torch.__version__})
 
 
-def dpo_cfg(a) -> dict:
+def dpo_cfg(a):
     import yaml
+
+    from dpogen.settings import DPO
 
     cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["dpo"]
     cfg.update(steps=a.steps, batch_size=BATCH, beta=BETA, lr=LR, optimizer="adamw", weight_decay=0.0,
@@ -128,7 +130,7 @@ def dpo_cfg(a) -> dict:
                log_every=10, append_eos=True,  # TRL always appends EOS: both score the same tokens
                device="cpu" if a.cpu else "cuda", dtype="float32", autocast=autocast(a), processes=1,
                parallel="fsdp", gradient_checkpointing=False, max_tokens_per_batch=None, geometry_steps=[])
-    return cfg
+    return DPO.model_validate(cfg)
 
 
 def autocast(a):

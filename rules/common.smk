@@ -1,23 +1,21 @@
-# Helpers shared by the stage files.
+# Helpers shared by the stage files. SETTINGS (the experiment's) and RS (run → its settings) are typed
+# (dpogen.settings); the params below carry what each stage's outputs depend on, so a change reruns it.
 
-MODEL = config["model"]
+MODEL = SETTINGS.model
 # the workflow builds the base model (offline default) or converts a GGUF checkpoint once; a hub id or a
 # local folder is used where it is
-BUILDS_BASE = MODEL["source"] == "scratch" or bool(MODEL["pretrained"].get("gguf_file"))
+BUILDS_BASE = MODEL.source == "scratch" or bool(MODEL.pretrained.gguf_file)
 # theory.attribution_check: leave-one-concept-out retraining beside each run's attribution
-CHECK_ATTRIBUTION = bool(config["theory"].get("attribution_check"))
+CHECK_ATTRIBUTION = SETTINGS.theory.attribution_check
 # a tokenizer trained on the data's text reads its rows: rule check_data validates them first
-CHECKS_DATA = MODEL["source"] == "scratch" and config["data"]["source"] in (
-    "persona",
-    "files",
-    "hf",
-)
+CHECKS_DATA = MODEL.source == "scratch" and SETTINGS.data.source in ("persona", "files", "hf")
+THREADS = SETTINGS.threads.train
 
 
 def base_key(run):
     """What a model built from the config depends on: the run's seed and its replicate offset (which moves
     the data seeds of the tokenizer's corpus)."""
-    return run_config(config, run)["seed"], replicate(config, run) or 0
+    return RS[run].seed, replicate(SETTINGS, run) or 0
 
 
 def base_name(run):
@@ -25,7 +23,7 @@ def base_name(run):
     per seed and replicate (its initialisation and its tokenizer's corpus): base_model-seed1235-s1.
     """
     seed, offset = base_key(run)
-    if MODEL["source"] != "scratch" or (seed, offset) == (config["seed"], 0):
+    if MODEL.source != "scratch" or (seed, offset) == (SETTINGS.seed, 0):
         return "base_model"
     return f"base_model-seed{seed}" + (f"-s{offset}" if offset else "")
 
@@ -37,20 +35,12 @@ for _run in RUNS:
 
 def base_of(run):
     """The run's base model: the folder the workflow makes, or the configured hub id or local folder."""
-    return f"{OUT}/{base_name(run)}" if BUILDS_BASE else MODEL["pretrained"]["path"]
+    return f"{OUT}/{base_name(run)}" if BUILDS_BASE else MODEL.pretrained.path
 
 
 # loading options that change what a model job computes; in params only when set, so runs made without
 # them keep their outputs
-LOAD = {
-    k: v
-    for k, v in {
-        "attn_implementation": MODEL.get("attn_implementation"),
-        "trust_remote_code": MODEL.get("trust_remote_code") or None,
-        "revision": MODEL["pretrained"].get("revision"),
-    }.items()
-    if v
-}
+LOAD = MODEL.load_options()
 WITH_LOAD = {"load": LOAD} if LOAD else {}
 
 ENGINE_KEYS = (
@@ -63,9 +53,9 @@ ENGINE_KEYS = (
 )
 
 
-def engine_settings(cfg):
+def engine_settings(rs):
     """How a model job runs (shared by sft, the reference pass and dpo)."""
-    return {k: cfg["dpo"][k] for k in ENGINE_KEYS}
+    return {k: getattr(rs.dpo, k) for k in ENGINE_KEYS}
 
 
 def planned(stage, key):
@@ -76,26 +66,22 @@ def planned(stage, key):
     from dpogen.plan import rule_resources
 
     def value(wildcards):
+        rs = RS[wildcards.run]
         try:
-            res = rule_resources(config, wildcards.run, stage)
+            res = rule_resources(rs, stage)
         except ConfigError:
-            cfg = rcfg(wildcards)
-            cuda = str(cfg["dpo"]["device"]).startswith("cuda")
-            idle = stage == "sft" and cfg["sft"]["target"] == "none"
-            res = {
-                "gpus": cfg["dpo"]["processes"] if cuda and not idle else 0,
-                "mem_mb": 16000,
-            }
+            cuda = str(rs.dpo.device).startswith("cuda")
+            idle = stage == "sft" and rs.sft.target == "none"
+            res = {"gpus": rs.dpo.processes if cuda and not idle else 0, "mem_mb": 16000}
         return res[key]
 
     return value
 
 
-def run_settings(cfg):
+def summary_settings(rs):
     """What the summary names of each run's settings (a sweep may vary any of them)."""
-    d = cfg["dpo"]
     keys = ("loss", "label_smoothing", "beta", "optimizer", "lr", "steps", "batch_size")
-    return {k: d[k] for k in keys} | {"confidence": cfg["theory"]["confidence"]}
+    return {k: getattr(rs.dpo, k) for k in keys} | {"confidence": rs.theory.confidence}
 
 
 def base_input(wildcards):
@@ -107,35 +93,23 @@ def base_param(wildcards):
     return base_of(wildcards.run)
 
 
-def rcfg(wildcards):
-    """The full config of the run named by the job's wildcards (the sweep's value filled in)."""
-    return run_config(config, wildcards.run)
-
-
-def ref_settings(cfg):
+def ref_settings(rs):
     """The DPO settings that change reference log-probs (not β, lr, ...: changing those keeps them);
     dpo.score only when it is not the default, so reference passes made before it existed are kept.
     """
-    score = cfg["dpo"].get("score", "sequence")
+    d = rs.dpo
+    keys = ("append_eos", "dtype", "eval_batch_size", "eval_max_tokens_per_batch")
     return (
-        {
-            k: cfg["dpo"][k]
-            for k in (
-                "append_eos",
-                "dtype",
-                "eval_batch_size",
-                "eval_max_tokens_per_batch",
-            )
-        }
-        | ({"score": score} if score != "sequence" else {})
-        | engine_settings(cfg)
+        {k: getattr(d, k) for k in keys}
+        | ({"score": d.score} if d.score != "sequence" else {})
+        | engine_settings(rs)
     )
 
 
 def code(rule):
     """The rule's code param (dpogen.codehash.code_param): the hash of the code its script runs, or the
     recorded one where workflow.rerun_on_code keeps results of older code."""
-    return code_param(config, OUT, rule)
+    return code_param(SETTINGS.workflow.rerun_on_code, OUT, rule)
 
 
 def vector(*pngs):

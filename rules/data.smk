@@ -5,7 +5,7 @@
 # (rule base_model) waits for it
 rule check_data:
     input:
-        files=data_files(config["data"], all_concepts=True),
+        files=data_files(SETTINGS.data, all_concepts=True),
     output:
         f"{OUT}/check_data.json",
     log:
@@ -13,7 +13,7 @@ rule check_data:
     conda:
         "../envs/dpogen.yaml"
     params:
-        data={k: v for k, v in config["data"].items() if k != "k"},
+        data=SETTINGS.data.model_dump(exclude={"k"}),
         code=code("check_data"),
     script:
         "../workflow_scripts/check_data.py"
@@ -22,7 +22,7 @@ rule check_data:
 rule data:
     input:
         base=base_input,
-        files=lambda w: data_files(rcfg(w)["data"]),  # local data files: editing one reruns
+        files=lambda w: data_files(RS[w.run].data),  # local data files: editing one reruns
     output:
         train=f"{RUN}/data/train.parquet",
         test=f"{RUN}/data/test.parquet",
@@ -33,7 +33,7 @@ rule data:
     conda:
         "../envs/dpogen.yaml"
     params:
-        data=lambda w: rcfg(w)["data"],
+        data=lambda w: RS[w.run].data.model_dump(),
         tokenizer=base_param,
         code=code("data"),
     script:

@@ -13,13 +13,13 @@ rule ref_logps:
         f"{LOGS}/ref_logps/{{run}}.log",
     conda:
         "../envs/dpogen.yaml"
-    threads: config["threads"]["train"]
+    threads: THREADS
     resources:
         gpu=planned("ref_logps", "gpus"),
         mem_mb=planned("ref_logps", "mem_mb"),
     params:
-        dpo=lambda w: ref_settings(rcfg(w)),
-        threads=config["threads"]["train"],
+        dpo=lambda w: ref_settings(RS[w.run]),
+        threads=THREADS,
         code=code("ref_logps"),
     script:
         "../workflow_scripts/ref_logps.py"
@@ -46,14 +46,14 @@ rule dpo:
         f"{LOGS}/dpo/{{run}}.log",
     conda:
         "../envs/dpogen.yaml"
-    threads: config["threads"]["train"]
+    threads: THREADS
     resources:
         gpu=planned("dpo", "gpus"),
         mem_mb=planned("dpo", "mem_mb"),
     params:
-        dpo=lambda w: {**value_settings(rcfg(w)["dpo"], "dpo"), **WITH_LOAD},
-        seed=lambda w: rcfg(w)["seed"],
-        threads=config["threads"]["train"],  # float order: the numbers depend on it
+        dpo=lambda w: {**RS[w.run].dpo.rule_params(), **WITH_LOAD},
+        seed=lambda w: RS[w.run].seed,
+        threads=THREADS,  # float order: the numbers depend on it
         code=code("dpo"),
     script:
         "../workflow_scripts/dpo.py"

@@ -63,9 +63,9 @@ rule run_report:
     conda:
         "../envs/dpogen.yaml"
     params:
-        sweep_value=lambda w: sweep_label(config, RUNS[w.run]),
-        group=lambda w: group_label(config, w.run),
-        replicate=lambda w: replicate(config, w.run),
+        sweep_value=lambda w: sweep_label(SETTINGS, RUNS[w.run]),
+        group=lambda w: group_label(SETTINGS, w.run),
+        replicate=lambda w: replicate(SETTINGS, w.run),
         code=code("run_report"),
     script:
         "../workflow_scripts/run_report.py"
@@ -121,11 +121,11 @@ rule summary:
     conda:
         "../envs/dpogen.yaml"
     params:
-        sweep_label=sweep_title(config),
+        sweep_label=sweep_title(SETTINGS),
         experiment=EXP,
         runs=list(RUNS),
-        settings={run: run_settings(run_config(config, run)) for run in RUNS},
-        paper_model=config["report"]["paper_model"],
+        settings={run: summary_settings(RS[run]) for run in RUNS},
+        paper_model=SETTINGS.report.paper_model,
         code=code("summary"),
     script:
         "../workflow_scripts/summary.py"
@@ -153,7 +153,7 @@ rule scaling:
     conda:
         "../envs/dpogen.yaml"
     params:
-        target=config["report"]["scaling_target"],
+        target=SETTINGS.report.scaling_target,
         code=code("scaling"),
     script:
         "../workflow_scripts/scaling.py"

@@ -6,8 +6,8 @@ rule base_model:
     input:
         # the tokenizer's corpus when it is trained on the data's text
         files=(
-            data_files(config["data"], all_concepts=True)
-            if MODEL["source"] == "scratch"
+            data_files(SETTINGS.data, all_concepts=True)
+            if MODEL.source == "scratch"
             else []
         ),
         # validated rows first: an edit of a data file reruns check_data, and what follows it
@@ -21,14 +21,11 @@ rule base_model:
     conda:
         "../envs/dpogen.yaml"
     params:
-        model=config["model"],
+        model=MODEL.model_dump(),
         # the tokenizer's corpus: all concepts, the data seeds of the replicate
-        data=lambda w: {
-            k: v
-            for k, v in with_replicate(config, BASES[w.base][1])["data"].items()
-            if k != "k"
-        },
+        data=lambda w: base_settings(config, BASES[w.base][1]).data.model_dump(exclude={"k"}),
         seed=lambda w: BASES[w.base][0],
+        replicate=lambda w: BASES[w.base][1],
         code=code("base_model"),  # includes the data modules that read the corpus
     script:
         "../workflow_scripts/base_model.py"
@@ -44,20 +41,20 @@ rule sft:
         f"{LOGS}/sft/{{run}}.log",
     conda:
         "../envs/dpogen.yaml"
-    threads: config["threads"]["train"]
+    threads: THREADS
     resources:
         gpu=planned("sft", "gpus"),
         mem_mb=planned("sft", "mem_mb"),
     params:
         base=base_param,
         sft=lambda w: {
-            **value_settings(rcfg(w)["sft"], "sft"),
-            "dtype": MODEL["dtype"],
-            **engine_settings(rcfg(w)),
+            **RS[w.run].sft.rule_params(),
+            "dtype": MODEL.dtype,
+            **engine_settings(RS[w.run]),
             **WITH_LOAD,
         },
-        seed=lambda w: rcfg(w)["seed"],
-        threads=config["threads"]["train"],
+        seed=lambda w: RS[w.run].seed,
+        threads=THREADS,
         code=code("sft"),
     script:
         "../workflow_scripts/sft.py"

@@ -27,9 +27,11 @@ rule theory:
     params:
         # attribution_check adds a rule; it changes nothing the theory stage writes
         theory=lambda w: {
-            k: v for k, v in rcfg(w)["theory"].items() if k != "attribution_check"
+            k: v
+            for k, v in RS[w.run].theory.model_dump().items()
+            if k != "attribution_check"
         },
-        dpo=lambda w: {k: rcfg(w)["dpo"][k] for k in THEORY_FROM_DPO},
+        dpo=lambda w: {k: getattr(RS[w.run].dpo, k) for k in THEORY_FROM_DPO},
         code=code("theory"),
     script:
         "../workflow_scripts/theory.py"
@@ -52,7 +54,7 @@ rule attribution_check:
         f"{LOGS}/attribution_check/{{run}}.log",
     conda:
         "../envs/dpogen.yaml"
-    threads: config["threads"]["train"]
+    threads: THREADS
     resources:
         gpu=planned("dpo", "gpus"),
         mem_mb=planned("dpo", "mem_mb"),
@@ -61,13 +63,13 @@ rule attribution_check:
         dpo=lambda w: {
             **{
                 k: v
-                for k, v in value_settings(rcfg(w)["dpo"], "dpo").items()
+                for k, v in RS[w.run].dpo.rule_params().items()
                 if k != "tracin"
             },
             **WITH_LOAD,
         },
-        seed=lambda w: rcfg(w)["seed"],
-        threads=config["threads"]["train"],
+        seed=lambda w: RS[w.run].seed,
+        threads=THREADS,
         code=code("attribution_check"),
     script:
         "../workflow_scripts/attribution_check.py"

@@ -48,7 +48,7 @@ def test_one_step_without_a_concept_changes_margins_by_its_contribution(exact_ru
     concept = m[m["step"] == 0].set_index("sample_id").loc[ref["sample_id"], "concept"].to_numpy()
     W0 = torch.randn(int(max(w.max(), lo.max())) + 1, g.shape[1], dtype=torch.float64,
                      generator=torch.Generator().manual_seed(0))
-    beta, lr = cfg["beta"], cfg["lr"]
+    beta, lr = cfg.beta, cfg.lr
 
     def margins(W):
         lp, lp0 = torch.log_softmax(g @ W.T, -1), torch.log_softmax(g @ W0.T, -1)
@@ -64,7 +64,7 @@ def test_one_step_without_a_concept_changes_margins_by_its_contribution(exact_ru
             return margins(W - lr * W.grad).numpy()
 
     m0 = m[m["step"] == 0]
-    att, _ = A.attribution(exact_run["g"], ref, pd.concat([m0, m0.assign(step=1)]), {**cfg, "steps": 1})
+    att, _ = A.attribution(exact_run["g"], ref, pd.concat([m0, m0.assign(step=1)]), cfg.replace(steps=1))
     c1 = att[att["step"] == 1]
     full = one_step(torch.ones(int(tr.sum()), dtype=torch.float64))
     for c in sorted(set(concept)):
@@ -150,7 +150,7 @@ def test_when_the_backbone_trains_tracin_is_computed_or_the_table_says_why(tmp_p
     att = pd.read_parquet(tmp_path / "a" / "split.parquet")
     assert att["method"].str.startswith("estimate: TracIn over the margin checkpoints (the LM head's").all()
     assert (att.loc[att["step"] == 0, "contribution"] == 0).all() and att["contribution"].abs().max() > 0
-    train_run(tmp_path / "b", tiny_model_dir, spec, {**cfg, "tracin": {"params": "none", "dim": 512}}, k=2, q=3)
+    train_run(tmp_path / "b", tiny_model_dir, spec, cfg.replace(tracin={"params": "none", "dim": 512}), k=2, q=3)
     none = pd.read_parquet(tmp_path / "b" / "split.parquet")
     assert len(none) == 1 and none["step"].iloc[0] == -1
     assert none["method"].iloc[0] == "not computed: dpo.tracin.params: none"
@@ -182,7 +182,7 @@ def test_leave_one_concept_out_against_the_exact_attribution(exact_run, tiny_mod
     with pytest.raises(ValueError,
                        match=f"dpo.batch_size {n_left + 1} is larger than the {n_left} training pairs left"):
         leave_one_out(tiny_model_dir, train, test, tmp / "ref.parquet", tmp / "feat.npy", exact_run["margins"], inter,
-                      {**exact_run["cfg"], "batch_size": n_left + 1}, 0)
+                      exact_run["cfg"].replace(batch_size=n_left + 1), 0)
     # the estimate is minus the removed concept's contribution: its own held-out pairs lose the most
     own = check[check["train_concept"] == check["concept"]]
     assert (own["measured"] < 0).all() and (own["estimated"] < 0).all()

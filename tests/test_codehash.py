@@ -152,8 +152,9 @@ def test_a_module_no_script_runs_changes_no_hash(toy):
 def test_real_package_every_reached_module_is_found():
     reached = {m for s in SCRIPTS.glob("*.py") for m in script_modules(s)}
     everything = {p.relative_to(SRC).as_posix() for p in SRC.rglob("*.py")}
-    # plan.py and inputs.py run in the Snakefile, not in a job (config.py in both: base_model reads the runs)
-    assert reached == everything - {"plan.py", "inputs.py"}
+    # plan.py and inputs.py run in the Snakefile, not in a job (config.py in both: base_model reads the runs);
+    # settings/__main__.py prints the schema, stage.py runs a stage outside Snakemake
+    assert reached == everything - {"plan.py", "inputs.py", "settings/__main__.py", "stage.py"}
     dpo = script_modules(SCRIPTS / "dpo.py")
     assert {"engine/loop.py", "engine/policy.py", "logprobs.py", "reference.py", "launch.py", "__init__.py",
             "engine/__init__.py"} <= set(dpo)
@@ -194,7 +195,7 @@ def test_rerun_on_code_false_keeps_the_recorded_code_param(tmp_path):
         path.write_text(json.dumps({"param": param, "code": code}))
 
     for setting, keeps in ((True, False), (["theory"], False), (False, True), (["run_report", "summary"], True)):
-        param = code_param({"workflow": {"rerun_on_code": setting}}, tmp_path, "theory")
+        param = code_param(setting, tmp_path, "theory")
         path.unlink(missing_ok=True)
         assert param(wc) == current  # no record yet
         record("0123456789abcdef", "0123456789abcdef")  # made by older code

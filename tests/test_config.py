@@ -4,7 +4,8 @@ import pytest
 import yaml
 
 from dpogen.codehash import stage_hash
-from dpogen.config import ConfigError, run_config, runs
+from dpogen.config import ConfigError, load, run_config, run_settings, runs
+from dpogen.settings import build
 from tests.conftest import REPO
 from tests.workflow_util import snakemake
 
@@ -18,9 +19,10 @@ BAD = [
     ({"theory": {"confidence": 1.5}}, "confidence"),
     ({"sweep": {"param": "dpo.nonexistent", "values": [1]}}, "dpo.nonexistent"),
     # values that pass a type check but cannot be right (before any job, not inside the dpo job)
-    ({"dpo": {"beta": float("nan")}}, "dpo.beta: nan is not a finite number (run k1)"),
-    ({"dpo": {"lr": float("inf")}}, "dpo.lr: inf is not a finite number (run k1)"),
-    ({"sweep": {"param": "dpo.lr", "values": [0.001, float("inf")]}}, "sweep.values[1]: inf is not a finite number"),
+    ({"dpo": {"beta": float("nan")}}, "dpo.beta = nan: should be a finite number"),
+    ({"dpo": {"lr": float("inf")}}, "dpo.lr = inf: should be a finite number"),
+    ({"sweep": {"param": "dpo.lr", "values": [0.001, float("inf")]}},
+     "dpo.lr = inf: should be a finite number (run lrinf)"),
     ({"dpo": {"warmup_steps": 50, "steps": 4}}, "dpo.warmup_steps: 50 is more than dpo.steps: 4"),
     ({"sft": {"warmup_steps": 50, "steps": 4}}, "sft.warmup_steps: 50 is more than sft.steps: 4"),
 ]
@@ -37,14 +39,34 @@ def test_bad_config_stops_before_any_job(tmp_path, override, key):
 
 def test_default_config_is_valid_and_sweeps_k():
     cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    assert runs(cfg) == {"k1": 1, "k2": 2, "k4": 4, "k8": 8}
-    assert run_config(cfg, "k4")["data"]["k"] == 4
+    assert runs(build(cfg)) == {"k1": 1, "k2": 2, "k4": 4, "k8": 8}
+    assert run_settings(cfg, "k4").data.k == 4 and run_config(cfg, "k4")["data"]["k"] == 4
     assert cfg["data"]["k"] == 1  # run_config copies; the base config is untouched
 
 
 def test_run_config_rejects_unknown_key():
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     with pytest.raises(ConfigError, match="data.nope"):
-        run_config({"sweep": {"param": "data.nope", "values": [1]}, "data": {}}, "nope1")
+        run_config({**cfg, "sweep": {"param": "data.nope", "values": [1]}}, "nope1")
+
+
+def test_config_file_is_the_settings_defaults():
+    """config/config.yaml, the commented file a user edits, holds every setting at its typed default (the
+    sweep over K and the experiment's name aside): one place for a default, read back from both."""
+    from dpogen.settings import Settings
+
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    defaults = Settings.model_validate({"experiment": "x", "seed": 0, "data": {}, "model": {}, "sft": {}, "dpo": {},
+                                        "theory": {}}).model_dump()
+    written = build(cfg).model_dump()
+    for key in ("experiment", "seed", "sweep"):
+        written.pop(key), defaults.pop(key)
+    differ = {f"{s}.{k}": (written[s][k], defaults[s][k]) for s in defaults for k in defaults[s]
+              if written[s][k] != defaults[s][k]}
+    assert differ == {}, differ
+    # and the file names every key (a key left out of the file is documented nowhere a user reads)
+    missing = {f"{s}.{k}" for s in defaults for k in defaults[s] if k not in (cfg.get(s) or {})}
+    assert missing == set(), missing
 
 
 def test_stage_hash_differs_by_stage():
@@ -61,27 +83,23 @@ def _merge(base: dict, over: dict) -> dict:
 
 @pytest.mark.parametrize("path", sorted((REPO / "config" / "experiments").glob("*.yaml")), ids=lambda p: p.stem)
 def test_experiment_configs_are_valid(path, monkeypatch):
-    """Every experiment file, merged over config.yaml as --configfile does, passes the schema and checks,
-    and names the compute it needs at its top."""
-    from snakemake.utils import validate
-
+    """Every experiment file, merged over config.yaml as --configfile does, builds into settings and passes
+    the checks, and names the compute it needs at its top."""
     from dpogen import config as C
-    from dpogen.config import check, normalize
 
     monkeypatch.setattr(C, "check_model_path", lambda pre: None)  # model files a clone has not fetched
     text = path.read_text()
     assert text.startswith("# Compute"), path
-    cfg = normalize(_merge(yaml.safe_load((REPO / "config" / "config.yaml").read_text()), yaml.safe_load(text)))
-    validate(cfg, str(REPO / "config" / "schema.yaml"))
-    check(cfg)
-    assert cfg["experiment"] == path.stem
+    cfg = _merge(yaml.safe_load((REPO / "config" / "config.yaml").read_text()), yaml.safe_load(text))
+    s, rss = load(cfg)
+    assert s.experiment == path.stem
     from dpogen import plan
 
-    plans = plan.plan(cfg) if cfg.get("resources", {}).get("gpu_mem_gb") else None
-    plan.check(cfg, plans)  # the configs that name their GPUs fit them
+    plans = plan.plan(rss) if s.resources.gpu_mem_gb else None
+    plan.check(s, rss, plans)  # the configs that name their GPUs fit them
     if path.stem.startswith(("v3-", "v5-full")):
         dpo = next(iter(plans.values()))["dpo"]
-        assert dpo["resources"]["gpus"] == 4 and cfg["resources"]["gpu_mem_gb"] == 80
+        assert dpo["resources"]["gpus"] == 4 and s.resources.gpu_mem_gb == 80
         # the header is the plan's
         assert f"per GPU {dpo['per_gpu']['total'] / 1e9:.1f} GB in dpo" in text.splitlines()[0]
     if path.stem == "v5-full-llama3.1-8b":
@@ -96,17 +114,17 @@ def test_a_sweep_over_another_key_is_named_by_that_key():
 
     base = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     cfg = normalize(merge(base, {"sweep": {"param": "dpo.beta", "values": [0.1, 0.5]}}))
-    assert list(runs(cfg)) == ["beta0.1", "beta0.5"]
+    assert list(runs(build(cfg))) == ["beta0.1", "beta0.5"]
     cfg = normalize(merge(base, {"sweep": {"param": "dpo.beta", "values": [0.1], "prefix": "b"}}))
-    assert list(runs(cfg)) == ["b0.1"]
-    assert list(runs(normalize(base))) == ["k1", "k2", "k4", "k8"]
+    assert list(runs(build(cfg))) == ["b0.1"]
+    assert list(runs(build(normalize(base)))) == ["k1", "k2", "k4", "k8"]
 
 
 def test_a_schema_error_is_one_line_not_the_schema(tmp_path):
     """An unknown key or a value outside an enum: one line naming the run, the key and what is allowed, not
     Snakemake's dump of the whole schema."""
-    for override, line in (({"dpo": {"learning_rate": 0.1}}, "run k1: unknown key(s) learning_rate in dpo; known: "),
-                           ({"dpo": {"loss": "nope"}}, "run k1: dpo.loss = 'nope': not one of ['sigmoid', 'ipo'")):
+    for override, line in (({"dpo": {"learning_rate": 0.1}}, "unknown key(s) learning_rate in dpo; known: "),
+                           ({"dpo": {"loss": "nope"}}, "dpo.loss = 'nope': should be 'sigmoid', 'ipo'")):
         (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"experiment": "bad", **override}))
         p = snakemake(REPO, tmp_path, "-n", "--configfile", str(tmp_path / "bad.yaml"), check=False)
         out = p.stdout + p.stderr
@@ -116,8 +134,6 @@ def test_a_schema_error_is_one_line_not_the_schema(tmp_path):
 
 def test_an_sft_schedule_that_never_runs_is_not_checked():
     """sft.target: none trains nothing: its steps and warm-up are not held against each other."""
-    from dpogen.config import check, normalize
-
-    cfg = normalize(yaml.safe_load((REPO / "config" / "config.yaml").read_text()))
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     cfg["sft"] = {**cfg["sft"], "target": "none", "steps": 0}
-    check(cfg)
+    load(cfg)

@@ -11,13 +11,14 @@ import pytest
 
 from dpogen import data as D
 from dpogen import sources as S
+from dpogen.settings import HF, Data
 from tests.conftest import PERSONA
 
 needs_persona = pytest.mark.skipif(not PERSONA.is_dir(), reason=f"persona dataset not found at {PERSONA} "
                                    "(../shared/data/persona is present in CI, not in a user's clone)")
 
 
-def base_cfg(**kw):
+def base_cfg(**kw) -> Data:
     cfg = {"source": "files", "k": None, "persona": {"path": str(PERSONA), "names": None, "seed": 1234},
            "hf": {"path": "", "name": None, "split": "train", "data_files": None, "revision": None},
            "files": {"paths": []},
@@ -31,7 +32,7 @@ def base_cfg(**kw):
             cfg[key] = {**cfg[key], **value}
         else:
             cfg[key] = value
-    return cfg
+    return Data.model_validate(cfg)
 
 
 def run(tmp_path, cfg, k=None, tokenizer=None):
@@ -196,13 +197,13 @@ def test_subsample_duplicates_and_lengths(tmp_path, tiny):
     assert card["counts"]["duplicates_dropped"] + card["counts"]["test_dropped_as_in_train"] == 3
     assert card["counts"]["dropped_too_long"] == 1 and len(train) + len(test) == 20
     assert card["tokens"]["train"]["prompt"]["max"] <= 40
-    t_train, t_test, t_card = run(tmp_path / "b", {**cfg, "truncation": "truncate"}, tokenizer=tok)
+    t_train, t_test, t_card = run(tmp_path / "b", cfg.replace(truncation="truncate"), tokenizer=tok)
     assert t_card["counts"]["truncated_prompts"] == 1
     long = pd.concat([t_train, t_test]).query("chosen == ' c'")
     kept = long["prompt"].iloc[0]
     assert len(long) == 1 and kept.endswith(" very long words") and not kept.startswith("Question")  # keeps its end
     assert len(tok(kept)["input_ids"]) <= 40
-    sub_train, sub_test, _ = run(tmp_path / "c", {**cfg, "pairs_per_concept": 4}, tokenizer=tok)
+    sub_train, sub_test, _ = run(tmp_path / "c", cfg.replace(pairs_per_concept=4), tokenizer=tok)
     assert pd.concat([sub_train, sub_test]).groupby("concept").size().tolist() == [4, 4]
 
 
@@ -369,7 +370,7 @@ def test_a_hub_dataset_is_read_at_the_commit_its_first_run_resolved(tmp_path, mo
     _, _, card = run(tmp_path / "b", D.pin_hf_revision(cfg, pin))
     assert card["hf_revision"] == "a" * 40 and asked[-1] == "a" * 40
     cfg2 = base_cfg(source="hf", hf={"path": "someone/prefs", "revision": "v2"})
-    assert D.pin_hf_revision(cfg2, pin)["hf"]["revision"] == "b" * 40
+    assert D.pin_hf_revision(cfg2, pin).hf.revision == "b" * 40
     local = base_cfg(source="hf", hf={"path": "json", "data_files": "x.jsonl"})
     assert D.pin_hf_revision(local, pin) is local
 
@@ -378,7 +379,7 @@ def test_a_load_failure_names_its_cause(tmp_path):
     path = tmp_path / "broken.json"
     path.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": ')
     with pytest.raises(D.DataError, match=r"datasets.load_dataset failed \(.*caused by .*"):
-        S.load_hf({"path": "json", "data_files": str(path), "split": "train"})
+        S.load_hf(HF(path="json", data_files=str(path), split="train"))
 
 
 # ------------------------------------------------------------------- researchers' own files (issue 12)
@@ -443,7 +444,7 @@ def test_list_valued_answers_need_expand_lists(tmp_path):
     with pytest.raises(D.DataError, match=r"lists\.jsonl: line 3, field 'answer_not_matching_behavior': a list of 2 "
                                           r"answers \(2 such row\(s\)\); set data.expand_lists: true"):
         run(tmp_path, cfg)
-    train, test, card = run(tmp_path, {**cfg, "expand_lists": True})
+    train, test, card = run(tmp_path, cfg.replace(expand_lists=True))
     assert card["expanded_lists"] == {"rows": 2, "pairs": 4} and len(train) + len(test) == 10
     # the two pairs of one question stay on one side: its prompt repeats, so the split is by prompt
     assert card["split_by"] == "prompt" and card["test_pairs_with_a_train_prompt"] == 0

@@ -5,14 +5,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 
-from dpogen import reference, tables
+from dpogen import tables
 from dpogen.engine import loop, schedule
 from dpogen.engine.loss import dpo_loss
-from dpogen.data import validate_pairs
-from dpogen.synthetic import generate
-from tests.conftest import REPO, kill_at_checkpoint
+from tests.conftest import dpo_settings, kill_at_checkpoint
 
 
 def L(h, beta, *a, **kw):
@@ -58,10 +55,10 @@ def test_gradient_pushes_margin_up():
 
 
 def test_eval_schedule():
-    cfg = {"steps": 10, "eval_every": 4, "eval_steps": [3]}
+    cfg = dpo_settings(steps=10, eval_every=4, eval_steps=[3])
     assert schedule.eval_schedule(cfg) == [0, 3, 4, 8, 10]
     with pytest.raises(ValueError, match="eval_steps"):
-        schedule.eval_schedule({"steps": 10, "eval_every": None, "eval_steps": [11]})
+        schedule.eval_schedule(dpo_settings(steps=10, eval_every=None, eval_steps=[11]))
 
 
 def test_batches_depend_on_step_only():
@@ -73,13 +70,9 @@ def test_batches_depend_on_step_only():
 
 
 @pytest.fixture
-def small_run(tmp_path, tiny_model_dir, spec):
-    train, test = generate(2, 4, 2, spec)
-    train, test = validate_pairs(train, "train"), validate_pairs(test, "test")
-    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["dpo"]
-    cfg.update(steps=6, batch_size=4, eval_every=3, save_every=2, log_every=2)
-    reference.compute_reference(tiny_model_dir, train, test, cfg, tmp_path / "ref.parquet", tmp_path / "feat.npy")
-    return train, test, cfg
+def small_run(reference_run):
+    train, test, cfg = reference_run
+    return train, test, cfg.replace(steps=6, batch_size=4, eval_every=3, save_every=2, log_every=2)
 
 
 def _train(tmp_path, tiny_model_dir, run, name):
@@ -129,7 +122,7 @@ def test_training_records_every_pair_and_is_reproducible(tmp_path, tiny_model_di
     ref = [plain_logps(model, tok, pairs["prompt"], pairs[c]) for c in ("chosen", "rejected")]
     model.load_state_dict(weights[6])
     pol = [plain_logps(model, tok, pairs["prompt"], pairs[c]) for c in ("chosen", "rejected")]
-    want = pd.Series(cfg["beta"] * ((pol[0] - ref[0]) - (pol[1] - ref[1])), index=pairs["sample_id"])
+    want = pd.Series(cfg.beta * ((pol[0] - ref[0]) - (pol[1] - ref[1])), index=pairs["sample_id"])
     last = m[m["step"] == 6].set_index("sample_id")["margin"]
     np.testing.assert_allclose(last.to_numpy(), want.loc[last.index].to_numpy(), rtol=1e-4, atol=1e-5)
     assert metrics["step"].tolist() == list(range(7))
@@ -161,7 +154,7 @@ def test_policy_features_are_saved_at_the_chosen_checkpoints(tmp_path, tiny_mode
     train, test, cfg = small_run
     ref_feats = np.load(tmp_path / "feat.npy")
     for name, lr, close in (("still", 1e-12, True), ("moved", 1e-2, False)):
-        c = {**cfg, "geometry_steps": [3, "last"], "optimizer": "sgd", "lr": lr}
+        c = cfg.replace(geometry_steps=[3, "last"], optimizer="sgd", lr=lr)
         out = tmp_path / name
         loop.train_dpo(tiny_model_dir, train, test, tmp_path / "ref.parquet", c, 7, out / "margins",
                       out / "metrics.parquet", out / "work", out_features=out / "features")
@@ -172,4 +165,4 @@ def test_policy_features_are_saved_at_the_chosen_checkpoints(tmp_path, tiny_mode
             assert g.shape == (len(train), ref_feats.shape[1])
             assert np.allclose(g, ref_feats[: len(train)], atol=1e-5) == close, (name, s)
     with pytest.raises(ValueError, match="geometry_steps"):
-        schedule.geometry_steps({"steps": 6, "geometry_steps": [4]}, [0, 3, 6])
+        schedule.geometry_steps(dpo_settings(steps=6, geometry_steps=[4]), [0, 3, 6])

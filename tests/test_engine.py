@@ -17,6 +17,7 @@ import yaml
 from dpogen import model as M
 from dpogen import reference, tables
 from dpogen.config import ConfigError, check_engine
+from dpogen.settings import DPO, SFT, Data, build
 from dpogen.data import validate_pairs
 from dpogen.engine import loop, schedule
 from dpogen.logprobs import EncodingError, encode_pairs, pair_logps, row_batches
@@ -28,16 +29,10 @@ MARGIN_COLS = ["logp_chosen", "logp_rejected", "reward_chosen", "reward_rejected
 
 
 @pytest.fixture
-def run10(tmp_path, tiny_model_dir, spec):
-    """2 concepts, 10 steps of batch 4, every pair written to Parquet for launched processes."""
-    train, test = generate(2, 4, 2, spec)
-    train, test = validate_pairs(train, "train"), validate_pairs(test, "test")
-    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["dpo"]
-    cfg.update(steps=10, batch_size=4, eval_every=5, save_every=0, log_every=5)
-    reference.compute_reference(tiny_model_dir, train, test, cfg, tmp_path / "ref.parquet", tmp_path / "feat.npy")
-    train.to_parquet(tmp_path / "train.parquet")
-    test.to_parquet(tmp_path / "test.parquet")
-    return train, test, cfg
+def run10(reference_run):
+    """10 steps of batch 4 on the shared starting point (conftest.reference_run)."""
+    train, test, cfg = reference_run
+    return train, test, cfg.replace(steps=10, batch_size=4, eval_every=5, save_every=0, log_every=5)
 
 
 def job(tmp_path, model_dir, cfg, name):
@@ -52,7 +47,7 @@ def job(tmp_path, model_dir, cfg, name):
 
 def one_process(tmp_path, model_dir, run, name, **over):
     train, test, cfg = run
-    j = job(tmp_path, model_dir, {**cfg, **over}, name)
+    j = job(tmp_path, model_dir, cfg.replace(**over), name)
     loop.train_dpo(model_dir, train, test, j["ref_logps_path"], j["cfg"], 7, j["out_margins"], j["out_metrics"],
                    j["work_dir"], out_info=j["out_info"], out_batch_margins=j["out_batch_margins"])
     return tables.read_margins(j["out_margins"])
@@ -65,8 +60,8 @@ def test_two_processes_give_the_same_margins_as_one(tmp_path, tiny_model_dir, ru
     from dpogen.launch import launch
 
     one = one_process(tmp_path, tiny_model_dir, run10, "one", gradient_checkpointing=True)
-    j = job(tmp_path, tiny_model_dir, {**run10[2], "processes": 2, "parallel": parallel,
-                                       "gradient_checkpointing": True}, "two")
+    j = job(tmp_path, tiny_model_dir, run10[2].replace(processes=2, parallel=parallel, gradient_checkpointing=True),
+            "two")
     launch("dpo", j, 2)
     two = tables.read_margins(j["out_margins"])
     info = json.loads(open(j["out_info"]).read())
@@ -170,7 +165,7 @@ def test_engine_settings_are_checked_before_any_job():
              ({"max_tokens_per_batch": 64, "grad_accum": 2}, "dpo.grad_accum"),
              ({"device": "cuda", "processes": 8}, "dpo.processes: 8 GPUs asked for, but resources.gpus allows 4")]
     for over, needle in cases:
-        rc = {**base, "dpo": {**base["dpo"], **over}, "resources": {"gpus": 4, "gpu_mem_gb": None}}
+        rc = build({**base, "dpo": {**base["dpo"], **over}, "resources": {"gpus": 4, "gpu_mem_gb": None}})
         with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
             check_engine(rc, "k1")
 
@@ -184,14 +179,14 @@ def _launch_cmd(job_file):
 def test_killed_two_process_fsdp_job_resumes_to_identical_tables(tmp_path, tiny_model_dir, run10):
     """Each rank saves its shard with torch.distributed.checkpoint; SIGKILL of the whole job, then a new
     launch, ends with the tables of an uninterrupted 2-process run, bit for bit."""
-    from dpogen.launch import launch
+    from dpogen.launch import job_record, launch
 
-    cfg = {**run10[2], "processes": 2, "parallel": "fsdp", "steps": 120, "save_every": 10, "eval_every": 40}
+    cfg = run10[2].replace(processes=2, parallel="fsdp", steps=120, save_every=10, eval_every=40)
     full = job(tmp_path, tiny_model_dir, cfg, "full")
     launch("dpo", full, 2)
     killed = job(tmp_path, tiny_model_dir, cfg, "killed")
     job_file = tmp_path / "killed.json"
-    job_file.write_text(json.dumps({"stage": "dpo", "args": killed, "load_options": {}, "threads": 1}))
+    job_file.write_text(json.dumps(job_record("dpo", killed)))
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(_launch_cmd(job_file), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -206,7 +201,7 @@ def test_killed_two_process_fsdp_job_resumes_to_identical_tables(tmp_path, tiny_
     proc.wait()
     assert not os.path.exists(killed["out_metrics"])
     saved = torch.load(meta, weights_only=False)
-    assert 0 < saved["step"] < cfg["steps"] and saved["world"] == 2
+    assert 0 < saved["step"] < cfg.steps and saved["world"] == 2
     shards = list((tmp_path / "killed" / "work" / "save").glob("*.distcp"))
     assert len(shards) == 2  # one file per rank: no rank wrote the full state
     launch("dpo", killed, 2)
@@ -224,10 +219,10 @@ def test_a_save_from_another_world_size_is_refused(tmp_path, tiny_model_dir, run
     from dpogen.launch import launch
 
     kill_at_checkpoint(monkeypatch, 10)
-    cfg = {**run10[2], "save_every": 5}
+    cfg = run10[2].replace(save_every=5)
     with pytest.raises(KeyboardInterrupt):
         one_process(tmp_path, tiny_model_dir, (run10[0], run10[1], cfg), "w")
-    j = job(tmp_path, tiny_model_dir, {**cfg, "processes": 2}, "w")
+    j = job(tmp_path, tiny_model_dir, cfg.replace(processes=2), "w")
     log = tmp_path / "launch.log"
     with pytest.raises(subprocess.CalledProcessError):
         launch("dpo", j, 2, log_path=str(log))
@@ -241,19 +236,18 @@ def test_sft_and_reference_pass_on_two_processes(tmp_path, tiny_model_dir, run10
     from dpogen.launch import launch
 
     train, test, cfg = run10
-    sft_cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["sft"]
-    sft_cfg.update(steps=4, batch_size=4, warmup_steps=0, log_every=2, dtype="float32", device="cpu")
+    sft_cfg = SFT(steps=4, batch_size=4, warmup_steps=0, log_every=2)
     from dpogen.sft import train_sft
 
-    train_sft(tiny_model_dir, train, {**sft_cfg, "processes": 1}, tmp_path / "sft1", 0)
-    launch("sft", {"base": str(tiny_model_dir), "train": str(tmp_path / "train.parquet"),
-                   "cfg": {**sft_cfg, "processes": 2, "parallel": "fsdp"}, "out": str(tmp_path / "sft2"), "seed": 0}, 2)
+    train_sft(tiny_model_dir, train, sft_cfg, tmp_path / "sft1", 0, engine=cfg.replace(processes=1))
+    launch("sft", {"base": str(tiny_model_dir), "train": str(tmp_path / "train.parquet"), "cfg": sft_cfg,
+                   "out": str(tmp_path / "sft2"), "seed": 0, "engine": cfg.replace(processes=2, parallel="fsdp")}, 2)
     a, _ = M.load(tmp_path / "sft1")
     b, _ = M.load(tmp_path / "sft2")
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(x, y, atol=2e-5, rtol=1e-4, msg=name)
     launch("ref", {"ref_path": str(tmp_path / "sft1"), "train": str(tmp_path / "train.parquet"),
-                   "test": str(tmp_path / "test.parquet"), "cfg": {**cfg, "processes": 2, "eval_batch_size": 3},
+                   "test": str(tmp_path / "test.parquet"), "cfg": cfg.replace(processes=2, eval_batch_size=3),
                    "out_logps": str(tmp_path / "r2.parquet"), "out_features": str(tmp_path / "f2.npy")}, 2)
     reference.compute_reference(tmp_path / "sft1", train, test, cfg, tmp_path / "r1.parquet", tmp_path / "f1.npy")
     r1, r2 = pd.read_parquet(tmp_path / "r1.parquet"), pd.read_parquet(tmp_path / "r2.parquet")
@@ -270,7 +264,7 @@ def test_fsdp_refuses_a_model_without_decoder_layers(tmp_path):
     model, _ = M.build_linear_head([" Yes", " No"], 8, 0)  # a transformers model with no layers
     model._no_split_modules = None
     with pytest.raises(ValueError, match="dpo.parallel: fsdp shards a model one decoder layer at a time"):
-        wrap(model, {"parallel": "fsdp"}, SimpleNamespace(enabled=True, cuda=False, local_rank=0))
+        wrap(model, DPO(parallel="fsdp"), SimpleNamespace(enabled=True, cuda=False, local_rank=0))
 
 
 def test_pairs_longer_than_the_context_are_cut_or_dropped_and_counted(tiny):
@@ -285,7 +279,7 @@ def test_pairs_longer_than_the_context_are_cut_or_dropped_and_counted(tiny):
     context = int(token_lengths(tok, df)["prompt"].max()) + 12
     for mode, kept, key in (("drop", 1, "dropped_longer_than_context"), ("truncate", 2, "truncated_to_context")):
         counts = Counter()
-        out = apply_context_limit(df, tok, context, {"truncation": mode}, counts)
+        out = apply_context_limit(df, tok, context, Data(truncation=mode), counts)
         assert len(out) == kept and counts[key] == 1
         lens = token_lengths(tok, out)
         assert (lens["prompt"] + lens[["chosen", "rejected"]].max(axis=1) + 1 <= context).all()
@@ -309,7 +303,7 @@ def test_a_damaged_resume_save_is_moved_aside_and_training_starts_over(tmp_path,
     """A killed job's save with a truncated shard: the rerun does not fail on it (as it would at every retry);
     it moves the save aside, kept as resume.damaged-<time>, says so, and trains from step 0 to the tables of
     an uninterrupted run."""
-    cfg = {**run10[2], "save_every": 5}
+    cfg = run10[2].replace(save_every=5)
     full = one_process(tmp_path, tiny_model_dir, (run10[0], run10[1], cfg), "full")
     allow = kill_at_checkpoint(monkeypatch, 10)
     with pytest.raises(KeyboardInterrupt):

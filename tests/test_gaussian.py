@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from dpogen import config as C
+from dpogen.settings import SFT, Data, Gaussian, build
 from dpogen import data as D
 from dpogen import gaussian as G
 from dpogen import model as M
@@ -26,7 +27,7 @@ def base_config() -> dict:
     return yaml.safe_load((REPO / "config" / "config.yaml").read_text())
 
 
-DPO = {"regime": "last_layer", "optimizer": "sgd", "batch_size": "full", "lr": 0.05, "beta": 1.0,
+EXACT = {"regime": "last_layer", "optimizer": "sgd", "batch_size": "full", "lr": 0.05, "beta": 1.0,
        "max_grad_norm": None, "dtype": "float64", "eval_every": 1, "eval_at_tau1": True, "save_every": 0,
        "weight_decay": 0.0, "schedule": "constant", "warmup_steps": 0, "loss": "sigmoid", "label_smoothing": 0.0}
 
@@ -34,23 +35,23 @@ DPO = {"regime": "last_layer", "optimizer": "sgd", "batch_size": "full", "lr": 0
 def run_library(tmp_path, K: int, steps: int, **gauss) -> dict:
     """One run of the gaussian source through the stage functions the workflow scripts call."""
     cfg = base_config()
-    d = cfg["data"]
-    d.update(source="gaussian", k=K)
-    d["gaussian"].update(gauss)
-    g = d["gaussian"]
-    model, tok = M.build_linear_head(G.vocabulary(g["d"] - 1, 1), g["d"], 0)
+    cfg["data"].update(source="gaussian", k=K)
+    cfg["data"]["gaussian"].update(gauss)
+    s = build(cfg)
+    d = s.data
+    model, tok = M.build_linear_head(G.vocabulary(d.gaussian.d - 1, 1), d.gaussian.d, 0)
     M.save(model, tok, tmp_path / "base")
     card = D.prepare(d, K, tmp_path / "train.parquet", tmp_path / "test.parquet", tmp_path / "card.json",
                      tmp_path / "card.md", tokenizer=M.load_tokenizer(tmp_path / "base"))
-    train_sft(tmp_path / "base", None, {"target": "none"}, tmp_path / "sft", 0)
-    dcfg = {**cfg["dpo"], **DPO, "steps": steps}
+    train_sft(tmp_path / "base", None, SFT(target="none"), tmp_path / "sft", 0)
+    dcfg = s.dpo.replace(**EXACT, steps=steps)
     tr, te = pd.read_parquet(tmp_path / "train.parquet"), pd.read_parquet(tmp_path / "test.parquet")
     compute_reference(tmp_path / "sft", tr, te, dcfg, tmp_path / "ref.parquet", tmp_path / "feat.npy")
     train_dpo(tmp_path / "sft", tr, te, tmp_path / "ref.parquet", dcfg, 0, tmp_path / "margins",
               tmp_path / "metrics.parquet", tmp_path / "work", ref_features_path=tmp_path / "feat.npy")
     feats, ref = np.load(tmp_path / "feat.npy"), pd.read_parquet(tmp_path / "ref.parquet")
     margins = tables.read_margins(tmp_path / "margins")
-    out = stage.run_theory(tr, card, feats, ref, margins, cfg["theory"], dcfg)
+    out = stage.run_theory(tr, card, feats, ref, margins, s.theory, dcfg)
     return {"card": card, "train": tr, "test": te, "feats": feats, "ref": ref, "margins": margins, "out": out,
             "dpo": dcfg}
 
@@ -92,8 +93,8 @@ def test_token_sharing_sets_z_in_the_card(tmp_path):
     cfg["gaussian"].update(q=3, test_per_cluster=2, d=8, token_sharing=2)
     model, tok = M.build_linear_head(G.vocabulary(7, 1), 8, 0)
     M.save(model, tok, tmp_path / "base")
-    card = D.prepare(cfg, 4, tmp_path / "tr.parquet", tmp_path / "te.parquet", tmp_path / "c.json", tmp_path / "c.md",
-                     tokenizer=M.load_tokenizer(tmp_path / "base"))
+    card = D.prepare(Data.model_validate(cfg), 4, tmp_path / "tr.parquet", tmp_path / "te.parquet",
+                     tmp_path / "c.json", tmp_path / "c.md", tokenizer=M.load_tokenizer(tmp_path / "base"))
     assert card["Z"] == 4 == card["gaussian"]["Z"]
     # every prompt is the one prompt token and every answer one token: single-token pairs
     assert card["tokens"]["train"]["prompt"]["max"] == 1 and card["tokens"]["train"]["chosen"]["max"] == 1
@@ -105,27 +106,27 @@ def test_config_checks_name_the_key():
     cfg["sft"]["target"] = "none"
     cfg["dpo"]["regime"] = "last_layer"
     cfg["sweep"] = None
-    C.check(cfg)
+    C.load(cfg)
     for key, value, needle in (("dpo.regime", "full", "dpo.regime"), ("sft.target", "both", "sft.target"),
                                ("data.gaussian.d", 4, "data.gaussian.d")):
         bad = json.loads(json.dumps(cfg))
         C.put(bad, key, value)
         with pytest.raises(C.ConfigError, match=needle.replace(".", r"\.")):
-            C.check(bad)
+            C.load(bad)
     bad = json.loads(json.dumps(cfg))
     bad["dpo"].update(eval_at_tau1=True, optimizer="adam")
     with pytest.raises(C.ConfigError, match="eval_at_tau1"):
-        C.check(bad)
+        C.load(bad)
 
 
 def test_grid_sweep_names_every_combination():
     cfg = base_config()
     cfg["sweep"] = {"grid": [{"param": "data.k", "values": [1, 2], "prefix": "k"},
                              {"param": "data.gaussian.q", "values": [8, 16], "prefix": "q"}]}
-    assert C.runs(cfg) == {"k1-q8": (1, 8), "k1-q16": (1, 16), "k2-q8": (2, 8), "k2-q16": (2, 16)}
-    rc = C.run_config(cfg, "k2-q8")
-    assert rc["data"]["k"] == 2 and rc["data"]["gaussian"]["q"] == 8
-    assert C.sweep_label(cfg, (2, 8)) == "k=2 q=8"
+    assert C.runs(build(cfg)) == {"k1-q8": (1, 8), "k1-q16": (1, 16), "k2-q8": (2, 8), "k2-q16": (2, 16)}
+    rc = C.run_settings(cfg, "k2-q8")
+    assert rc.data.k == 2 and rc.data.gaussian.q == 8
+    assert C.sweep_label(build(cfg), (2, 8)) == "k=2 q=8"
 
 
 # ------------------------------------------------------------------------- the theorems, measured
@@ -134,7 +135,7 @@ def test_grid_sweep_names_every_combination():
 def test_theorems_hold_in_their_own_world(tmp_path):
     """Every v5 condition met (Q = 48, d = 8, v = 1/(64 √Q), l_b = 0.3, Z = 2): the measured margins stay in
     the envelope up to τ_1, training error is 0 at τ_1, and the measured margins are the recursion's."""
-    K, beta, eta = 2, DPO["beta"], DPO["lr"]
+    K, beta, eta = 2, EXACT["beta"], EXACT["lr"]
     r = run_library(tmp_path, K, steps=14, q=48, test_per_cluster=20, d=8, v=None, l_b=0.3)
     conds = r["out"]["conditions"]
     assert conds.loc[conds["version"] == "v5", "holds"].all(), conds
@@ -193,7 +194,7 @@ def test_a_condition_reported_violated_is_violated(tmp_path):
     cfg = base_config()["data"]
     cfg.update(source="gaussian", k=4)
     cfg["gaussian"].update(q=Q, test_per_cluster=2, d=d, v=v, l_b=l_b, token_sharing=4)
-    train, _ = G.generate(4, G.GaussianSpec.from_config(cfg["gaussian"]))
+    train, _ = G.generate(4, G.GaussianSpec.from_config(Gaussian.model_validate(cfg["gaussian"])))
     train = D.validate_pairs(train, "gaussian")
     card = D.data_card(train, train, {})
     X = np.stack(train["embedding"])

@@ -15,6 +15,8 @@ import yaml
 
 from dpogen import plan as P
 from dpogen.config import ConfigError
+from dpogen.settings import Scratch, build
+from dpogen.settings.sections import Lora
 
 REPO = Path(__file__).resolve().parents[1]
 BIG = {"llama2-7b": "meta-llama/Llama-2-7b-hf", "llama3.1-8b": "meta-llama/Llama-3.1-8B",
@@ -40,6 +42,12 @@ def pretrained(path: str, **dpo) -> dict:
                        dpo={"processes": WORLD, "dtype": "float32", "autocast": "bfloat16", "device": "cuda",
                             "optimizer": "adamw", "batch_size": 128, "max_tokens_per_batch": 4096,
                             "eval_max_tokens_per_batch": 4096, **dpo}))
+
+
+def typed(cfg: dict):
+    """The experiment's settings and each run's, as the Snakefile builds them."""
+    s = build(cfg)
+    return s, {run: P.run_settings(cfg, run) for run in P.runs(s)}
 
 
 def _no_sweep(cfg: dict) -> dict:
@@ -91,7 +99,7 @@ def _layers(model):
 
 def _plan_case(case: dict) -> dict:
     cfg = pretrained("unused", regime=case["regime"], **({"lora": case["lora"]} if "lora" in case else {}))
-    return P.stage_plan(P.run_config(cfg, cfg["experiment"]), "dpo", case["mc"])
+    return P.stage_plan(P.run_settings(cfg, cfg["experiment"]), "dpo", case["mc"])
 
 
 def worker(out_dir: str) -> None:
@@ -200,17 +208,17 @@ def test_param_shapes_match_meta_models():
         want = _meta_params(model)
         assert {n: s for n, s, _ in P.param_shapes(mc)} == want, hub
         cfg = pretrained(hub, parallel="ddp")
-        p = P.stage_plan(P.run_config(cfg, cfg["experiment"]), "dpo", mc)
+        p = P.stage_plan(P.run_settings(cfg, cfg["experiment"]), "dpo", mc)
         n = sum(v.numel() for v in model.parameters())
         assert p["model"]["parameters"] == n
         assert [r["params"] for r in p["ranks"]] == [4 * n] and p["per_gpu"]["optimizer"] == 8 * n
     for arch, tied in (("llama", False), ("gpt2", True)):
         cfg = base_config(model={"scratch": {"arch": arch, "tie_word_embeddings": tied, "vocab_size": 512}})
-        mc = P.model_config(cfg)
+        mc = P.model_config(build(cfg))
         with torch.device("meta"):
-            model = M.build_scratch(cfg["model"]["scratch"], _Tok(512), seed=0)
+            model = M.build_scratch(Scratch.model_validate(cfg["model"]["scratch"]), _Tok(512), seed=0)
         assert {n: s for n, s, _ in P.param_shapes(mc)} == _meta_params(model), arch
-        p = P.stage_plan(P.run_config(cfg, "k1"), "dpo", mc)
+        p = P.stage_plan(P.run_settings(cfg, "k1"), "dpo", mc)
         assert p["model"]["parameters"] == sum(v.numel() for v in model.parameters())
         assert p["resources"]["gpus"] == 0  # device cpu
 
@@ -221,19 +229,19 @@ def test_lora_adapters_match_peft():
     from transformers import AutoConfig, AutoModelForCausalLM
 
     mc = P._read_json(P.bundled(SMOL))
-    lora = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "down_proj"]}
+    lora = Lora(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
     with torch.device("meta"):
         model = get_peft_model(AutoModelForCausalLM.from_config(AutoConfig.for_model(**mc)),
-                               LoraConfig(r=8, lora_alpha=16, target_modules=lora["target_modules"]))
+                               LoraConfig(r=8, lora_alpha=16, target_modules=lora.target_modules))
     trainable = {n.removeprefix("base_model.model."): tuple(p.shape) for n, p in model.named_parameters()
                  if p.requires_grad}
     assert {n: s for n, s, _ in P.lora_shapes(P.param_shapes(mc), lora)} == trainable
     tensors = P.regime_tensors(mc, "lora", lora)
     assert sum(P.numel(t[1]) for t in tensors) == sum(p.numel() for p in model.parameters())
-    lora = {"r": 3, "target_modules": ["c_attn", "c_fc"]}  # gpt2's Conv1D, weight (in, out)
+    lora = Lora(r=3, target_modules=["c_attn", "c_fc"])  # gpt2's Conv1D, weight (in, out)
     with torch.device("meta"):
         model = get_peft_model(AutoModelForCausalLM.from_config(AutoConfig.for_model(**ODD_GPT2)),
-                               LoraConfig(r=3, target_modules=lora["target_modules"]))
+                               LoraConfig(r=3, target_modules=lora.target_modules))
     trainable = {n.removeprefix("base_model.model."): tuple(p.shape) for n, p in model.named_parameters()
                  if p.requires_grad}
     assert {n: s for n, s, _ in P.lora_shapes(P.param_shapes(ODD_GPT2), lora)} == trainable
@@ -314,12 +322,12 @@ def test_check_refuses_a_run_over_the_gpu_memory():
     cfg = pretrained(BIG["llama3.1-8b"])
     cfg["resources"] = {"gpu_mem_gb": 30, "gpus": 8}
     with pytest.raises(ConfigError) as e:
-        P.check(cfg)
+        P.check(*typed(cfg))
     msg = str(e.value)
     assert "run synthetic-persona" in msg and "stage dpo" in msg and "optimizer (16.1 GB)" in msg and "30 GB" in msg
     assert "38.7 GB" in msg
     cfg["resources"]["gpu_mem_gb"] = 60
-    P.check(cfg)  # 38.7 GB fits
+    P.check(*typed(cfg))  # 38.7 GB fits
 
 
 def test_check_refuses_more_processes_than_gpus():
@@ -327,33 +335,33 @@ def test_check_refuses_more_processes_than_gpus():
     cfg["resources"] = {"gpu_mem_gb": None, "gpus": 2}
     with pytest.raises(ConfigError,
                        match=r"dpo.processes: run synthetic-persona, stage ref_logps asks for 4 GPUs.*gpus=2"):
-        P.check(cfg)
+        P.check(*typed(cfg))
     cfg["dpo"]["device"] = "cpu"  # CPU processes ask for no GPU
-    P.check(cfg)
+    P.check(*typed(cfg))
 
 
 def test_check_refuses_unbounded_activations():
     cfg = pretrained(BIG["llama3.1-8b"], batch_size="full", max_tokens_per_batch=None)
     cfg["resources"] = {"gpu_mem_gb": 80, "gpus": None}
     with pytest.raises(ConfigError, match="stage dpo: the activations cannot be bounded.*max_tokens_per_batch"):
-        P.check(cfg)
+        P.check(*typed(cfg))
 
 
 def test_model_config_sources(tmp_path):
     cfg = base_config(model={"source": "pretrained", "pretrained": {"path": str(tmp_path)}})
     with pytest.raises(ConfigError, match="model.pretrained.path.*config.json"):
-        P.model_config(cfg)
+        P.model_config(build(cfg))
     cfg["model"]["pretrained"]["gguf_file"] = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    assert P.model_config(cfg)["hidden_size"] == 576
+    assert P.model_config(build(cfg))["hidden_size"] == 576
     (tmp_path / "config.json").write_text(json.dumps(ODD_LLAMA))
-    assert P.model_config(cfg) == ODD_LLAMA
+    assert P.model_config(build(cfg)) == ODD_LLAMA
     cfg["model"]["pretrained"] = {"path": "someone/unknown-model"}
     with pytest.raises(ConfigError, match="model.pretrained.path.*someone--unknown-model.json"):
-        P.model_config(cfg)
+        P.model_config(build(cfg))
     with pytest.raises(ConfigError, match="'mamba'"):
         P.param_shapes({"model_type": "mamba"})
     g = base_config(data={"source": "gaussian"}, model={"source": "scratch"})
-    assert P.dims(P.model_config(g))["L"] == 0
+    assert P.dims(P.model_config(build(g)))["L"] == 0
 
 
 def test_cli_prints_the_plan(tmp_path):

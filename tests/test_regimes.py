@@ -14,13 +14,11 @@ from dpogen.theory import dynamics
 from dpogen.data import validate_pairs
 from dpogen.logprobs import encode_pairs
 from dpogen.synthetic import generate
-from tests.conftest import REPO
+from tests.conftest import dpo_settings
 
 
 def dpo_cfg(**kw):
-    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["dpo"]
-    cfg.update({"save_every": 0, "log_every": 5, **kw})
-    return cfg
+    return dpo_settings(**{"save_every": 0, "log_every": 5, **kw})
 
 
 def train_run(tmp_path, model_dir, spec, cfg, k=2, q=6, use_features=True):

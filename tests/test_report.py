@@ -10,7 +10,8 @@ import yaml
 
 from dpogen import figures, report
 from dpogen.paper import PAPER
-from tests.conftest import REPO
+from dpogen.settings import Synthetic
+from tests.conftest import REPO, dpo_settings
 
 
 def _final(rows):
@@ -152,8 +153,7 @@ def test_report_to_tensorboard_writes_trls_metric_names(tmp_path, tiny_model_dir
 
     train, test = generate(2, 4, 2, spec)
     train, test = validate_pairs(train, "train"), validate_pairs(test, "test")
-    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["dpo"]
-    cfg.update(steps=6, batch_size=4, eval_every=3, save_every=2, log_every=2, report_to=["tensorboard"])
+    cfg = dpo_settings(steps=6, batch_size=4, eval_every=3, save_every=2, log_every=2, report_to=["tensorboard"])
     reference.compute_reference(tiny_model_dir, train, test, cfg, tmp_path / "ref.parquet", tmp_path / "feat.npy")
     out = tmp_path / "k2" / "dpo"
     loop.train_dpo(tiny_model_dir, train, test, tmp_path / "ref.parquet", cfg, 0, out / "margins.parquet",
@@ -200,7 +200,8 @@ def test_flip_fraction_swaps_a_seeded_share_of_training_pairs():
     from dpogen.synthetic import SyntheticSpec, generate
     from dpogen.data import validate_pairs
 
-    spec = SyntheticSpec.from_config(yaml.safe_load((REPO / "config" / "config.yaml").read_text())["data"]["synthetic"])
+    spec = SyntheticSpec.from_config(Synthetic.model_validate(
+        yaml.safe_load((REPO / "config" / "config.yaml").read_text())["data"]["synthetic"]))
     train = validate_pairs(generate(2, 20, 2, spec)[0], "train")
     a, b = flip_labels(train, 0.05, 0), flip_labels(train, 0.05, 0)
     assert a["flipped"].sum() == 4 and a["flipped"].tolist() == b["flipped"].tolist()

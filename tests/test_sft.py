@@ -3,15 +3,15 @@ import yaml
 
 from dpogen import model as M
 from dpogen.data import validate_pairs
+from dpogen.settings import SFT
 from dpogen.sft import encode_sft, sft_sequences, train_sft
 from dpogen.synthetic import generate
 from tests.conftest import REPO
 
 
-def _cfg(**kw):
+def _cfg(**kw) -> SFT:
     cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["sft"]
-    cfg.update(steps=3, batch_size=4, warmup_steps=0, log_every=1, **kw)
-    return cfg
+    return SFT.model_validate({**cfg, "steps": 3, "batch_size": 4, "warmup_steps": 0, "log_every": 1, **kw})
 
 
 def test_targets(spec):

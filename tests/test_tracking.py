@@ -19,13 +19,11 @@ from dpogen.estimates import split_estimates
 from dpogen.logprobs import encode_pairs, pair_logps
 from dpogen.report import markdown, run_summary
 from dpogen.synthetic import generate
-from tests.conftest import REPO
+from tests.conftest import REPO, dpo_settings
 
 
 def dpo_cfg(**kw):
-    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["dpo"]
-    cfg.update({"save_every": 0, "log_every": 5, "steps": 10, "batch_size": 4, "eval_every": 5, **kw})
-    return cfg
+    return dpo_settings(**{"save_every": 0, "log_every": 5, "steps": 10, "batch_size": 4, "eval_every": 5, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +35,9 @@ def pairs(spec):
 def train(tmp_path, model_dir, pairs, name, **over):
     tr, te = pairs
     cfg = dpo_cfg(**over)
-    ref = tmp_path / f"ref-{cfg['append_eos']}.parquet"
+    ref = tmp_path / f"ref-{cfg.append_eos}.parquet"
     if not ref.exists():
-        reference.compute_reference(model_dir, tr, te, cfg, ref, tmp_path / f"feat-{cfg['append_eos']}.npy")
+        reference.compute_reference(model_dir, tr, te, cfg, ref, tmp_path / f"feat-{cfg.append_eos}.npy")
     out = tmp_path / name
     info = loop.train_dpo(model_dir, tr, te, ref, cfg, 7, out / "m", out / "x.parquet", out / "w",
                           out_info=out / "run.json", out_batch_margins=out / "batch.parquet")
@@ -116,18 +114,18 @@ def test_stratified_draw_and_sizes():
 
 def test_config_check_refuses_bad_tracking_before_any_job():
     cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    from dpogen.config import check, run_config
+    from dpogen.config import load, run_settings
 
     def refused(dpo, match):
         c = {**cfg, "dpo": {**cfg["dpo"], **dpo}}
         with pytest.raises(ConfigError, match=match):
-            check(c)
+            load(c)
 
     refused({"track": {"train": 10_000}}, r"dpo.track.train: 10000 pairs asked for, the run has 64 \(run k1\)")
     refused({"track": {"test": 1.5}}, r"dpo.track.test: fraction 1.5 outside \(0, 1\] \(run k1\)")
     refused({"track": {"train": 3}}, r"dpo.track.train: 3 pairs for 2 .*strata.*track at least 4 \(run k1\)")
     refused({"eval_schedule": {"log": 1}}, r"dpo.eval_schedule.log: 1 checkpoints; at least 2.* \(run k1\)")
-    check_track(run_config({**cfg, "dpo": {**cfg["dpo"], "track": {"train": 0.5}}}, "k8"), "k8")  # fine
+    check_track(run_settings({**cfg, "dpo": {**cfg["dpo"], "track": {"train": 0.5}}}, "k8"), "k8")  # fine
 
 
 def test_log_schedule():
@@ -136,7 +134,7 @@ def test_log_schedule():
     gaps = np.diff(s)
     assert gaps[0] == 1 and gaps[-1] > 100  # dense early, sparse late
     assert schedule.log_schedule(10, 15) == list(range(11))
-    cfg = {"steps": 100, "eval_every": 10, "eval_steps": [33], "eval_schedule": {"log": 5}}
+    cfg = dpo_settings(steps=100, eval_every=10, eval_steps=[33], eval_schedule={"log": 5})
     assert schedule.eval_schedule(cfg) == [0, 1, 5, 22, 33, 100]  # log replaces eval_every; eval_steps stay
 
 
@@ -152,7 +150,7 @@ def test_auto_tracks_everything_when_cheap_and_a_subset_on_long_responses():
     df["sample_id"] = [f"p{i}" for i in range(len(df))]
     df = pd.concat([df[df["split"] == "train"], df[df["split"] == "test"]], ignore_index=True)
     n_train = int((df["split"] == "train").sum())
-    sched = schedule.eval_schedule({"steps": 100, "eval_every": 10})
+    sched = schedule.eval_schedule(dpo_settings(steps=100, eval_every=10))
     tok = np.full(len(df), 20.0)
     t, s, why = tracked.choose(df, n_train, tok, tok, 100, 16, sched, set(), "auto", 0, 170_000, False)
     assert t.everything and s == sched and "every pair" in why

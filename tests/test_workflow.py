@@ -103,6 +103,27 @@ def test_second_run_does_nothing(wf):
     assert wf["plan"]() == {}
 
 
+def test_a_stage_runs_outside_snakemake_with_the_same_settings(wf):
+    """python -m dpogen.stage dpo <run folder>: the dpo stage of k2, outside Snakemake, on the run's own inputs
+    and settings, writes the run's margins again, bit for bit, under <run>/debug; the workflow sees nothing
+    new to do (no output or code record moved). A rule of a run given the experiment's folder is refused."""
+    import os
+    import subprocess
+    import sys
+
+    run = wf["out"] / "k2"
+    cmd = [sys.executable, "-m", "dpogen.stage", "dpo", str(run), "--configfile", str(wf["work"] / "tiny.yaml")]
+    env = {**os.environ, "PYTHONPATH": str(wf["repo"] / "src")}
+    p = subprocess.run(cmd, cwd=wf["work"], env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    pd.testing.assert_frame_equal(tables.read_margins(run / "debug" / "dpo" / "margins.parquet"),
+                                  tables.read_margins(run / "dpo" / "margins.parquet"))
+    assert wf["plan"]() == {}
+    cmd[4] = str(wf["out"])
+    p = subprocess.run(cmd, cwd=wf["work"], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and "rule dpo takes results/<experiment>/<run>" in p.stderr
+
+
 def test_confidence_reruns_only_theory_and_report(wf):
     cfg = {**wf["cfg"], "theory": {"confidence": 0.9}}
     assert wf["plan"](cfg) == {"theory": 2, "run_report": 2, **RERUN_OUTPUTS}

@@ -8,14 +8,13 @@ import pandas as pd  # noqa: E402
 
 from dpogen import tables  # noqa: E402
 from dpogen.attribution_check import correlation, leave_one_out  # noqa: E402
-from dpogen.settings import execution_settings  # noqa: E402
-from dpogen.workflow import job  # noqa: E402
+from dpogen.workflow import job, settings_of  # noqa: E402
 
 with job(snakemake) as log:
-    i, p = snakemake.input, snakemake.params
-    cfg = {**p.dpo, **execution_settings(snakemake.config, "dpo"), "processes": 1}
+    i, s = snakemake.input, settings_of(snakemake)
+    cfg = s.dpo.model_copy(update={"processes": 1})
     check = leave_one_out(i.ref, pd.read_parquet(i.train), pd.read_parquet(i.test), i.ref_logps, i.ref_features,
-                          tables.read_margins(i.margins), pd.read_parquet(i.interference), cfg, p.seed)
+                          tables.read_margins(i.margins), pd.read_parquet(i.interference), cfg, s.seed)
     tables.write_attribution_check(check, snakemake.output[0])
     c = correlation(check)
     log.info("attribution check: %d cells, Pearson r %.3f, mean error %.3g of the mean change (%s)", c["cells"],

@@ -5,16 +5,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent / "src"))  # the tracked library, not an installed copy
 
-from dpogen.config import run_config, runs  # noqa: E402
+from dpogen.config import run_settings, runs  # noqa: E402
 from dpogen.data import check_source, hf_pin_path, pin_hf_revision  # noqa: E402
 from dpogen.io import write_json  # noqa: E402
-from dpogen.workflow import job  # noqa: E402
+from dpogen.workflow import job, settings_of  # noqa: E402
 
 with job(snakemake) as log:
     # every run's K from the workflow's config, checked here but not written: adding a run must not change
     # the output (the base model waits for it)
-    ks = {run: run_config(snakemake.config, run)["data"]["k"] for run in runs(snakemake.config)}
-    d = pin_hf_revision(snakemake.params.data, hf_pin_path(snakemake.config["experiment"]))
+    s = settings_of(snakemake)
+    ks = {run: run_settings(snakemake.config, run).data.k for run in runs(s)}
+    d = pin_hf_revision(s.data, hf_pin_path(s.experiment))
     checked = check_source(d, ks)
     write_json(checked, snakemake.output[0])
     log.info("data check: %s, %d concepts, %d pairs, every row valid; K of %d run(s) fits", checked["source"],

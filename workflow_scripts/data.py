@@ -6,11 +6,12 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).parent / "src"))  # the tracked
 
 from dpogen.data import hf_pin_path, load_tokenizer, pin_hf_revision, prepare  # noqa: E402
 from dpogen.model import context_length  # noqa: E402
-from dpogen.workflow import job  # noqa: E402
+from dpogen.workflow import job, settings_of  # noqa: E402
 
 with job(snakemake) as log:
-    d = pin_hf_revision(snakemake.params.data, hf_pin_path(snakemake.config["experiment"]))
-    card = prepare(d, d["k"], snakemake.output.train, snakemake.output.test, snakemake.output.card,
+    s = settings_of(snakemake)
+    d = pin_hf_revision(s.data, hf_pin_path(s.experiment))
+    card = prepare(d, d.k, snakemake.output.train, snakemake.output.test, snakemake.output.card,
                    snakemake.output.card_md, tokenizer=load_tokenizer(snakemake.params.tokenizer),
                    context=context_length(snakemake.params.tokenizer) if snakemake.params.tokenizer else None)
     log.info("data: K=%d N=%d test=%d Z=%d", card["K"], card["N"], card["n_test"], card["Z"])

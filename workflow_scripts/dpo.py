@@ -5,15 +5,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent / "src"))  # the tracked library, not an installed copy
 
 from dpogen.engine.loop import train_dpo_files  # noqa: E402
-from dpogen.settings import execution_settings  # noqa: E402
-from dpogen.workflow import job, run_model_stage  # noqa: E402
+from dpogen.workflow import job, run_model_stage, settings_of  # noqa: E402
 
 with job(snakemake) as log:
-    i, o, p = snakemake.input, snakemake.output, snakemake.params
+    i, o, s = snakemake.input, snakemake.output, settings_of(snakemake)
     run_model_stage(snakemake, train_dpo_files, {
-        "ref_path": i.ref, "train": i.train, "test": i.test, "ref_logps_path": i.ref_logps,
-        "cfg": {**p.dpo, **execution_settings(snakemake.config, "dpo")},
-        "seed": p.seed, "out_margins": o.margins, "out_metrics": o.metrics,
+        "ref_path": i.ref, "train": i.train, "test": i.test, "ref_logps_path": i.ref_logps, "cfg": s.dpo,
+        "seed": s.seed, "out_margins": o.margins, "out_metrics": o.metrics,
         "work_dir": str(Path(o.metrics).parent / "resume"), "out_info": o.info,
         "ref_features_path": i.ref_features, "out_features": o.features,
-        "out_attribution": o.attribution, "out_batch_margins": o.batch_margins}, p.dpo["processes"])
+        "out_attribution": o.attribution, "out_batch_margins": o.batch_margins}, s.dpo.processes)

@@ -4,13 +4,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent / "src"))  # the tracked library, not an installed copy
 
-from dpogen.settings import execution_settings  # noqa: E402
 from dpogen.sft import train_sft_files  # noqa: E402
-from dpogen.workflow import job, run_model_stage  # noqa: E402
+from dpogen.workflow import job, run_model_stage, settings_of  # noqa: E402
 
 with job(snakemake):
-    p = snakemake.params
-    cfg = {**p.sft, **execution_settings(snakemake.config, "sft")}
-    run_model_stage(snakemake, train_sft_files, {"base": p.base, "train": snakemake.input.train, "cfg": cfg,
-                                                 "out": snakemake.output[0], "seed": p.seed},
-                    p.sft["processes"] if p.sft["target"] != "none" else 1)
+    s = settings_of(snakemake)
+    run_model_stage(snakemake, train_sft_files, {"base": snakemake.params.base, "train": snakemake.input.train,
+                                                 "cfg": s.sft, "out": snakemake.output[0], "seed": s.seed,
+                                                 "engine": s.dpo, "dtype": s.model.dtype},
+                    s.dpo.processes if s.sft.target != "none" else 1)

@@ -8,15 +8,17 @@ import pandas as pd  # noqa: E402
 
 from dpogen import figures, report  # noqa: E402
 from dpogen.codehash import code_versions  # noqa: E402
+from dpogen.config import run_settings  # noqa: E402
 from dpogen.engine.loss import loss_name  # noqa: E402
-from dpogen.workflow import job  # noqa: E402
+from dpogen.workflow import job, settings_of  # noqa: E402
 
 with job(snakemake):
     s = pd.concat([pd.read_csv(p) for p in snakemake.input.runs], ignore_index=True)
-    settings = {run: {"loss_name": loss_name(st), **st} for run, st in snakemake.params.settings.items()}
+    settings = {run: {"loss_name": loss_name(run_settings(snakemake.config, run).dpo), **st}
+                for run, st in snakemake.params.settings.items()}
     meta = {"settings": settings, "paper_model": snakemake.params.paper_model,
             "code": code_versions(Path(snakemake.output.csv).parent, snakemake.params.runs),
-            "rerun_on_code": (snakemake.config.get("workflow") or {}).get("rerun_on_code", True)}
+            "rerun_on_code": settings_of(snakemake).workflow.rerun_on_code}
     report.write_summary_csv(s, snakemake.output.csv)
     report.write_summary_parquet(s, snakemake.output.parquet)
     fit = report.fit_table(s)

@@ -11,15 +11,15 @@ import pandas as pd  # noqa: E402
 
 from dpogen import tables  # noqa: E402
 from dpogen.theory.stage import run_theory  # noqa: E402
-from dpogen.workflow import job  # noqa: E402
+from dpogen.workflow import job, settings_of  # noqa: E402
 
 with job(snakemake):
-    i, o = snakemake.input, snakemake.output
+    i, o, s = snakemake.input, snakemake.output, settings_of(snakemake)
     ref = pd.read_parquet(i.ref_logps)
     index = json.loads((Path(i.policy_features) / "index.json").read_text())
     policy = {s: np.load(Path(i.policy_features) / f"step={s}.npy") for s in index["steps"]}
     out = run_theory(pd.read_parquet(i.train), json.loads(open(i.card).read()), np.load(i.features), ref,
-                     tables.read_margins(i.margins), snakemake.params.theory, snakemake.params.dpo, policy,
+                     tables.read_margins(i.margins), s.theory, s.dpo, policy,
                      dpo_attribution=pd.read_parquet(i.dpo_attribution), policy_rows=index.get("train_rows"))
     tables.write_claims(out["claims"], o.claims)
     tables.write_bounds(out["bounds"], o.bounds)

@@ -13,10 +13,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from .settings import DPO
+
 METHOD_EXACT = "exact: the recursion split over training (concept, cluster), theorems' regime"
 
 
-def attribution(features: np.ndarray, ref: pd.DataFrame, margins: pd.DataFrame, dpo_cfg: dict,
+def attribution(features: np.ndarray, ref: pd.DataFrame, margins: pd.DataFrame, dpo_cfg: DPO,
                 reason: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(per-pair attribution, K×K interference) for one run. ``reason``: why the exact split does not apply
     (then both tables hold one row saying so). Per pair j, checkpoint and training (concept, cluster): the
@@ -29,7 +31,7 @@ def attribution(features: np.ndarray, ref: pd.DataFrame, margins: pd.DataFrame, 
 
 
 def exact_split(features: np.ndarray, ref: pd.DataFrame, margins: pd.DataFrame,
-                dpo_cfg: dict, train: pd.DataFrame | None = None) -> tuple[dict[int, np.ndarray], pd.DataFrame]:
+                dpo_cfg: DPO, train: pd.DataFrame | None = None) -> tuple[dict[int, np.ndarray], pd.DataFrame]:
     """One run of the recursion split over the training (concept, cluster) groups: ({checkpoint: predicted
     margins}, the attribution table). The theory stage's dynamics reuse the margins, so the recursion runs
     once. It runs over every training pair and the held-out pairs the margins hold (dynamics.predicted_pairs);
@@ -52,10 +54,10 @@ def exact_split(features: np.ndarray, ref: pd.DataFrame, margins: pd.DataFrame,
     groups = np.array([group[(c, s)] for c, s in zip(concept[:n], cluster[:n])])
     w, lo = ref["token_chosen"].to_numpy(), ref["token_rejected"].to_numpy()
     g = np.asarray(features, np.float64)
-    kw = dict(loss=dpo_cfg["loss"] if dpo_cfg["loss"] != "ipo_norm" else "ipo",
-              label_smoothing=dpo_cfg["label_smoothing"])
+    kw = dict(loss=dpo_cfg.loss if dpo_cfg.loss != "ipo_norm" else "ipo",
+              label_smoothing=dpo_cfg.label_smoothing)
     checkpoints = sorted(int(s) for s in margins["step"].unique())
-    pred, parts = predicted_margins(g[:n], w[:n], lo[:n], g, w, lo, beta=dpo_cfg["beta"], lr=float(dpo_cfg["lr"]),
+    pred, parts = predicted_margins(g[:n], w[:n], lo[:n], g, w, lo, beta=dpo_cfg.beta, lr=float(dpo_cfg.lr),
                                     steps=max(checkpoints), checkpoints=checkpoints, groups=groups, **kw)
     split = ref["split"].to_numpy()
     tracked = np.isin(ids, first.index.to_numpy())

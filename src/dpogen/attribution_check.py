@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from . import tables
+from .settings import DPO
 
 
 def mean_test_margins(margins: pd.DataFrame, step: int, ids=None) -> pd.Series:
@@ -29,7 +30,7 @@ def mean_test_margins(margins: pd.DataFrame, step: int, ids=None) -> pd.Series:
 
 
 def leave_one_out(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path, ref_features_path,
-                  margins: pd.DataFrame, interference: pd.DataFrame, cfg: dict, seed: int) -> pd.DataFrame:
+                  margins: pd.DataFrame, interference: pd.DataFrame, cfg: DPO, seed: int) -> pd.DataFrame:
     """Per (training concept removed, held-out concept): the estimated and the measured change of the held-out
     concept's mean margin at the last checkpoint."""
     from .engine.loop import train_dpo
@@ -43,15 +44,15 @@ def leave_one_out(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_p
         return _table([], method, "not computed: one training concept (nothing is left when it is removed)")
     if est.empty:
         return _table([], method, "not computed: the run has no attribution to check")
-    bsz = cfg.get("batch_size")
+    bsz = cfg.batch_size
     smallest = min(int((train["concept"] != c).sum()) for c in concepts)
-    if bsz not in (None, "full") and int(bsz) > smallest:
+    if not cfg.full_batch and bsz > smallest:
         raise ValueError(f"theory.attribution_check: dpo.batch_size {bsz} is larger than the {smallest} training "
                          f"pairs left when a concept is removed; use a smaller batch or batch_size: full")
     # the same number of steps; every pair tracked, only at the step compared (the retraining measures the
     # held-out means themselves, never a subset of them)
-    cfg = {**cfg, "steps": step, "epochs": None, "save_every": 0, "report_to": [], "track": "all",
-           "eval_every": None, "eval_schedule": None, "eval_steps": [], "geometry_steps": []}
+    cfg = cfg.replace(steps=step, epochs=None, save_every=0, report_to=[], track="all", eval_every=None,
+                      eval_schedule=None, eval_steps=[], geometry_steps=[])
     ref = pd.read_parquet(ref_logps_path)
     feats = np.load(ref_features_path)
     rows = []

@@ -103,12 +103,20 @@ def script_modules(script_path, root: Path = SRC) -> list[str]:
     return sorted(f.relative_to(root).as_posix() for f in _closure(Path(script_path), root).values())
 
 
+# The settings package (types, defaults, docs) is left out of every hash: what a setting does to the outputs
+# travels in the rule params, so editing a default reruns only the stages whose params hold it, and editing a
+# doc line reruns nothing.
+UNHASHED = ("settings/",)
+
+
 def script_hash(script_path, root: Path = SRC) -> str:
-    """Hash of the code (not comments or docstrings) of the modules a script runs; 16 hex characters."""
+    """Hash of the code (not comments or docstrings) of the modules a script runs, the settings package
+    aside (UNHASHED); 16 hex characters."""
     root = Path(root)
     h = hashlib.sha256()
     for name in script_modules(script_path, root):
-        h.update(f"{name}\0{_read(root / name)[0]}\n".encode())
+        if not name.startswith(UNHASHED):
+            h.update(f"{name}\0{_read(root / name)[0]}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -122,6 +130,8 @@ def stage_hash(script_name: str) -> str:
         return script_hash(script)
     h = hashlib.sha256()
     for f in sorted(SRC.rglob("*.py")):
+        if f.relative_to(SRC).as_posix().startswith(UNHASHED):
+            continue
         h.update(f"{f.relative_to(SRC).as_posix()}\0{_read(f)[0]}\n".encode())
     return h.hexdigest()[:16]
 
@@ -152,20 +162,20 @@ def read_record(path) -> dict | None:
     return rec if isinstance(rec, dict) and isinstance(rec.get("param"), str) else None
 
 
-def reruns_on_code(config: dict, rule: str) -> bool:
+def reruns_on_code(setting: bool | list, rule: str) -> bool:
     """``workflow.rerun_on_code``: true (every rule), false (none) or a list of the rules that rerun."""
-    setting = (config.get("workflow") or {}).get("rerun_on_code", True)
     return setting is True or (isinstance(setting, list) and rule in setting)
 
 
-def code_param(config: dict, out, rule: str):
+def code_param(setting: bool | list, out, rule: str):
     """The ``code`` param of ``rule`` (its script is workflow_scripts/<rule>.py), a function of the wildcards:
     where the outputs' record says they were made with the current code, the param they were scheduled with
     (nothing is stale, whatever was recorded); else the current hash, or, where code changes do not rerun
     the rule (``workflow.rerun_on_code``), the recorded param. Outputs made before records existed have no
-    record: their stage reruns on a code change whatever the setting (the next run writes records)."""
+    record: their stage reruns on a code change whatever the setting (the next run writes records).
+    ``setting``: workflow.rerun_on_code."""
     current = stage_hash(f"{rule}.py")
-    keep = not reruns_on_code(config, rule)
+    keep = not reruns_on_code(setting, rule)
 
     def param(wildcards) -> str:
         rec = read_record(record_path(out, rule, getattr(wildcards, "run", None)))

@@ -20,6 +20,7 @@ import pandas as pd
 
 from . import gaussian, sources, synthetic, tables
 from .io import write_json, write_text
+from .settings import Data
 from .sources import DataError
 
 log = logging.getLogger("dpogen")
@@ -173,16 +174,16 @@ def token_lengths(tokenizer, df: pd.DataFrame) -> pd.DataFrame:
                          "rejected": enc.n_tokens[:, 1]}, index=df.index)
 
 
-def apply_length_limits(df: pd.DataFrame, tokenizer, cfg: dict, counts: Counter) -> pd.DataFrame:
+def apply_length_limits(df: pd.DataFrame, tokenizer, cfg: Data, counts: Counter) -> pd.DataFrame:
     """Enforce data.max_prompt_tokens / max_response_tokens: drop the pair, or truncate (a prompt keeps its
     end, a response its start). Every dropped or truncated pair is counted for the data card."""
-    mp, mr = cfg.get("max_prompt_tokens"), cfg.get("max_response_tokens")
+    mp, mr = cfg.max_prompt_tokens, cfg.max_response_tokens
     if not (mp or mr) or df.empty:
         return df
     lens = token_lengths(tokenizer, df)
     too_long_p = lens["prompt"] > mp if mp else pd.Series(False, index=df.index)
     too_long_r = (lens[["chosen", "rejected"]].max(axis=1) > mr) if mr else pd.Series(False, index=df.index)
-    if cfg["truncation"] == "drop":
+    if cfg.truncation == "drop":
         drop = too_long_p | too_long_r
         counts["dropped_too_long"] += int(drop.sum())
         return df[~drop]
@@ -201,7 +202,7 @@ def apply_length_limits(df: pd.DataFrame, tokenizer, cfg: dict, counts: Counter)
     return df
 
 
-def apply_context_limit(df: pd.DataFrame, tokenizer, context: int, cfg: dict, counts: Counter) -> pd.DataFrame:
+def apply_context_limit(df: pd.DataFrame, tokenizer, context: int, cfg: Data, counts: Counter) -> pd.DataFrame:
     """No pair longer than the model's context: prompt + the longer response + one token (an EOS) must fit.
     truncation drop: drop it; truncate: cut both responses to what fits after the prompt (a prompt that
     alone leaves no room is dropped). Counted in the data card."""
@@ -213,7 +214,7 @@ def apply_context_limit(df: pd.DataFrame, tokenizer, context: int, cfg: dict, co
     if not over.any():
         return df
     no_room = over & (room < 1)
-    if cfg["truncation"] == "drop" or no_room.all():
+    if cfg.truncation == "drop" or no_room.all():
         counts["dropped_longer_than_context"] += int(over.sum())
         return df[~over]
     df = df.copy()
@@ -290,26 +291,26 @@ def card_markdown(card: dict) -> str:
 # ------------------------------------------------------------------------------------------- sources
 
 
-def _concept_frames(cfg: dict, k: int | None, tokenizer) -> tuple[list[pd.DataFrame], dict]:
+def _concept_frames(cfg: Data, k: int | None, tokenizer) -> tuple[list[pd.DataFrame], dict]:
     """Validated pairs, one frame per concept, in the order the split visits them."""
-    source = cfg["source"]
+    source = cfg.source
     if source == "persona":
-        p = cfg["persona"]
-        folder = sources.resolve_persona_folder(p["path"])
-        names = p.get("names") or (sources.persona_set(sources.persona_names(folder), k, p["seed"]) if k
+        p = cfg.persona
+        folder = sources.resolve_persona_folder(p.path)
+        names = p.names or (sources.persona_set(sources.persona_names(folder), k, p.seed) if k
                                     else sources.persona_names(folder))
         frames = sources.load_persona(folder, names)
         info = {"personas": names, "persona_path": str(folder)}
     elif source in ("hf", "files"):
         raw = _read_source(cfg)
         pairs = sources.to_pairs(raw, cfg, tokenizer)
-        names = concept_set(sorted(pairs["concept"].unique()), k, cfg["persona"]["seed"])
+        names = concept_set(sorted(pairs["concept"].unique()), k, cfg.persona.seed)
         frames = [pairs[pairs["concept"] == c].reset_index(drop=True) for c in names]
         info = {"concepts": names, "cluster_plus_one": sources.cluster_answers(pairs[pairs["concept"].isin(names)])}
         if pairs.attrs.get("expanded", {}).get("rows"):
             info["expanded_lists"] = pairs.attrs["expanded"]
-        if source == "hf" and sources.is_hub_dataset(cfg["hf"]["path"]):
-            info["hf_revision"] = cfg["hf"]["revision"]  # the commit it was read at (pin_hf_revision)
+        if source == "hf" and sources.is_hub_dataset(cfg.hf.path):
+            info["hf_revision"] = cfg.hf.revision  # the commit it was read at (pin_hf_revision)
         keys = pairs.attrs.get("keys")
         return [validate_pairs(f, source, keys) for f in frames], info
     else:
@@ -320,19 +321,19 @@ def _concept_frames(cfg: dict, k: int | None, tokenizer) -> tuple[list[pd.DataFr
 PERSONA_KEYS = {"prompt": "question", "chosen": "answer_matching_behavior", "rejected": "answer_not_matching_behavior"}
 
 
-def _read_source(cfg: dict) -> pd.DataFrame:
+def _read_source(cfg: Data) -> pd.DataFrame:
     """The raw rows of a ``files`` or ``hf`` source, each with its file and row; with ``data.concept: file``
     an ``hf`` source's data files are read one by one, so each row knows its file."""
-    if cfg["source"] == "hf":
-        hf = cfg["hf"]
-        files = hf.get("data_files")
-        if cfg.get("concept") == "file":
+    if cfg.source == "hf":
+        hf = cfg.hf
+        files = hf.data_files
+        if cfg.concept == "file":
             if not isinstance(files, list) or not files:
                 raise DataError("data.concept: file with the hf source needs data.hf.data_files as a list of files")
-            return pd.concat([sources.load_hf({**hf, "data_files": f}).assign(_file=f) for f in files],
+            return pd.concat([sources.load_hf(hf.replace(data_files=f)).assign(_file=f) for f in files],
                              ignore_index=True)
         return sources.load_hf(hf)
-    paths = cfg["files"]["paths"]
+    paths = cfg.files.paths
     if not paths:
         raise DataError("data.files.paths: no files given")
     return pd.concat([sources.read_file(f) for f in paths], ignore_index=True)
@@ -353,41 +354,41 @@ def concept_set(names: list[str], k: int | None, seed: int) -> list[str]:
                         "1, 2, 4, 8, ... that fit in them (the draws persona sets are made by)") from None
 
 
-def prepare(cfg: dict, k: int | None, out_train, out_test, out_card_json, out_card_md, tokenizer=None,
+def prepare(cfg: Data, k: int | None, out_train, out_test, out_card_json, out_card_md, tokenizer=None,
             context: int | None = None) -> dict:
     """Run the data stage for one run's resolved ``data`` config; writes nothing unless all of it succeeds.
     ``context``: the model's positions; longer pairs are cut or dropped (data.truncation) and counted."""
     counts: Counter = Counter()
-    if cfg["source"] == "synthetic":
-        s = cfg["synthetic"]
+    if cfg.source == "synthetic":
+        s = cfg.synthetic
         spec = synthetic.SyntheticSpec.from_config(s)
-        train, test = synthetic.generate(k, s["train_per_cluster"], s["test_per_cluster"], spec)
+        train, test = synthetic.generate(k, s.train_per_cluster, s.test_per_cluster, spec)
         train, test = validate_pairs(train, "synthetic (train)"), validate_pairs(test, "synthetic (test)")
         info = {}
-    elif cfg["source"] == "gaussian":
-        spec = gaussian.GaussianSpec.from_config(cfg["gaussian"])
+    elif cfg.source == "gaussian":
+        spec = gaussian.GaussianSpec.from_config(cfg.gaussian)
         train, test = gaussian.generate(k, spec)
         train, test = validate_pairs(train, "gaussian (train)"), validate_pairs(test, "gaussian (test)")
         info = gaussian.card_extra(k, spec)
     else:
         frames, info = _concept_frames(cfg, k, tokenizer)
-        if cfg.get("pairs_per_concept"):
-            n = cfg["pairs_per_concept"]
-            frames = [f.iloc[np.sort(np.random.default_rng([cfg["seed"], i]).choice(len(f), n, replace=False))]
+        if cfg.pairs_per_concept:
+            n = cfg.pairs_per_concept
+            frames = [f.iloc[np.sort(np.random.default_rng([cfg.seed, i]).choice(len(f), n, replace=False))]
                       if len(f) > n else f for i, f in enumerate(frames)]
         # persona: the authors' split, pair by pair, unless asked otherwise
-        by = split_unit(frames, cfg.get("split_by") or ("pair" if cfg["source"] == "persona" else None))
-        train, test = split_concepts(frames, cfg["test_fraction"], cfg["split_seed"], by)
+        by = split_unit(frames, cfg.split_by or ("pair" if cfg.source == "persona" else None))
+        train, test = split_concepts(frames, cfg.test_fraction, cfg.split_seed, by)
         shared = int(test["prompt"].isin(set(train["prompt"])).sum())
         realised = len(test) / max(1, len(train) + len(test))
         info |= {"split_by": by, "test_pairs_with_a_train_prompt": shared, "test_fraction_realised": realised}
-        if by == "prompt" and abs(realised - cfg["test_fraction"]) > 0.5 * cfg["test_fraction"]:
+        if by == "prompt" and abs(realised - cfg.test_fraction) > 0.5 * cfg.test_fraction:
             log.warning("data: split by prompt, %.1f%% of the pairs are held out against data.test_fraction=%g "
-                        "(prompts carry unequal numbers of pairs)", 100 * realised, cfg["test_fraction"])
+                        "(prompts carry unequal numbers of pairs)", 100 * realised, cfg.test_fraction)
         if shared:
             log.warning("data: %d test pair(s) share their prompt with a training pair (data.split_by: %s); "
                         "data.split_by: prompt keeps each prompt on one side", shared, by)
-    threshold = cfg.get("min_label_confidence")
+    threshold = cfg.min_label_confidence
     if threshold is not None:
         if "label_confidence" not in train.columns:
             raise DataError("data.min_label_confidence: the data has no label_confidence field")
@@ -396,7 +397,7 @@ def prepare(cfg: dict, k: int | None, out_train, out_test, out_card_json, out_ca
             counts[f"dropped_low_confidence_{name}"] += int((~keep).sum())
         train = train[train["label_confidence"] >= threshold]
         test = test[test["label_confidence"] >= threshold]
-    limits = cfg.get("max_prompt_tokens") or cfg.get("max_response_tokens")
+    limits = cfg.max_prompt_tokens or cfg.max_response_tokens
     if limits or (context and tokenizer is not None and "embedding" not in train.columns):
         if tokenizer is None:
             raise DataError("data.max_prompt_tokens/max_response_tokens need the run's tokenizer")
@@ -407,8 +408,8 @@ def prepare(cfg: dict, k: int | None, out_train, out_test, out_card_json, out_ca
             test = apply_context_limit(test, tokenizer, context, cfg, counts)
         # truncated texts are checked again (two responses cut to the same start are identical) and get
         # the ids of their new texts
-        train = validate_pairs(train.drop(columns="sample_id"), f"{cfg['source']} (train, after truncation)")
-        test = validate_pairs(test.drop(columns="sample_id"), f"{cfg['source']} (test, after truncation)")
+        train = validate_pairs(train.drop(columns="sample_id"), f"{cfg.source} (train, after truncation)")
+        test = validate_pairs(test.drop(columns="sample_id"), f"{cfg.source} (test, after truncation)")
     before = len(train), len(test)
     train = train.drop_duplicates("sample_id").reset_index(drop=True)
     test = test.drop_duplicates("sample_id").reset_index(drop=True)
@@ -419,13 +420,13 @@ def prepare(cfg: dict, k: int | None, out_train, out_test, out_card_json, out_ca
     for name, df in (("train", train), ("test", test)):
         if df.empty:
             raise DataError(f"data: no {name} pairs left after filtering ({dict(counts)})")
-    if cfg.get("flip_fraction"):
-        train = flip_labels(train, cfg["flip_fraction"], cfg["seed"], taken=test["sample_id"])
+    if cfg.flip_fraction:
+        train = flip_labels(train, cfg.flip_fraction, cfg.seed, taken=test["sample_id"])
         test = test.assign(flipped=False)
         counts["flipped_train_pairs"] = int(train["flipped"].sum())
     train = train.drop(columns=[c for c in ("_file", "_row") if c in train.columns])
     test = test.drop(columns=[c for c in ("_file", "_row") if c in test.columns])
-    card = data_card(train, test, {"source": cfg["source"], "counts": dict(counts), **info}, tokenizer)
+    card = data_card(train, test, {"source": cfg.source, "counts": dict(counts), **info}, tokenizer)
     tables.write_pairs(train, out_train)
     tables.write_pairs(test, out_test)
     write_json(card, out_card_json)
@@ -433,35 +434,35 @@ def prepare(cfg: dict, k: int | None, out_train, out_test, out_card_json, out_ca
     return card
 
 
-def check_source(cfg: dict, ks: dict[str, int | None] | None = None) -> dict:
+def check_source(cfg: Data, ks: dict[str, int | None] | None = None) -> dict:
     """The data stage's first job (rule check_data): read and validate every row of a persona, files or hf
     source, all concepts, before anything else (the scratch tokenizer included) reads them; and check each
     run's K (``ks``: run name → K) against the concepts found. Returns pairs per concept."""
     frames, _ = _concept_frames(cfg, None, None)
     names = sorted(f["concept"].iloc[0] for f in frames)
     for run, k in (ks or {}).items():
-        if cfg["source"] == "persona" and cfg["persona"].get("names"):
+        if cfg.source == "persona" and cfg.persona.names:
             continue
         try:
-            if cfg["source"] == "persona":
+            if cfg.source == "persona":
                 if k:
-                    sources.persona_set(names, k, cfg["persona"]["seed"])
+                    sources.persona_set(names, k, cfg.persona.seed)
             else:
-                concept_set(names, k, cfg["persona"]["seed"])
+                concept_set(names, k, cfg.persona.seed)
         except (DataError, ValueError) as e:
             raise DataError(f"{e} (run {run})") from None
-    return {"source": cfg["source"], "n_concepts": len(frames), "n_pairs": int(sum(len(f) for f in frames)),
+    return {"source": cfg.source, "n_concepts": len(frames), "n_pairs": int(sum(len(f) for f in frames)),
             "pairs_per_concept": {f["concept"].iloc[0]: len(f) for f in frames}}
 
 
-def corpus(cfg: dict, per_cluster: int) -> list[str]:
+def corpus(cfg: Data, per_cluster: int) -> list[str]:
     """Text to train a from-scratch tokenizer on: every concept the source has (independent of K), each
     prompt followed by either answer. Synthetic: ``per_cluster`` statements per cluster of the pool. The
     rows were validated by check_source first (the workflow's check_data job)."""
-    if cfg["source"] == "gaussian":
+    if cfg.source == "gaussian":
         raise DataError("data.source gaussian has no text corpus: its model is built by model.build_linear_head")
-    if cfg["source"] == "synthetic":
-        return synthetic.corpus(synthetic.SyntheticSpec.from_config(cfg["synthetic"]), per_cluster)
+    if cfg.source == "synthetic":
+        return synthetic.corpus(synthetic.SyntheticSpec.from_config(cfg.synthetic), per_cluster)
     frames, _ = _concept_frames(cfg, None, None)
     df = pd.concat(frames, ignore_index=True)
     return list(df["prompt"] + df["chosen"]) + list(df["prompt"] + df["rejected"])
@@ -472,22 +473,22 @@ def hf_pin_path(experiment: str) -> Path:
     return Path("results") / experiment / "hf_revision.json"
 
 
-def pin_hf_revision(cfg: dict, pin_path) -> dict:
+def pin_hf_revision(cfg: Data, pin_path) -> Data:
     """The ``data`` config with a hub dataset's revision pinned to a commit: the configured revision, resolved;
     with none configured, the commit the experiment's first data job resolved (recorded in ``pin_path``), so
     every run of an experiment reads the same data however the hub moves. Local data: unchanged."""
-    hf = cfg["hf"]
-    if cfg["source"] != "hf" or not sources.is_hub_dataset(hf["path"]):
+    hf = cfg.hf
+    if cfg.source != "hf" or not sources.is_hub_dataset(hf.path):
         return cfg
     pin_path = Path(pin_path)
-    key = {"path": hf["path"], "name": hf.get("name"), "revision": hf.get("revision")}
+    key = {"path": hf.path, "name": hf.name, "revision": hf.revision}
     pinned = json.loads(pin_path.read_text()) if pin_path.exists() else None
     if pinned and {k: pinned.get(k) for k in key} == key:
         sha = pinned["commit"]
     else:
-        sha = sources.hub_revision(hf["path"], hf.get("revision"))
+        sha = sources.hub_revision(hf.path, hf.revision)
         write_json({**key, "commit": sha}, pin_path)
-    return {**cfg, "hf": {**hf, "revision": sha}}
+    return cfg.replace(hf=hf.replace(revision=sha).model_dump())
 
 
 def load_tokenizer(path):

@@ -38,10 +38,9 @@ class GaussianSpec:
     seed: int = 0
 
     @classmethod
-    def from_config(cls, g: dict) -> "GaussianSpec":
-        """From the ``data.gaussian`` section of the config."""
-        return cls(int(g["q"]), int(g["test_per_cluster"]), int(g["d"]), g.get("v"), float(g["l_b"]),
-                   int(g["token_sharing"]), int(g["seed"]))
+    def from_config(cls, g) -> "GaussianSpec":
+        """From the ``data.gaussian`` settings (settings.Gaussian)."""
+        return cls(g.q, g.test_per_cluster, g.d, g.v, float(g.l_b), g.token_sharing, g.seed)
 
     @property
     def sigma(self) -> float:

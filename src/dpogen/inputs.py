@@ -22,25 +22,26 @@ def _local(paths) -> list[str]:
     return out
 
 
-def data_files(data: dict, all_concepts: bool = False) -> list[str]:
-    """Files of ``data.source`` on this machine (a hub dataset has none: its revision pins it). Persona: the
-    run's personas' files, or every persona file with ``all_concepts`` (the tokenizer's corpus)."""
-    src = data["source"]
+def data_files(data, all_concepts: bool = False) -> list[str]:
+    """Files of ``data.source`` (``data``: settings.Data) on this machine (a hub dataset has none: its revision
+    pins it). Persona: the run's personas' files, or every persona file with ``all_concepts`` (the tokenizer's
+    corpus)."""
+    src = data.source
     if src == "files":
-        return _local(data["files"]["paths"])
+        return _local(data.files.paths)
     if src == "hf":
-        return _local(data["hf"].get("data_files")) + (_local(data["hf"]["path"]) if Path(data["hf"]["path"] or
+        return _local(data.hf.data_files) + (_local(data.hf.path) if Path(data.hf.path or
                                                                                           "\0").is_dir() else [])
     if src == "persona":
-        folder = Path(data["persona"]["path"])
+        folder = Path(data.persona.path)
         if not folder.is_dir():
             return []
-        if all_concepts or not (data["persona"].get("names") or data.get("k")):
+        if all_concepts or not (data.persona.names or data.k):
             return sorted(str(p) for p in folder.glob("*.jsonl"))
-        names = data["persona"].get("names")
+        names = data.persona.names
         if not names:
             from .sources import persona_names, persona_set
 
-            names = persona_set(persona_names(folder), data["k"], data["persona"]["seed"])
+            names = persona_set(persona_names(folder), data.k, data.persona.seed)
         return [str(folder / f"{n}.jsonl") for n in names if (folder / f"{n}.jsonl").exists()]
     return []

@@ -26,11 +26,8 @@ STAGES = {"dpo": "dpogen.engine.loop:train_dpo_files", "sft": "dpogen.sft:train_
 def launch(stage: str, job: dict, processes: int, log_path: str | None = None, threads: int = 1) -> None:
     """Run ``stage`` (a name of STAGES, or "module:function") on the keyword arguments ``job`` in
     ``processes`` processes; raise if any fails."""
-    from .model import LOAD_OPTIONS
-
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump({"stage": STAGES.get(stage, stage), "args": job, "load_options": dict(LOAD_OPTIONS),
-                   "threads": threads}, f)
+        json.dump(job_record(stage, job, threads), f)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["OMP_NUM_THREADS"] = str(threads)
@@ -45,6 +42,30 @@ def launch(stage: str, job: dict, processes: int, log_path: str | None = None, t
             subprocess.run(cmd, check=True, env=env)
     finally:
         os.unlink(f.name)
+
+
+def job_record(stage: str, job: dict, threads: int = 1) -> dict:
+    """What a launched process reads (JSON): the stage's entry point, its arguments, this process's model
+    loading options and the threads per process."""
+    from .model import LOAD_OPTIONS
+
+    return {"stage": STAGES.get(stage, stage), "args": {k: _encode(v) for k, v in job.items()},
+            "load_options": dict(LOAD_OPTIONS), "threads": threads}
+
+
+def _encode(value):
+    """A typed settings section travels as its class name and fields (the job file is JSON)."""
+    from .settings import Section
+
+    return {"section": type(value).__name__, "fields": value.model_dump()} if isinstance(value, Section) else value
+
+
+def _decode(value):
+    from .settings import sections
+
+    if isinstance(value, dict) and set(value) == {"section", "fields"}:
+        return getattr(sections, value["section"]).model_validate(value["fields"])
+    return value
 
 
 def run_stage(stage: str, args: dict) -> None:
@@ -69,7 +90,7 @@ def main(job_file: str) -> None:
     if int(os.environ.get("RANK", "0")) != 0:
         logging.getLogger("dpogen").setLevel(logging.WARNING)
     torch.set_num_threads(max(1, job.get("threads", 1)))
-    run_stage(job["stage"], job["args"])
+    run_stage(job["stage"], {k: _decode(v) for k, v in job["args"].items()})
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from .io import atomic_dir
+from .settings import Scratch
 
 SPECIAL = {"eos": "<|endoftext|>", "pad": "<|pad|>"}
 
@@ -45,7 +46,7 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=SPECIAL["eos"], pad_token=SPECIAL["pad"])
 
 
-def build_scratch(arch_cfg: dict, tokenizer, seed: int):
+def build_scratch(arch_cfg: Scratch, tokenizer, seed: int):
     """A randomly initialised causal LM (Llama or GPT-2 style) sized by ``arch_cfg``."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
@@ -56,33 +57,33 @@ def build_scratch(arch_cfg: dict, tokenizer, seed: int):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    if arch_cfg["arch"] == "llama":
+    if arch_cfg.arch == "llama":
         cfg = LlamaConfig(
-            hidden_size=arch_cfg["hidden_size"],
-            intermediate_size=arch_cfg["intermediate_size"],
-            num_hidden_layers=arch_cfg["num_layers"],
-            num_attention_heads=arch_cfg["num_heads"],
-            num_key_value_heads=arch_cfg["num_heads"],
-            max_position_embeddings=arch_cfg["max_position_embeddings"],
-            tie_word_embeddings=arch_cfg["tie_word_embeddings"],
+            hidden_size=arch_cfg.hidden_size,
+            intermediate_size=arch_cfg.intermediate_size,
+            num_hidden_layers=arch_cfg.num_layers,
+            num_attention_heads=arch_cfg.num_heads,
+            num_key_value_heads=arch_cfg.num_heads,
+            max_position_embeddings=arch_cfg.max_position_embeddings,
+            tie_word_embeddings=arch_cfg.tie_word_embeddings,
             **common,
         )
         return LlamaForCausalLM(cfg)
-    if arch_cfg["arch"] == "gpt2":
+    if arch_cfg.arch == "gpt2":
         cfg = GPT2Config(
-            n_embd=arch_cfg["hidden_size"],
-            n_layer=arch_cfg["num_layers"],
-            n_head=arch_cfg["num_heads"],
-            n_inner=arch_cfg["intermediate_size"],
-            n_positions=arch_cfg["max_position_embeddings"],
-            tie_word_embeddings=arch_cfg["tie_word_embeddings"],
+            n_embd=arch_cfg.hidden_size,
+            n_layer=arch_cfg.num_layers,
+            n_head=arch_cfg.num_heads,
+            n_inner=arch_cfg.intermediate_size,
+            n_positions=arch_cfg.max_position_embeddings,
+            tie_word_embeddings=arch_cfg.tie_word_embeddings,
             resid_pdrop=0.0,
             embd_pdrop=0.0,
             attn_pdrop=0.0,
             **common,
         )
         return GPT2LMHeadModel(cfg)
-    raise ValueError(f"model.scratch.arch: unknown architecture {arch_cfg['arch']!r}")
+    raise ValueError(f"model.scratch.arch: unknown architecture {arch_cfg.arch!r}")
 
 
 def build_linear_head(answer_tokens: list[str], d: int, seed: int):

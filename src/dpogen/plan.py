@@ -71,7 +71,9 @@ import re
 import sys
 from pathlib import Path
 
-from .config import ConfigError, normalize, run_config, runs
+from .config import ConfigError, normalize, pair_counts, run_settings, runs
+from .settings import Settings, build
+from .settings.sections import Lora
 
 REPO = Path(__file__).resolve().parents[2]
 MODELS = REPO / "config" / "models"  # bundled config.json of hub models: <owner>--<name>.json
@@ -85,22 +87,9 @@ HOST_SLACK_MB = 4096  # per rank: the interpreter, torch and CUDA on the host, t
 HOST_BASE_MB = 2048
 TERMS = ("params", "grads", "optimizer", "working", "activations", "logits")
 
-# settings the engine reads that older configs may lack
-DEFAULTS = {
-    "dpo": {"parallel": "fsdp", "gradient_checkpointing": None, "max_tokens_per_batch": None,
-            "eval_max_tokens_per_batch": None, "logit_chunk": 1024, "processes": 1, "grad_accum": 1,
-            "autocast": None, "device": "cpu", "append_eos": False, "eval_batch_size": 512},
-    "resources": {"gpu_mem_gb": None, "gpus": None},
-}
-
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
 CONV1D = ("c_attn", "c_proj", "c_fc")  # gpt2's Conv1D: weight is (in, out)
 EMBEDDINGS = ("embed_tokens", "wte", "wpe")
-
-
-def _get(cfg: dict, section: str, key: str):
-    value = (cfg.get(section) or {}).get(key, DEFAULTS.get(section, {}).get(key))
-    return DEFAULTS[section][key] if value is None and key in ("parallel", "logit_chunk") else value
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -127,32 +116,32 @@ def _gguf_match(gguf_file: str) -> Path | None:
     return best[1] if best else None
 
 
-def model_config(cfg: dict) -> dict:
+def model_config(cfg: Settings) -> dict:
     """The HF ``config.json`` dict of the run's model: built from ``model.scratch`` (the gaussian source's
     linear head from ``data.gaussian.d``), read from a local folder's config.json, or the bundled copy for a
     hub id (``config/models/<owner>--<name>.json``) or a GGUF file."""
-    m = cfg["model"]
-    if m["source"] == "scratch":
-        if cfg["data"]["source"] == "gaussian":  # model.build_linear_head: no layers, a d-dim head
-            d = cfg["data"]["gaussian"]["d"]
+    m = cfg.model
+    if m.source == "scratch":
+        if cfg.data.source == "gaussian":  # model.build_linear_head: no layers, a d-dim head
+            d = cfg.data.gaussian.d
             return {"model_type": "llama", "hidden_size": d, "intermediate_size": 1, "num_hidden_layers": 0,
                     "num_attention_heads": 1, "num_key_value_heads": 1, "vocab_size": 3 + 2 * (d - 1),
                     "max_position_embeddings": 2, "tie_word_embeddings": False}
-        s = m["scratch"]
-        if s["arch"] == "llama":
-            return {"model_type": "llama", "hidden_size": s["hidden_size"],
-                    "intermediate_size": s["intermediate_size"], "num_hidden_layers": s["num_layers"],
-                    "num_attention_heads": s["num_heads"], "num_key_value_heads": s["num_heads"],
-                    "vocab_size": s["vocab_size"], "max_position_embeddings": s["max_position_embeddings"],
-                    "tie_word_embeddings": s["tie_word_embeddings"], "attention_bias": False, "mlp_bias": False}
-        if s["arch"] == "gpt2":
-            return {"model_type": "gpt2", "n_embd": s["hidden_size"], "n_layer": s["num_layers"],
-                    "n_head": s["num_heads"], "n_inner": s["intermediate_size"],
-                    "n_positions": s["max_position_embeddings"], "vocab_size": s["vocab_size"],
-                    "tie_word_embeddings": s["tie_word_embeddings"]}
-        raise ConfigError(f"model.scratch.arch: unknown architecture {s['arch']!r} (llama, gpt2)")
-    p = m.get("pretrained") or {}
-    path, gguf = p.get("path") or "", p.get("gguf_file")
+        s = m.scratch
+        if s.arch == "llama":
+            return {"model_type": "llama", "hidden_size": s.hidden_size,
+                    "intermediate_size": s.intermediate_size, "num_hidden_layers": s.num_layers,
+                    "num_attention_heads": s.num_heads, "num_key_value_heads": s.num_heads,
+                    "vocab_size": s.vocab_size, "max_position_embeddings": s.max_position_embeddings,
+                    "tie_word_embeddings": s.tie_word_embeddings, "attention_bias": False, "mlp_bias": False}
+        if s.arch == "gpt2":
+            return {"model_type": "gpt2", "n_embd": s.hidden_size, "n_layer": s.num_layers,
+                    "n_head": s.num_heads, "n_inner": s.intermediate_size,
+                    "n_positions": s.max_position_embeddings, "vocab_size": s.vocab_size,
+                    "tie_word_embeddings": s.tie_word_embeddings}
+        raise ConfigError(f"model.scratch.arch: unknown architecture {s.arch!r} (llama, gpt2)")
+    p = m.pretrained
+    path, gguf = p.path, p.gguf_file
     folder = Path(path) if path else None
     if folder is not None and folder.is_dir() and (folder / "config.json").is_file():
         return _read_json(folder / "config.json")
@@ -278,12 +267,12 @@ def _lora_targets(shapes, target_modules) -> list[tuple[str, tuple, object, str]
     return out
 
 
-def lora_shapes(shapes, lora: dict) -> list[tuple[str, tuple, object]]:
+def lora_shapes(shapes, lora: Lora) -> list[tuple[str, tuple, object]]:
     """The adapters peft adds (rank ``lora.r``): lora_A (r, in), lora_B (out, r) per targeted linear layer;
     lora_embedding_A (r, vocab), lora_embedding_B (hidden, r) per targeted embedding."""
-    r = int(lora["r"])
+    r = lora.r
     out = []
-    for mod, shape, group, kind in _lora_targets(shapes, lora["target_modules"]):
+    for mod, shape, group, kind in _lora_targets(shapes, lora.target_modules):
         if kind == "embedding":
             out += [(f"{mod}.lora_embedding_A.default", (r, shape[0]), group),
                     (f"{mod}.lora_embedding_B.default", (shape[1], r), group)]
@@ -294,7 +283,7 @@ def lora_shapes(shapes, lora: dict) -> list[tuple[str, tuple, object]]:
     return out
 
 
-def regime_tensors(mc: dict, regime: str, lora: dict | None = None) -> list[tuple[str, tuple, object, bool]]:
+def regime_tensors(mc: dict, regime: str, lora: Lora | None = None) -> list[tuple[str, tuple, object, bool]]:
     """(name, shape, group, trainable) of every tensor the model holds in a regime. full: all train.
     last_layer: only the LM head trains, untied from the embeddings first (then its own V x H tensor).
     lora: the adapters train, the base is frozen."""
@@ -312,7 +301,7 @@ def regime_tensors(mc: dict, regime: str, lora: dict | None = None) -> list[tupl
             raise ConfigError("dpo.lora: the lora regime needs r and target_modules")
         adapters = lora_shapes(shapes, lora)
         if not adapters:
-            raise ConfigError(f"dpo.lora.target_modules: {lora['target_modules']!r} matches no layer of "
+            raise ConfigError(f"dpo.lora.target_modules: {lora.target_modules!r} matches no layer of "
                               f"{mc.get('model_type')}")
         return [(n, s, g, False) for n, s, g in shapes] + [(n, s, g, True) for n, s, g in adapters]
     raise ConfigError(f"dpo.regime: unknown {regime!r} (full, last_layer, lora)")
@@ -356,53 +345,49 @@ def _layer_bytes(d: dict, b: int, seq: int | None, eager: bool) -> int:
     return a
 
 
-def seq_len(rc: dict, mc: dict, stage: str) -> tuple[int, str, bool]:
+def seq_len(rc: Settings, mc: dict, stage: str) -> tuple[int, str, bool]:
     """(tokens per row, where it comes from, whether it is only an upper bound)."""
-    data = rc["data"]
-    if data["source"] == "gaussian":
+    data = rc.data
+    if data.source == "gaussian":
         return 1, "one prompt token (gaussian source)", False
-    mp, mr = data.get("max_prompt_tokens"), data.get("max_response_tokens")
+    mp, mr = data.max_prompt_tokens, data.max_response_tokens
     if mp and mr:
-        eos = 1 if stage == "sft" or rc["dpo"].get("append_eos") else 0
+        eos = 1 if stage == "sft" or rc.dpo.append_eos else 0
         return mp + mr + eos, "data.max_prompt_tokens + data.max_response_tokens" + (" + EOS" if eos else ""), False
     return dims(mc)["positions"], "the model's max_position_embeddings, an upper bound", True
 
 
-def n_train_pairs(rc: dict) -> int | None:
+def n_train_pairs(rc: Settings) -> int | None:
     """Training pairs of the run when the config fixes them (synthetic, gaussian: 2 K Q), else None."""
-    d = rc["data"]
-    if d["source"] == "synthetic" and d.get("k"):
-        return 2 * d["k"] * d["synthetic"]["train_per_cluster"]
-    if d["source"] == "gaussian" and d.get("k"):
-        return 2 * d["k"] * d["gaussian"]["q"]
-    return None
+    counts = pair_counts(rc)
+    return counts["train"][0] if counts else None
 
 
 def _ceil(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def token_budget(rc: dict, mc: dict, stage: str, phase: str) -> dict:
+def token_budget(rc: Settings, mc: dict, stage: str, phase: str) -> dict:
     """T for the stage's training micro-batches (phase "train") or its passes without gradients ("eval"):
     tokens (None when the config cannot bound it), rows, seq and a note of the basis."""
-    dpo, world = rc["dpo"], int(_get(rc, "dpo", "processes"))
+    dpo, world = rc.dpo, rc.dpo.processes
     seq, seq_note, upper = seq_len(rc, mc, stage)
     if phase == "eval":
-        rows = int(_get(rc, "dpo", "eval_batch_size"))
-        cap, cap_key = _get(rc, "dpo", "eval_max_tokens_per_batch"), "dpo.eval_max_tokens_per_batch"
+        rows = rc.dpo.eval_batch_size
+        cap, cap_key = rc.dpo.eval_max_tokens_per_batch, "dpo.eval_max_tokens_per_batch"
         row_note = f"{rows} rows (dpo.eval_batch_size)"
     elif stage == "sft":
-        rows = _ceil(int(rc["sft"]["batch_size"]), world)
-        cap, cap_key = _get(rc, "dpo", "max_tokens_per_batch"), "dpo.max_tokens_per_batch"
+        rows = _ceil(rc.sft.batch_size, world)
+        cap, cap_key = rc.dpo.max_tokens_per_batch, "dpo.max_tokens_per_batch"
         row_note = f"{rows} sequences per process (sft.batch_size / dpo.processes)"
     else:
-        bsz = dpo.get("batch_size")
-        n = n_train_pairs(rc) if bsz in (None, "full") else int(bsz)
-        cap, cap_key = _get(rc, "dpo", "max_tokens_per_batch"), "dpo.max_tokens_per_batch"
+        bsz = dpo.batch_size
+        n = n_train_pairs(rc) if dpo.full_batch else bsz
+        cap, cap_key = rc.dpo.max_tokens_per_batch, "dpo.max_tokens_per_batch"
         if n is None:
             rows, row_note = None, "dpo.batch_size full: the number of training pairs is known after the data stage"
         else:
-            pairs = _ceil(_ceil(n, world), int(_get(rc, "dpo", "grad_accum")))
+            pairs = _ceil(_ceil(n, world), rc.dpo.grad_accum)
             rows = 2 * pairs
             row_note = f"{rows} rows per process (2 per pair, {pairs} pairs per micro-batch)"
     whole = rows * seq if rows is not None else None
@@ -417,11 +402,11 @@ def token_budget(rc: dict, mc: dict, stage: str, phase: str) -> dict:
             f"{row_note}; set {cap_key} to bound it"}
 
 
-def _pass_terms(rc: dict, mc: dict, stage: str, phase: str, regime: str, checkpointing: bool, c_bytes: int) -> dict:
+def _pass_terms(rc: Settings, mc: dict, stage: str, phase: str, regime: str, checkpointing: bool, c_bytes: int) -> dict:
     d = dims(mc)
     budget = token_budget(rc, mc, stage, phase)
     T = budget["tokens"]
-    chunk = int(_get(rc, "dpo", "logit_chunk"))
+    chunk = rc.dpo.logit_chunk
     if T is None and phase == "train" and regime == "last_layer":
         # training on cached features: n pairs x H x 4 bytes, known after the data stage (small beside the
         # backbone: 16 KB per pair at H = 4096); at most logit_chunk positions of logits
@@ -430,7 +415,7 @@ def _pass_terms(rc: dict, mc: dict, stage: str, phase: str, regime: str, checkpo
         return {"phase": phase, "activations": 0, "logits": chunk * d["V"] * 4 * LOGIT_FACTOR[phase], "tokens": budget}
     if T is None:
         return {"phase": phase, "activations": None, "logits": None, "tokens": budget}
-    eager = (rc["model"].get("attn_implementation") or "") == "eager"
+    eager = rc.model.attn_implementation == "eager"
     A, N = _layer_bytes(d, c_bytes, budget["seq"], eager), _norm_bytes(d, c_bytes)
     if phase == "eval":
         act = T * (A + N)
@@ -444,27 +429,27 @@ def _pass_terms(rc: dict, mc: dict, stage: str, phase: str, regime: str, checkpo
     return {"phase": phase, "activations": act, "logits": logits, "tokens": budget}
 
 
-def stage_settings(rc: dict, stage: str) -> dict:
+def stage_settings(rc: Settings, stage: str) -> dict:
     """What the engine does in a stage: dtype, compute dtype, sharding, regime, optimizer, checkpointing."""
-    dpo = rc["dpo"]
-    world = int(_get(rc, "dpo", "processes"))
-    parallel = _get(rc, "dpo", "parallel")
-    dtype = rc["model"].get("dtype", "float32") if stage == "sft" else dpo.get("dtype", "float32")
-    autocast = _get(rc, "dpo", "autocast")
-    gc = _get(rc, "dpo", "gradient_checkpointing")
+    dpo = rc.dpo
+    world = rc.dpo.processes
+    parallel = rc.dpo.parallel
+    dtype = rc.model.dtype if stage == "sft" else dpo.dtype
+    autocast = rc.dpo.autocast
+    gc = rc.dpo.gradient_checkpointing
     if gc is None:
-        gc = rc["model"]["source"] == "pretrained"
+        gc = rc.model.source == "pretrained"
     return {
         "dtype": dtype, "compute_dtype": autocast or dtype, "parallel": parallel, "world": world,
         "sharded": parallel == "fsdp" and world > 1,
-        "regime": "full" if stage == "sft" else dpo.get("regime", "full") if stage == "dpo" else "frozen",
-        "optimizer": rc["sft"]["optimizer"] if stage == "sft" else dpo.get("optimizer", "adamw"),
-        "gradient_checkpointing": bool(gc), "device": str(_get(rc, "dpo", "device")),
+        "regime": "full" if stage == "sft" else dpo.regime if stage == "dpo" else "frozen",
+        "optimizer": rc.sft.optimizer if stage == "sft" else dpo.optimizer,
+        "gradient_checkpointing": bool(gc), "device": str(rc.dpo.device),
     }
 
 
-def uses_engine(rc: dict, stage: str) -> bool:
-    return not (stage == "sft" and rc["sft"]["target"] == "none")
+def uses_engine(rc: Settings, stage: str) -> bool:
+    return not (stage == "sft" and rc.sft.target == "none")
 
 
 def _rank_bytes(tensors, world: int, rank: int, sharded: bool, w_bytes: int, states: int) -> dict:
@@ -489,12 +474,12 @@ def _working(tensors, sharded: bool, same_dtype: bool, c_bytes: int) -> int:
     return sum(numel(s) for _, s, _, _ in tensors if len(s) == 2) * c_bytes
 
 
-def stage_plan(rc: dict, stage: str, mc: dict | None = None) -> dict:
+def stage_plan(rc: Settings, stage: str, mc: dict | None = None) -> dict:
     """The plan of one stage of one run's config ``rc`` (``run_config``): settings, per-rank bytes, the
     token budgets, the largest rank's terms and total, and the resources."""
     mc = model_config(rc) if mc is None else mc
     d = dims(mc)
-    threads = int((rc.get("threads") or {}).get("train", 1))
+    threads = rc.threads.train
     st = stage_settings(rc, stage)
     cuda = st["device"].startswith("cuda")
     if not uses_engine(rc, stage):
@@ -502,7 +487,7 @@ def stage_plan(rc: dict, stage: str, mc: dict | None = None) -> dict:
                 "settings": st, "ranks": [], "per_gpu": None, "largest": None, "tokens": {},
                 "resources": {"gpus": 0, "mem_mb": HOST_BASE_MB, "cpus": threads}}
     regime = st["regime"]
-    lora = rc["dpo"].get("lora") if regime == "lora" else None
+    lora = rc.dpo.lora if regime == "lora" else None
     if regime == "frozen":
         tensors = [(n, s, g, False) for n, s, g in param_shapes(mc)]
     else:
@@ -544,50 +529,48 @@ def stage_plan(rc: dict, stage: str, mc: dict | None = None) -> dict:
 STAGES = ("sft", "ref_logps", "dpo")
 
 
-def plan(cfg: dict) -> dict:
-    """Run → stage → ``stage_plan``, for every run of the (normalized, merged) config."""
+def plan(rss: dict[str, Settings]) -> dict:
+    """Run → stage → ``stage_plan``, for every run's settings (``config.run_settings``)."""
     out = {}
-    for run in runs(cfg):
-        rc = run_config(cfg, run)
+    for run, rc in rss.items():
         mc = model_config(rc)
         out[run] = {stage: stage_plan(rc, stage, mc) for stage in STAGES}
     return out
 
 
-def tracking_cost(rc: dict, mc: dict) -> dict:
+def tracking_cost(rc: Settings, mc: dict) -> dict:
     """The dpo stage's compute, estimated from the config: training (steps x batch pairs x their tokens x
     3 forwards, 4 with gradient checkpointing) against tracking (the checkpoints after step 0, whose log-probs
     are the reference pass's, x tracked pairs x the tokens of a
     checkpoint pass, one prompt pass per multi-token pair), in forward tokens and FLOPs (2 x the forward's
     parameters per token), and what ``dpo.track: auto`` makes of it. The dpo job decides from the real token
     counts (engine/tracked.py); this says in advance what to expect."""
-    from .config import pair_counts
     from .engine.schedule import eval_schedule
     from .engine.tracked import FLOOR_FLOPS, GOAL, size_of, train_forwards
 
-    dpo, data = rc["dpo"], rc["data"]
+    dpo, data = rc.dpo, rc.data
     counts = pair_counts(rc)
     n_train, n_test = (counts["train"][0], counts["test"][0]) if counts else (None, None)
-    bsz = n_train if dpo.get("batch_size") in (None, "full") else int(dpo["batch_size"])
+    bsz = n_train if dpo.full_batch else dpo.batch_size
     if n_train is None or bsz is None:
         return {"known": False, "note": "pair counts are known after the data stage (the dpo job logs its choice)"}
-    steps = math.ceil(dpo["epochs"] * n_train / bsz) if dpo.get("epochs") else int(dpo["steps"])
-    checkpoints = len(eval_schedule({**dpo, "steps": steps}))
+    steps = math.ceil(dpo.epochs * n_train / bsz) if dpo.epochs else dpo.steps
+    checkpoints = len(eval_schedule(dpo.replace(steps=steps)))
     seq, note, upper = seq_len(rc, mc, "dpo")
-    single = data["source"] in ("synthetic", "persona", "gaussian") and not dpo.get("append_eos")
-    mp, mr = data.get("max_prompt_tokens"), data.get("max_response_tokens")
+    single = data.source in ("synthetic", "persona", "gaussian") and not dpo.append_eos
+    mp, mr = data.max_prompt_tokens, data.max_response_tokens
     if single:
         train_tok = pass_tok = seq
     elif mp and mr:
-        eos = 1 if dpo.get("append_eos") else 0
+        eos = 1 if dpo.append_eos else 0
         train_tok, pass_tok = 2 * (mp + mr + eos), mp + 2 * (mr + eos)
     else:
         train_tok = pass_tok = 2 * seq
-    track = dpo.get("track", "auto")
-    spec = track if isinstance(track, dict) else {}
-    tracked = sum(size_of(spec.get(k, "all"), n, f"dpo.track.{k}") for k, n in (("train", n_train), ("test", n_test)))
+    track = dpo.track
+    tracked = sum(size_of("all" if isinstance(track, str) else getattr(track, k), n, f"dpo.track.{k}")
+                  for k, n in (("train", n_train), ("test", n_test)))
     d = dims(mc)
-    params = d["V"] * d["H"] if dpo.get("regime") == "last_layer" else sum(numel(s) for _, s, _ in param_shapes(mc))
+    params = d["V"] * d["H"] if dpo.regime == "last_layer" else sum(numel(s) for _, s, _ in param_shapes(mc))
     gc = stage_settings(rc, "dpo")["gradient_checkpointing"]
     training = train_forwards(gc) * steps * bsz * train_tok
     tracking = (checkpoints - 1) * tracked * pass_tok  # step 0 takes the reference pass's log-probs
@@ -604,11 +587,12 @@ def tracking_cost(rc: dict, mc: dict) -> dict:
             "tokens_basis": f"{seq} tokens per row ({note})"}
 
 
-def tracking_lines(cfg: dict) -> list[str]:
+def tracking_lines(rss: dict[str, Settings]) -> list[str]:
     lines = ["tracking cost (dpo.track; forward tokens, 3 forwards per training token, 4 with gradient checkpointing):"]
-    for run in runs(cfg):
-        rc = run_config(cfg, run)
+    basis = set()
+    for run, rc in rss.items():
         t = tracking_cost(rc, model_config(rc))
+        basis.add(t.get("tokens_basis"))
         if not t["known"]:
             lines.append(f"  {run}: {t['note']}")
             continue
@@ -616,15 +600,17 @@ def tracking_lines(cfg: dict) -> list[str]:
                      f"({t['training_flops']:.2g} FLOPs); tracking {t['checkpoints'] - 1} checkpoints after step 0 x "
                      f"{t['tracked']} of "
                      f"{t['pairs']} pairs = {t['tracking_tokens']:.3g} tokens ({t['tracking_flops']:.2g} FLOPs); "
-                     f"ratio {t['ratio']:.3g}; dpo.track {rc['dpo'].get('track', 'auto')}: {t['auto']}")
-    basis = {tracking_cost(run_config(cfg, r), model_config(run_config(cfg, r))).get("tokens_basis") for r in runs(cfg)}
+                     f"ratio {t['ratio']:.3g}; dpo.track {_track(rc.dpo.track)}: {t['auto']}")
     lines += [f"  {b}" for b in sorted(x for x in basis if x)]
     return lines
 
 
-def rule_resources(cfg: dict, run: str, stage: str) -> dict:
+def _track(track) -> str:
+    return track if isinstance(track, str) else str(track.model_dump())
+
+
+def rule_resources(rc: Settings, stage: str) -> dict:
     """The resources one rule's job asks for: gpus, mem_mb, cpus (for ``resources:`` in the rules)."""
-    rc = run_config(cfg, run)
     return stage_plan(rc, stage)["resources"]
 
 
@@ -640,13 +626,13 @@ def _hint(term: str) -> str:
     }[term]
 
 
-def check(cfg: dict, plans: dict | None = None) -> None:
+def check(s: Settings, rss: dict[str, Settings], plans: dict | None = None) -> None:
     """Refuse, before any job, a run whose per-GPU total exceeds ``resources.gpu_mem_gb`` or whose jobs ask
     for more GPUs than ``resources.gpus``."""
-    limit, max_gpus = _get(cfg, "resources", "gpu_mem_gb"), _get(cfg, "resources", "gpus")
+    limit, max_gpus = s.resources.gpu_mem_gb, s.resources.gpus
     if limit is None and max_gpus is None:
         return
-    plans = plan(cfg) if plans is None else plans
+    plans = plan(rss) if plans is None else plans
     for run, stages in plans.items():
         for stage, p in stages.items():
             gpus = p["resources"]["gpus"]
@@ -663,7 +649,7 @@ def check(cfg: dict, plans: dict | None = None) -> None:
             if total > limit * GB:
                 term, size = p["largest"]
                 raise ConfigError(f"resources.gpu_mem_gb: run {run}, stage {stage} needs {total / GB:.1f} GB per GPU, "
-                                  f"more than the limit of {limit} GB; the largest term is {term} "
+                                  f"more than the limit of {limit:g} GB; the largest term is {term} "
                                   f"({size / GB:.1f} GB): {_hint(term)}")
 
 
@@ -695,20 +681,20 @@ def _gb(x) -> str:
     return "-" if x is None else f"{x / GB:.2f}"
 
 
-def table(cfg: dict, plans: dict) -> str:
+def table(cfg: Settings, plans: dict) -> str:
     """A plain table: per run and stage, the largest rank's terms in GB, and the resources."""
     first = next(iter(plans.values()))
     eng = next((p for p in first.values() if p["uses_engine"]), None)
-    m = cfg["model"]
-    name = m["pretrained"]["path"] if m["source"] == "pretrained" else f"scratch {m['scratch']['arch']}"
-    lines = [f"experiment {cfg['experiment']}: {name}"]
+    m = cfg.model
+    name = m.pretrained.path if m.source == "pretrained" else f"scratch {m.scratch.arch}"
+    lines = [f"experiment {cfg.experiment}: {name}"]
     if eng:
         s = eng["settings"]
         sharded = "sharded" if s["sharded"] else "not sharded"
         gc = "on" if s["gradient_checkpointing"] else "off"
         lines.append(f"  {eng['model']['model_type']}, {eng['model']['parameters']:,} parameters; "
                      f"dpo.parallel {s['parallel']} over {s['world']} process(es) on {s['device']} ({sharded}); "
-                     f"dpo.regime {cfg['dpo'].get('regime', 'full')}; weights {s['dtype']}, "
+                     f"dpo.regime {cfg.dpo.regime}; weights {s['dtype']}, "
                      f"compute {s['compute_dtype']}; gradient checkpointing {gc}")
     where = "per GPU" if eng is None or eng["settings"]["device"].startswith("cuda") else "per process (host memory)"
     lines.append(f"  {where}: rank 0, the largest rank; GB = 1e9 bytes")
@@ -751,18 +737,20 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.configfile)
-        plans = plan(cfg)
+        s = build(cfg)
+        rss = {run: run_settings(cfg, run) for run in runs(s)}
+        plans = plan(rss)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:
-        tracking = {run: tracking_cost(run_config(cfg, run), model_config(run_config(cfg, run))) for run in runs(cfg)}
-        print(json.dumps({"experiment": cfg["experiment"], "gb": GB, "runs": plans, "tracking": tracking}, indent=1))
+        tracking = {run: tracking_cost(rc, model_config(rc)) for run, rc in rss.items()}
+        print(json.dumps({"experiment": s.experiment, "gb": GB, "runs": plans, "tracking": tracking}, indent=1))
     else:
-        print(table(cfg, plans))
-        print("\n".join(tracking_lines(cfg)))
+        print(table(s, plans))
+        print("\n".join(tracking_lines(rss)))
     try:
-        check(cfg, plans)
+        check(s, rss, plans)
     except ConfigError as e:
         print(f"refused: {e}", file=sys.stderr)
         return 1

@@ -14,29 +14,30 @@ from . import model as M
 from . import tables
 from .io import atomic_path
 from .logprobs import encode_pairs, pair_logps
+from .settings import DPO
 
 
 def pairs_frame(train: pd.DataFrame, test: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([train.assign(split="train"), test.assign(split="test")], ignore_index=True)
 
 
-def encode(tokenizer, pairs: pd.DataFrame, cfg: dict, model=None):
+def encode(tokenizer, pairs: pd.DataFrame, cfg: DPO, model=None):
     """Token rows of the pairs; with ``model``, a row longer than its positions is refused."""
     return encode_pairs(tokenizer, pairs["prompt"], pairs["chosen"], pairs["rejected"],
-                        append_eos=cfg["append_eos"], source="pairs", score=cfg.get("score", "sequence"),
+                        append_eos=cfg.append_eos, source="pairs", score=cfg.score,
                         max_length=M.positions(model) if model is not None else None)
 
 
 
-def eval_budget(cfg: dict) -> dict:
+def eval_budget(cfg: DPO) -> dict:
     """How a checkpoint or reference pass groups rows: at most ``eval_batch_size`` rows and
     ``eval_max_tokens_per_batch`` padded tokens per process and pass, ``logit_chunk`` positions of logits."""
-    return {"batch_rows": cfg["eval_batch_size"], "max_tokens": cfg.get("eval_max_tokens_per_batch"),
-            "logit_chunk": cfg.get("logit_chunk"), "shared_prompt": True}
+    return {"batch_rows": cfg.eval_batch_size, "max_tokens": cfg.eval_max_tokens_per_batch,
+            "logit_chunk": cfg.logit_chunk, "shared_prompt": True}
 
 
 @torch.no_grad()
-def eval_logps(model, enc, cfg: dict, features: bool = False, pairs=None, dist=None):
+def eval_logps(model, enc, cfg: DPO, features: bool = False, pairs=None, dist=None):
     """All pairs (or ``pairs``), in eval mode (dropout off), no gradients, a multi-token pair's prompt run
     once for both answers. With several processes (``dist``) each computes its share of every pass and the
     shares are added up on all of them; under FSDP the weights are gathered once for the whole pass where
@@ -59,7 +60,7 @@ def eval_logps(model, enc, cfg: dict, features: bool = False, pairs=None, dist=N
 
 
 @torch.no_grad()
-def given_features_logps(model, enc, pairs: pd.DataFrame, cfg: dict):
+def given_features_logps(model, enc, pairs: pd.DataFrame, cfg: DPO):
     """The gaussian source: g(x) is the pairs' ``embedding`` column, so only the head runs (no backbone)."""
     from .gaussian import embeddings
     from .logprobs import TargetCache, cached_logps, compute_dtype
@@ -73,15 +74,15 @@ def given_features_logps(model, enc, pairs: pd.DataFrame, cfg: dict):
         raise ValueError(f"pairs: embeddings have d={feats.shape[1]}, the model's head expects "
                          f"{model.get_output_embeddings().weight.shape[1]}")
     cache = TargetCache.from_features(enc, feats)
-    return cached_logps(model, cache, batch_targets=cfg["eval_batch_size"]), feats
+    return cached_logps(model, cache, batch_targets=cfg.eval_batch_size), feats
 
 
-def compute_reference(ref_path, train: pd.DataFrame, test: pd.DataFrame, cfg: dict, out_logps, out_features) -> None:
+def compute_reference(ref_path, train: pd.DataFrame, test: pd.DataFrame, cfg: DPO, out_logps, out_features) -> None:
     """One pass of the reference model over all pairs → ref_logps.parquet, and g(x) per pair (.npy).
     Launched in several processes, the model is sharded as in training and each computes a share."""
     from .engine.parallel import Dist, load_for, wrap
 
-    dist = Dist(cfg["device"])
+    dist = Dist(cfg.device)
     model, tok = load_for(ref_path, cfg, dist)
     pairs = pairs_frame(train, test)
     enc = encode(tok, pairs, cfg, model)
@@ -111,6 +112,6 @@ def write_reference(pairs: pd.DataFrame, enc, lp: torch.Tensor, feats: torch.Ten
             np.save(f, feats.cpu().numpy())  # fp32, or fp64 when the model runs in fp64
 
 
-def compute_reference_files(ref_path, train, test, cfg: dict, out_logps, out_features) -> None:
+def compute_reference_files(ref_path, train, test, cfg: DPO, out_logps, out_features) -> None:
     """compute_reference with the pair tables given as Parquet paths (what a launched process receives)."""
     compute_reference(ref_path, pd.read_parquet(train), pd.read_parquet(test), cfg, out_logps, out_features)

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from . import model as M
+from .settings import DPO, SFT
 from .training import Progress, log, make_optimizer, make_scheduler
 
 
@@ -55,56 +56,58 @@ def sft_rows(items, pad_id: int):
                         counts, int(pad_id), np.zeros(n, bool))
 
 
-def train_sft(base_path, train: pd.DataFrame, cfg: dict, out_dir, seed: int) -> dict:
-    """Next-token cross-entropy over the targets of each batch (its mean over target tokens), on the same
-    engine as DPO: ``processes``, ``parallel``, ``device``, ``autocast``, ``gradient_checkpointing``."""
-    if cfg["target"] == "none":  # the base model is the reference: point at it, do not copy it
+def train_sft(base_path, train: pd.DataFrame, cfg: SFT, out_dir, seed: int, engine: DPO | None = None,
+              dtype: str = "float32") -> dict:
+    """Next-token cross-entropy over the targets of each batch (its mean over target tokens), in ``dtype``
+    (model.dtype) on the same engine as DPO: the ``engine`` settings processes, parallel, device, autocast,
+    gradient_checkpointing, logit_chunk (default: one process on the CPU)."""
+    if cfg.target == "none":  # the base model is the reference: point at it, do not copy it
         target, options = M.resolve(base_path)
         M.save_pointer(Path(target).resolve() if Path(target).exists() else target, out_dir, options)
         return {"steps": 0}
     from .engine.parallel import Dist, grad_norm, load_for, precision, wrap
     from .logprobs import pair_logps
 
-    cfg = {"device": "cpu", "processes": 1, "dtype": "float32", **cfg}
-    dist = Dist(cfg["device"])
-    model, tok = load_for(base_path, cfg, dist)
+    engine = engine or DPO()
+    dist = Dist(engine.device)
+    model, tok = load_for(base_path, engine, dist, dtype)
     M.seed_everything(seed)
-    items = encode_sft(tok, *sft_sequences(train, cfg["target"]), cfg["loss_on"])
+    items = encode_sft(tok, *sft_sequences(train, cfg.target), cfg.loss_on)
     enc = sft_rows(items, tok.pad_token_id)
-    model = wrap(model, cfg, dist, checkpointing=bool(cfg.get("gradient_checkpointing")))
-    opt = make_optimizer(cfg["optimizer"], model.parameters(), cfg["lr"], cfg["weight_decay"])
-    sched = make_scheduler(opt, cfg["schedule"], cfg["warmup_steps"], cfg["steps"])
+    model = wrap(model, engine, dist, checkpointing=bool(engine.gradient_checkpointing))
+    opt = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
+    sched = make_scheduler(opt, cfg.schedule, cfg.warmup_steps, cfg.steps)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(items))
     pos = 0
-    prog = Progress(cfg["steps"], "sft", every=cfg["log_every"])
+    prog = Progress(cfg.steps, "sft", every=cfg.log_every)
     model.train()
     loss_val = float("nan")
-    for step in range(1, cfg["steps"] + 1):
-        if pos + cfg["batch_size"] > len(order):
+    for step in range(1, cfg.steps + 1):
+        if pos + cfg.batch_size > len(order):
             order, pos = rng.permutation(len(items)), 0
-        batch = order[pos: pos + cfg["batch_size"]]
-        pos += cfg["batch_size"]
+        batch = order[pos: pos + cfg.batch_size]
+        pos += cfg.batch_size
         n_targets = int(enc.n_tokens[batch, 0].sum())
         mine = batch[dist.rank::dist.world]
-        with precision(model, cfg):
-            lp = pair_logps(model, enc, mine if len(mine) else batch[:1], logit_chunk=cfg.get("logit_chunk"))
+        with precision(model, engine):
+            lp = pair_logps(model, enc, mine if len(mine) else batch[:1], logit_chunk=engine.logit_chunk)
         loss = -lp[:, 0].sum() / n_targets * (dist.world if len(mine) else 0.0)  # engines average over processes
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm(model.parameters(), cfg["max_grad_norm"])
+        grad_norm(model.parameters(), cfg.max_grad_norm)
         opt.step()
         sched.step()
         loss_val = float(dist.sum(np.array([loss.item()]))[0]) / dist.world
         prog.update(step, len(batch), loss=loss_val, lr=sched.get_last_lr()[0])
     model.eval()
-    save_trained(model, tok, base_path, cfg, out_dir, dist)
-    log.info("sft done: %d steps, final loss %.4f, %.1fs", cfg["steps"], loss_val, prog.elapsed())
+    save_trained(model, tok, base_path, dtype, out_dir, dist)
+    log.info("sft done: %d steps, final loss %.4f, %.1fs", cfg.steps, loss_val, prog.elapsed())
     dist.close()
-    return {"steps": cfg["steps"], "final_loss": loss_val}
+    return {"steps": cfg.steps, "final_loss": loss_val}
 
 
-def save_trained(model, tok, base_path, cfg: dict, out_dir, dist) -> None:
+def save_trained(model, tok, base_path, dtype: str, out_dir, dist) -> None:
     """save_pretrained the trained weights; when sharded, gathered into a fresh copy on the first process."""
     if not dist.enabled:
         M.save(model, tok, out_dir)
@@ -113,12 +116,12 @@ def save_trained(model, tok, base_path, cfg: dict, out_dir, dist) -> None:
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.main:
-        plain, _ = M.load(base_path, cfg["dtype"], "cpu")
+        plain, _ = M.load(base_path, dtype, "cpu")
         plain.load_state_dict(full)
         M.save(plain, tok, out_dir)
     dist.barrier()
 
 
-def train_sft_files(base, train, cfg: dict, out, seed: int) -> dict:
+def train_sft_files(base, train, cfg: SFT, out, seed: int, engine: DPO | None = None, dtype: str = "float32") -> dict:
     """train_sft with the training pairs given as a Parquet path (what a launched process receives)."""
-    return train_sft(base, pd.read_parquet(train), cfg, out, seed)
+    return train_sft(base, pd.read_parquet(train), cfg, out, seed, engine, dtype)

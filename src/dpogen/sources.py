@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .settings import HF, Data
+
 PERSONA_FIELDS = ["question", "statement", "label_confidence", "answer_matching_behavior",
                   "answer_not_matching_behavior"]
 PERSONA_SEED = 1234
@@ -154,15 +156,15 @@ def _causes(e: BaseException) -> str:
     return "; caused by ".join(parts)
 
 
-def load_hf(cfg: dict) -> pd.DataFrame:
+def load_hf(cfg: HF) -> pd.DataFrame:
     """Anything ``datasets.load_dataset`` reads: a hub id, a local folder, or a builder with data_files. A hub
-    dataset is read at ``cfg["revision"]``, which the caller pins to a commit (see data.pin_hf_revision)."""
+    dataset is read at ``cfg.revision``, which the caller pins to a commit (see data.pin_hf_revision)."""
     import datasets
 
-    kwargs = {k: cfg[k] for k in ("name", "data_files", "revision") if cfg.get(k) is not None}
-    where = cfg["path"] + (f" ({cfg['data_files']})" if cfg.get("data_files") else "")
+    kwargs = {k: getattr(cfg, k) for k in ("name", "data_files", "revision") if getattr(cfg, k) is not None}
+    where = cfg.path + (f" ({cfg.data_files})" if cfg.data_files else "")
     try:
-        ds = datasets.load_dataset(cfg["path"], split=cfg.get("split") or "train", **kwargs)
+        ds = datasets.load_dataset(cfg.path, split=cfg.split or "train", **kwargs)
     except Exception as e:
         raise DataError(f"{where}: datasets.load_dataset failed ({_causes(e)})") from None
     df = ds.to_pandas()
@@ -288,7 +290,7 @@ def render_messages(messages, tokenizer, chat_template: bool) -> str:
     return "".join(f"\n\n{m['role'].capitalize()}: {m['content']}" for m in messages) + "\n\nAssistant:"
 
 
-def to_pairs(df: pd.DataFrame, cfg: dict, tokenizer=None) -> pd.DataFrame:
+def to_pairs(df: pd.DataFrame, cfg: Data, tokenizer=None) -> pd.DataFrame:
     """Map a raw frame to concept/cluster/prompt/chosen/rejected, by the configured columns and format.
 
     Formats: ``strings`` (prompt, chosen and rejected columns); ``messages`` (chosen and rejected are
@@ -298,17 +300,17 @@ def to_pairs(df: pd.DataFrame, cfg: dict, tokenizer=None) -> pd.DataFrame:
     ``out.attrs``: ``keys`` (role → the source's own key, for messages) and ``expanded`` (the list rows
     ``data.expand_lists`` expanded, and the pairs they became).
     """
-    cols = cfg["columns"]
+    cols = cfg.columns.model_dump()  # role → column name
     for role in ("chosen", "rejected"):
         if cols[role] not in df.columns:
             raise DataError(f"{_where(df)}: missing column '{cols[role]}' (data.columns.{role}; "
                             f"have {[c for c in df.columns if not c.startswith('_')]})")
-    fmt = cfg["format"]
+    fmt = cfg.format
     if fmt == "auto":
         fmt = _detect_format(df, cols)
     expanded = {"rows": 0, "pairs": 0}
     if fmt == "strings":
-        df, expanded = _expand_lists(df, cols, cfg.get("expand_lists", False))
+        df, expanded = _expand_lists(df, cols, cfg.expand_lists)
     out = pd.DataFrame({"_file": df["_file"], "_row": df["_row"]})
     out["prompt"], out["chosen"], out["rejected"] = _responses(df, cfg, fmt, tokenizer)
     out["concept"] = _concepts(df, cfg)
@@ -324,7 +326,7 @@ def to_pairs(df: pd.DataFrame, cfg: dict, tokenizer=None) -> pd.DataFrame:
         out["cluster"] = values.to_numpy()
     else:
         out["cluster"] = derived_clusters(out)
-    for extra in cfg.get("keep_columns") or []:
+    for extra in cfg.keep_columns or []:
         if extra not in df.columns:
             raise DataError(f"{_where(df)}: missing column '{extra}' (data.keep_columns)")
         out[extra] = df[extra].to_numpy()
@@ -334,9 +336,9 @@ def to_pairs(df: pd.DataFrame, cfg: dict, tokenizer=None) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
-def _responses(df: pd.DataFrame, cfg: dict, fmt: str, tokenizer) -> tuple[list, list, list]:
+def _responses(df: pd.DataFrame, cfg: Data, fmt: str, tokenizer) -> tuple[list, list, list]:
     """(prompts, chosen, rejected) in the given format."""
-    cols = cfg["columns"]
+    cols = cfg.columns.model_dump()  # role → column name
     if fmt == "strings":
         if cols["prompt"] not in df.columns:
             raise DataError(f"{_where(df)}: missing column '{cols['prompt']}' (data.columns.prompt)")
@@ -351,13 +353,13 @@ def _responses(df: pd.DataFrame, cfg: dict, fmt: str, tokenizer) -> tuple[list, 
             if c[:-1] != r[:-1]:
                 raise DataError(f"{_where(df, i)}, fields '{cols['chosen']}'/'{cols['rejected']}': "
                                 "the conversations differ before their last message")
-            prompts.append(render_messages(c[:-1], tokenizer, cfg["chat_template"]))
-            lead = "" if cfg["chat_template"] else " "
+            prompts.append(render_messages(c[:-1], tokenizer, cfg.chat_template))
+            lead = "" if cfg.chat_template else " "
             chosen.append(lead + str(c[-1]["content"]))
             rejected.append(lead + str(r[-1]["content"]))
         return prompts, chosen, rejected
     if fmt == "transcripts":
-        marker = cfg.get("prompt_end")
+        marker = cfg.prompt_end
         for i, (c, r) in enumerate(zip(df[cols["chosen"]], df[cols["rejected"]])):
             for field, v in ((cols["chosen"], c), (cols["rejected"], r)):
                 if not isinstance(v, str):
@@ -375,12 +377,12 @@ def _responses(df: pd.DataFrame, cfg: dict, fmt: str, tokenizer) -> tuple[list, 
     raise DataError(f"data.format: unknown {fmt!r} (auto, strings, messages, transcripts)")
 
 
-def _concepts(df: pd.DataFrame, cfg: dict) -> list[str]:
+def _concepts(df: pd.DataFrame, cfg: Data) -> list[str]:
     """Each row's concept, by ``data.concept``: the file's stem (``file``), the ``data.columns.concept`` column
     (``column``), or one name (``single``: ``data.concept_name``, else "all"). Never a path: sample ids hash
     the concept and must not depend on where the data lies."""
-    ccol = cfg["columns"].get("concept")
-    mode = cfg.get("concept") or ("column" if ccol else "single")
+    ccol = cfg.columns.concept
+    mode = cfg.concept or ("column" if ccol else "single")
     if mode == "file":
         stems = {}
         for f in dict.fromkeys(df["_file"]):
@@ -400,7 +402,7 @@ def _concepts(df: pd.DataFrame, cfg: dict) -> list[str]:
             raise DataError(f"{_where(df, int(missing[0]))}, field '{ccol}' (data.columns.concept): missing value; "
                             "every pair needs a concept")
         return list(df[ccol].astype(str))
-    return [cfg.get("concept_name") or "all"] * len(df)
+    return [cfg.concept_name or "all"] * len(df)
 
 
 def derived_clusters(pairs: pd.DataFrame) -> list[int]:

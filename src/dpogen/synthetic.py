@@ -39,9 +39,9 @@ class SyntheticSpec:
     stance_pool: int = 0  # > 0: stance words come from one pool shared by all concepts (see vocabulary)
 
     @classmethod
-    def from_config(cls, s: dict) -> "SyntheticSpec":
-        """From the ``data.synthetic`` section of the config."""
-        return cls(s["n_concepts"], s["topic_words"], s["stance_words"], s["seed"], s.get("stance_pool", 0))
+    def from_config(cls, s) -> "SyntheticSpec":
+        """From the ``data.synthetic`` settings (settings.Synthetic)."""
+        return cls(s.n_concepts, s.topic_words, s.stance_words, s.seed, s.stance_pool)
 
 
 def _word(rng: np.random.Generator, used: set[str]) -> str:

@@ -18,7 +18,7 @@ def compute_threads(snakemake) -> int:
     with that many threads (slower, same numbers) and says so."""
     if snakemake.rule not in MODEL_RULES:
         return max(1, int(snakemake.threads))
-    want = int(snakemake.config["threads"]["train"])
+    want = settings_of(snakemake).threads.train
     if int(snakemake.threads) < want:
         logging.getLogger("dpogen").warning("rule %s was granted %d cores, computes with threads.train=%d threads "
                                             "(the numbers depend on it)", snakemake.rule, snakemake.threads, want)
@@ -41,9 +41,7 @@ def job(snakemake):
         pass
     from . import model
 
-    m = snakemake.config.get("model", {})
-    model.LOAD_OPTIONS.update({k: m.get(k) for k in ("attn_implementation", "trust_remote_code")})
-    model.LOAD_OPTIONS["revision"] = (m.get("pretrained") or {}).get("revision")
+    model.LOAD_OPTIONS.update(settings_of(snakemake).model.load_options())
     log.info("rule %s, wildcards %s", snakemake.rule, dict(snakemake.wildcards))
     try:
         yield log
@@ -54,6 +52,17 @@ def job(snakemake):
         log.exception("rule %s failed", snakemake.rule)
         raise
     record_code(snakemake)
+
+
+def settings_of(snakemake, replicate: int | None = None):
+    """The typed settings of the job: its run's (the sweep's values filled in) when the rule has a run
+    wildcard, else the experiment's; ``replicate`` offsets the seeds as that replicate's runs do."""
+    from .config import base_settings, run_settings
+
+    run = dict(snakemake.wildcards).get("run")
+    if run is not None:
+        return run_settings(snakemake.config, run)
+    return base_settings(snakemake.config, replicate)
 
 
 def _user_errors() -> tuple[type, ...]:
@@ -79,7 +88,7 @@ def record_code(snakemake) -> None:
     run = dict(snakemake.wildcards).get("run")
     rec = {"rule": snakemake.rule, "run": run, "param": param, "code": stage_hash(f"{snakemake.rule}.py"),
            "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    with atomic_path(record_path(f"results/{snakemake.config['experiment']}", snakemake.rule, run)) as tmp:
+    with atomic_path(record_path(f"results/{settings_of(snakemake).experiment}", snakemake.rule, run)) as tmp:
         tmp.write_text(json.dumps(rec, indent=1) + "\n")
 
 

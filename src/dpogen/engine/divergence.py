@@ -22,6 +22,7 @@ import bisect
 import math
 
 import numpy as np
+from ..settings import DPO
 
 WINDOW = 5
 LOSS_FACTOR = 10.0
@@ -76,9 +77,9 @@ class Watch:
         return None
 
 
-def message(step: int, why: str, cfg: dict) -> str:
+def message(step: int, why: str, cfg: DPO) -> str:
     """The stop's message: the step, what diverged and the settings most likely at fault."""
-    return (f"dpo step {step}: training diverged: {why}. Likely causes: dpo.lr={cfg['lr']} too large for "
-            f"dpo.optimizer={cfg['optimizer']}, dpo.beta={cfg['beta']}, dpo.warmup_steps={cfg.get('warmup_steps')}, "
-            f"dpo.max_grad_norm={cfg.get('max_grad_norm')}. No margin table was written; the last resume save, if "
+    return (f"dpo step {step}: training diverged: {why}. Likely causes: dpo.lr={cfg.lr} too large for "
+            f"dpo.optimizer={cfg.optimizer}, dpo.beta={cfg.beta}, dpo.warmup_steps={cfg.warmup_steps}, "
+            f"dpo.max_grad_norm={cfg.max_grad_norm}. No margin table was written; the last resume save, if "
             f"any, is kept. dpo.on_divergence: warn lets such a run finish, marked as diverged")

@@ -33,10 +33,8 @@ from . import update_split as US
 from . import divergence as DV
 from . import tracked as TR
 from .tracking import Tracker
+from ..settings import DPO
 
-# settings that cannot change a saved state's numbers: a save made with other values is still resumed
-EXECUTION_ONLY = {"processes", "log_every", "save_every", "eval_batch_size", "eval_max_tokens_per_batch", "report_to",
-                  "on_divergence", "on_nonfinite"}
 REFERENCE_CHECK = 64  # pairs the policy at step 0 is checked on against the reference pass
 # batch sums of each step, in TRL's metric names (means over the batch once divided by its size)
 STAT_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -68,23 +66,23 @@ def _reference_features(ref_features_path, ref_logps_path, pairs: pd.DataFrame) 
     return feats
 
 
-def prepare_run(train, test, tok, model, ref_logps_path, ref_features_path, cfg: dict) -> tuple[Run, dict]:
+def prepare_run(train, test, tok, model, ref_logps_path, ref_features_path, cfg: DPO) -> tuple[Run, DPO]:
     pairs = pairs_frame(train, test)
     ref_df = pd.read_parquet(ref_logps_path).set_index("sample_id").loc[pairs["sample_id"]]
     ref = ref_df[["ref_logp_chosen", "ref_logp_rejected"]].to_numpy(np.float64)
     enc = encode(tok, pairs, cfg, model)
     n_train = len(train)
-    bsz = n_train if cfg["batch_size"] in (None, "full") else int(cfg["batch_size"])
+    bsz = n_train if cfg.full_batch else cfg.batch_size
     if bsz > n_train:
         raise ValueError(f"dpo.batch_size: {bsz} is larger than the {n_train} training pairs; a batch would repeat "
                          f"pairs with unequal weights (use batch_size: full)")
     steps = S.total_steps(cfg, n_train, bsz)
-    cfg = {**cfg, "steps": steps}
+    cfg = cfg.replace(steps=steps)  # dpo.epochs resolved
     feats = None
     # τ_1 is a checkpoint when asked for, and in a log schedule wherever the theory defines it (full-batch sgd)
-    tau1 = cfg.get("eval_at_tau1") or ((cfg.get("eval_schedule") or {}).get("log") and cfg["optimizer"] == "sgd"
-                                       and bsz == n_train and ref_features_path is not None)
-    if (cfg["regime"] == "last_layer" or tau1) and ref_features_path is not None:
+    tau1 = cfg.eval_at_tau1 or (cfg.eval_schedule is not None and cfg.optimizer == "sgd"
+                                and bsz == n_train and ref_features_path is not None)
+    if (cfg.regime == "last_layer" or tau1) and ref_features_path is not None:
         feats = _reference_features(ref_features_path, ref_logps_path, pairs)
     schedule = S.eval_schedule(cfg)
     if tau1:
@@ -92,7 +90,7 @@ def prepare_run(train, test, tok, model, ref_logps_path, ref_features_path, cfg:
     return Run(pairs, n_train, enc, ref, feats, bsz, steps, schedule), cfg
 
 
-def choose_tracking(run: Run, cfg: dict, policy: Policy, seed: int) -> None:
+def choose_tracking(run: Run, cfg: DPO, policy: Policy, seed: int) -> None:
     """The tracked pairs and the checkpoint steps (dpo.track, tracked.py), from the token counts of this
     run's pairs: a checkpoint pass runs each multi-token prompt once, a training step two rows per pair.
     In last_layer both are products with the head on cached features."""
@@ -109,13 +107,13 @@ def choose_tracking(run: Run, cfg: dict, policy: Policy, seed: int) -> None:
         params = sum(p.numel() for p in policy.model.parameters())
     # steps a log schedule chosen by auto must keep: the geometry's, τ_1 and the ones the user listed
     keep = (set(S.geometry_steps(cfg, run.schedule)) | (set(run.schedule) - set(S.eval_schedule(cfg)))
-            | set(cfg.get("eval_steps") or []))
-    track = cfg.get("track", "all")
+            | set(cfg.eval_steps))
+    track = cfg.track
     if track == "auto" and policy.cache is not None:  # last_layer scores every pair on the cached features
         track = "all"
     tracked, schedule, why = TR.choose(run.pairs, run.n_train, train_tok, pass_tok, run.steps, run.bsz, run.schedule,
                                        keep, track, seed, params, policy.checkpointing)
-    if track != cfg.get("track", "all"):
+    if track != cfg.track:
         why = f"dpo.track auto in last_layer: every pair (a checkpoint is a product with the head); {why}"
     run.tracked, run.schedule, run.tracking = tracked, schedule, why
     log.info("%s", why)
@@ -125,7 +123,7 @@ class MarginWriter:
     """Margin checkpoints: the tracked pairs' log-probs under the policy, gathered, written by the first
     process. In last_layer every pair is scored (a product with the head) and the tracked ones written."""
 
-    def __init__(self, policy: Policy, run: Run, cfg: dict, work: Path, dist: Dist, tracker: Tracker,
+    def __init__(self, policy: Policy, run: Run, cfg: DPO, work: Path, dist: Dist, tracker: Tracker,
                  attribution=None):
         self.policy, self.run, self.cfg, self.dist, self.tracker = policy, run, cfg, dist, tracker
         self.attribution = attribution
@@ -177,14 +175,14 @@ class MarginWriter:
             self.attribution.checkpoint(step, lp)
         if len(scored) != len(tr.index):  # every pair scored, the tracked ones written
             lp = lp[tr.index]
-        df = margins_frame(step, run.pairs.iloc[tr.index], lp, run.ref[tr.index], self.cfg["beta"], tr.weight)
+        df = margins_frame(step, run.pairs.iloc[tr.index], lp, run.ref[tr.index], self.cfg.beta, tr.weight)
         bad = ~np.isfinite(df["margin"].to_numpy())
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             raise NonFiniteError(f"dpo checkpoint at step {step}: {int(bad.sum())} margins are not finite (first: "
                                  f"sample {df['sample_id'].iat[i]}, margin {df['margin'].iat[i]}); likely dpo.lr="
-                                 f"{self.cfg['lr']} too large, dpo.beta={self.cfg['beta']} or dpo.dtype="
-                                 f"{self.cfg['dtype']}; no margin table was written")
+                                 f"{self.cfg.lr} too large, dpo.beta={self.cfg.beta} or dpo.dtype="
+                                 f"{self.cfg.dtype}; no margin table was written")
         tables.write_margins_checkpoint(df, self.margins, step)
         self.tracker.checkpoint(step, df)
         w = df["weight"].to_numpy()  # a tracked subset's error is its weighted mean (1 each when all)
@@ -207,7 +205,7 @@ def margins_frame(step: int, pairs: pd.DataFrame, lp: np.ndarray, ref: np.ndarra
     })
 
 
-def micro_step(policy: Policy, chunk: np.ndarray, ref_t: torch.Tensor, n_tokens: torch.Tensor, cfg: dict,
+def micro_step(policy: Policy, chunk: np.ndarray, ref_t: torch.Tensor, n_tokens: torch.Tensor, cfg: DPO,
                scale: float) -> tuple[np.ndarray, np.ndarray]:
     """Forward and backward of one process's share of a micro-batch; returns its batch sums (STAT_NAMES) and
     per pair, from the same forward pass, (log π(chosen), log π(rejected), their difference) in float64 (the
@@ -219,7 +217,7 @@ def micro_step(policy: Policy, chunk: np.ndarray, ref_t: torch.Tensor, n_tokens:
         chunk = np.zeros(1, dtype=np.int64)  # any pair: the collectives need every process in every pass
     t = torch.as_tensor(chunk, device=ref_t.device)
     r = ref_t[t]
-    how = (cfg["beta"], cfg["loss"], cfg["label_smoothing"], n_tokens[t])
+    how = (cfg.beta, cfg.loss, cfg.label_smoothing, n_tokens[t])
     if policy.margin_only:  # only log π(y_w) − log π(y_l) is computed: it stands for the chosen log-prob
         d = policy.logratio(chunk)
         lp, pref = None, preference_loss(d, torch.zeros_like(d), (r[:, 0] - r[:, 1]).to(d.dtype), 0.0, *how)
@@ -292,22 +290,22 @@ class NonFiniteError(FloatingPointError):
     pass
 
 
-def nonfinite(step: int, loss: float, gn: float, cfg: dict, resume: ResumeState) -> bool:
+def nonfinite(step: int, loss: float, gn: float, cfg: DPO, resume: ResumeState) -> bool:
     """A NaN or Inf loss or gradient norm: stop (``dpo.on_nonfinite: stop``, the default) before the update
     touches the weights, keeping the last resume save; or skip the step (``skip_step``): True."""
     if math.isfinite(loss) and math.isfinite(gn):
         return False
     what = f"dpo step {step}: loss={loss} grad_norm={gn} is not finite"
-    if cfg.get("on_nonfinite", "stop") == "skip_step":
+    if cfg.on_nonfinite == "skip_step":
         log.warning("%s: step skipped (dpo.on_nonfinite: skip_step)", what)
         return True
-    raise NonFiniteError(f"{what}; training diverged. Likely causes: dpo.lr={cfg['lr']} too large, dpo.beta="
-                         f"{cfg['beta']}, dpo.dtype={cfg['dtype']} / dpo.autocast={cfg.get('autocast')}; no margin "
+    raise NonFiniteError(f"{what}; training diverged. Likely causes: dpo.lr={cfg.lr} too large, dpo.beta="
+                         f"{cfg.beta}, dpo.dtype={cfg.dtype} / dpo.autocast={cfg.autocast}; no margin "
                          f"table was written (the last resume save, if any, is kept in {resume.work}); "
                          f"dpo.on_nonfinite: skip_step skips such steps instead")
 
 
-def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path, cfg: dict, seed: int,
+def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path, cfg: DPO, seed: int,
               out_margins, out_metrics, work_dir, out_info=None, ref_features_path=None, out_features=None,
               out_attribution=None, out_batch_margins=None) -> dict:
     """DPO from the reference checkpoint ``ref_path``; writes the margins folder and the metrics table, with
@@ -315,16 +313,15 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
     ``out_batch_margins`` every training pair's margin at the step it was trained on."""
     from ..codehash import stage_hash
 
-    dist = Dist(cfg["device"])
-    fp = fingerprint({k: v for k, v in cfg.items() if k not in EXECUTION_ONLY} | {"seed": seed,
-                     "code": stage_hash("dpo.py")}, ref_logps_path)
+    dist = Dist(cfg.device)
+    fp = fingerprint(cfg.fingerprint() | {"seed": seed, "code": stage_hash("dpo.py")}, ref_logps_path)
     resume = ResumeState(work_dir, fp, dist)
     resume.prepare()
 
     M.seed_everything(seed)
     model, tok = load_for(ref_path, cfg, dist)
     run, cfg = prepare_run(train, test, tok, model, ref_logps_path, ref_features_path, cfg)
-    policy = Policy(model, run.enc, cfg, dist, run.feats if cfg["regime"] == "last_layer" else None)
+    policy = Policy(model, run.enc, cfg, dist, run.feats if cfg.regime == "last_layer" else None)
     choose_tracking(run, cfg, policy, seed)
     device = next(policy.model.parameters()).device
     ref_t = torch.tensor(run.ref, device=device)
@@ -332,21 +329,21 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
     pair_tokens = np.array([max(len(run.enc.rows[r]) for r in rows) for rows in run.enc.pair_rows])
     rows_per_pair = np.array([len(rows) for rows in run.enc.pair_rows])
     params = policy.trainable()
-    opt = make_optimizer(cfg["optimizer"], params.values(), cfg["lr"], cfg["weight_decay"])
-    sched = make_scheduler(opt, cfg["schedule"], cfg["warmup_steps"], run.steps)
+    opt = make_optimizer(cfg.optimizer, params.values(), cfg.lr, cfg.weight_decay)
+    sched = make_scheduler(opt, cfg.schedule, cfg.warmup_steps, run.steps)
     att, att_reason = attribution_of(policy, run, cfg, seed, bool(out_attribution))
     split = att if isinstance(att, US.UpdateSplit) else None  # it follows every optimizer step
-    batch = BatchMargins(run, cfg["beta"], policy.margin_only)
+    batch = BatchMargins(run, cfg.beta, policy.margin_only)
     start, rows = resume.load(policy.model, opt, sched) if resume.exists() else (0, [])
     if att is not None and resume.extra:
         att.load_state_dict(resume.extra)
     batch.load(resume.batch, start)
     log.info("dpo: %s, regime %s, %d trainable parameters (%.1f MB on this process), %d train / %d test pairs, "
              "batch %d, %d steps, seed %d, %d process(es), %s, gradient checkpointing %s", loss_name(cfg),
-             cfg["regime"], sum(p.numel() for p in params.values()), local_bytes(params.values()) / 1e6, run.n_train,
-             len(test), run.bsz, run.steps, seed, dist.world, cfg.get("parallel") or "fsdp", policy.checkpointing)
+             cfg.regime, sum(p.numel() for p in params.values()), local_bytes(params.values()) / 1e6, run.n_train,
+             len(test), run.bsz, run.steps, seed, dist.world, cfg.parallel, policy.checkpointing)
 
-    tracker = Tracker(cfg.get("report_to"), Path(out_metrics).parent, Path(out_metrics).parent.parent.name, cfg,
+    tracker = Tracker(cfg.report_to, Path(out_metrics).parent, Path(out_metrics).parent.parent.name, cfg,
                       start, dist.main)
     checkpoint = MarginWriter(policy, run, cfg, resume.work, dist, tracker, att)
     empty = {k: math.nan for k in tables.METRICS.names}
@@ -354,7 +351,7 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
         tr, te = checkpoint(0)
         rows = [{**empty, "step": 0, "epoch": 0.0, "train_error": tr, "test_error": te, "elapsed_s": 0.0}]
     policy.model.train()
-    prog = Progress(run.steps, "dpo", every=cfg["log_every"], start_step=start)
+    prog = Progress(run.steps, "dpo", every=cfg.log_every, start_step=start)
     elapsed0 = rows[-1]["elapsed_s"] if rows else 0.0
     skipped = [r["step"] for r in rows[1:] if not math.isfinite(r["loss"])]
     watch, diverged = DV.Watch(rows), next((r.get("diverged_at") for r in rows if r.get("diverged_at")), None)
@@ -366,7 +363,7 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
         rec = np.zeros((len(idx), 3))  # this process's pairs of the batch, by position in idx
         # micro-batches of positions in idx: the same pairs in the same order as micro-batches of idx itself
         for mb in S.micro_batches(np.arange(len(idx)), pair_tokens[idx], rows_per_pair[idx], dist.world,
-                                  int(cfg["grad_accum"]), cfg.get("max_tokens_per_batch")):
+                                  int(cfg.grad_accum), cfg.max_tokens_per_batch):
             mine = mb[dist.rank::dist.world]
             st, rec[mine] = micro_step(policy, idx[mine], ref_t, n_tokens, cfg, dist.world / len(idx))
             stats += st
@@ -376,12 +373,12 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
         if dist.main:
             batch.add(step, idx, rec)
         batch.seconds += time.perf_counter() - t0
-        gn = grad_norm(params.values(), cfg["max_grad_norm"])
+        gn = grad_norm(params.values(), cfg.max_grad_norm)
         done = step + 1
         if math.isfinite(stats[0]) and math.isfinite(gn):
             watch.add(stats[0], gn, done)
             why = None if diverged else watch.diverged()
-            if why and cfg.get("on_divergence", "stop") == "stop":  # before this step's update: the save is kept
+            if why and cfg.on_divergence == "stop":  # before this step's update: the save is kept
                 raise DV.DivergedError(DV.message(done, why, cfg))
             if why:
                 diverged = done
@@ -407,7 +404,7 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
             row["train_error"], row["test_error"] = checkpoint(done)
         rows.append(row)
         tracker.step(row, STAT_NAMES)
-        if cfg["save_every"] and done % cfg["save_every"] == 0 and done < run.steps:
+        if cfg.save_every and done % cfg.save_every == 0 and done < run.steps:
             resume.save(done, policy.model, opt, sched, rows, att.state_dict() if att is not None else None,
                         batch=batch.state() if dist.main else None)
     tracker.close()
@@ -440,7 +437,7 @@ def timing(loop: float, each: dict[int, float], batch_margins: float) -> dict:
             "tracking_over_training": checkpoints / training, "checkpoint": each}
 
 
-def attribution_of(policy: Policy, run: Run, cfg: dict, seed: int, wanted: bool):
+def attribution_of(policy: Policy, run: Run, cfg: DPO, seed: int, wanted: bool):
     """(what splits this run's margins over the training groups during training, or None; why not): the
     actual updates in last_layer (update_split.py), TracIn when the backbone trains (tracin.py)."""
     if not wanted:
@@ -460,20 +457,20 @@ def write_attribution(att, reason: str | None, pairs: pd.DataFrame, rows: list[d
                              tables.attribution_not_computed(f"not computed: {reason}"), out)
 
 
-def run_info(cfg: dict, run: Run, seed: int, dist: Dist, params: dict, device, policy: Policy) -> dict:
+def run_info(cfg: DPO, run: Run, seed: int, dist: Dist, params: dict, device, policy: Policy) -> dict:
     """run.json: what produced the numbers, the settings that move them through float order included."""
     import tokenizers
     import transformers
 
-    return {"seed": seed, "loss": loss_name(cfg), "regime": cfg["regime"], "steps": run.steps,
+    return {"seed": seed, "loss": loss_name(cfg), "regime": cfg.regime, "steps": run.steps,
             "batch_size": run.bsz, "n_train": run.n_train, "n_test": len(run.pairs) - run.n_train,
             "trainable_parameters": int(sum(p.numel() for p in params.values())), "checkpoints": run.schedule,
-            "processes": dist.world, "parallel": (cfg.get("parallel") or "fsdp") if dist.enabled else "none",
-            "gradient_checkpointing": policy.checkpointing, "max_tokens_per_batch": cfg.get("max_tokens_per_batch"),
-            "grad_accum": cfg["grad_accum"], "logit_chunk": cfg.get("logit_chunk"), "threads": torch.get_num_threads(),
+            "processes": dist.world, "parallel": cfg.parallel if dist.enabled else "none",
+            "gradient_checkpointing": policy.checkpointing, "max_tokens_per_batch": cfg.max_tokens_per_batch,
+            "grad_accum": cfg.grad_accum, "logit_chunk": cfg.logit_chunk, "threads": torch.get_num_threads(),
             "torch": torch.__version__, "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
             "numpy": np.__version__,
-            "device": str(device), "dtype": cfg["dtype"], "autocast": cfg.get("autocast"),
+            "device": str(device), "dtype": cfg.dtype, "autocast": cfg.autocast,
             "tracking": run.tracking, "tracked": {k: list(v) for k, v in run.tracked.counts.items()}}
 
 
@@ -507,7 +504,7 @@ def finish(run: Run, checkpoint: MarginWriter, rows, work: Path, out_margins, ou
              last["test_error"])
 
 
-def train_dpo_files(ref_path, train, test, ref_logps_path, cfg: dict, seed: int, out_margins, out_metrics, work_dir,
+def train_dpo_files(ref_path, train, test, ref_logps_path, cfg: DPO, seed: int, out_margins, out_metrics, work_dir,
                     out_info=None, ref_features_path=None, out_features=None, out_attribution=None,
                     out_batch_margins=None) -> dict:
     """train_dpo with the pair tables given as Parquet paths (what a launched process receives)."""

@@ -12,6 +12,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from ..settings import DPO
 
 LOSSES = ("sigmoid", "ipo", "ipo_norm", "hinge", "robust")
 
@@ -66,9 +67,9 @@ def dpo_loss(ratio_chosen: torch.Tensor, ratio_rejected: torch.Tensor, beta: flo
     raise ValueError(f"dpo.loss: unknown {loss_type!r} ({', '.join(LOSSES)})")
 
 
-def loss_name(cfg: dict) -> str:
-    if cfg["loss"] == "sigmoid" and cfg["label_smoothing"] > 0:
-        return f"cdpo(eps={cfg['label_smoothing']})"
-    if cfg["loss"] == "robust":
-        return f"robust-dpo(eps={cfg['label_smoothing']})"
-    return {"sigmoid": "dpo-sigmoid", "ipo": "ipo-summed", "ipo_norm": "ipo-token-mean", "hinge": "hinge"}[cfg["loss"]]
+def loss_name(cfg: DPO) -> str:
+    if cfg.loss == "sigmoid" and cfg.label_smoothing > 0:
+        return f"cdpo(eps={cfg.label_smoothing})"
+    if cfg.loss == "robust":
+        return f"robust-dpo(eps={cfg.label_smoothing})"
+    return {"sigmoid": "dpo-sigmoid", "ipo": "ipo-summed", "ipo_norm": "ipo-token-mean", "hinge": "hinge"}[cfg.loss]

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..logprobs import unwrap
+from ..settings import DPO
 
 
 class Dist:
@@ -70,13 +71,13 @@ class Dist:
             torch.distributed.destroy_process_group()
 
 
-def load_for(path, cfg: dict, dist: Dist):
-    """The model on this process's device, or on the CPU when FSDP will shard it onto the device (a
-    process then holds one full copy in host memory, never on its GPU)."""
+def load_for(path, cfg: DPO, dist: Dist, dtype: str | None = None):
+    """The model (in ``dtype``, else dpo.dtype) on this process's device, or on the CPU when FSDP will shard
+    it onto the device (a process then holds one full copy in host memory, never on its GPU)."""
     from ..model import load
 
-    fsdp = dist.enabled and (cfg.get("parallel") or "fsdp") == "fsdp"
-    return load(path, cfg["dtype"], "cpu" if fsdp else dist.device(cfg["device"]))
+    fsdp = dist.enabled and cfg.parallel == "fsdp"
+    return load(path, dtype or cfg.dtype, "cpu" if fsdp else dist.device(cfg.device))
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:
@@ -86,7 +87,7 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     return [m for m in inner.modules() if type(m).__name__ in names]
 
 
-def wrap(model, cfg: dict, dist: Dist, *, checkpointing: bool = False):
+def wrap(model, cfg: DPO, dist: Dist, *, checkpointing: bool = False):
     """Apply activation checkpointing, then FSDP2 (per decoder layer, then the root) or DDP when launched
     in several processes. With FSDP, ``dpo.autocast`` becomes the mixed-precision policy: parameters
     gathered in bf16 for compute, fp32 master weights and fp32 gradient reduction."""
@@ -98,7 +99,7 @@ def wrap(model, cfg: dict, dist: Dist, *, checkpointing: bool = False):
             inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not dist.enabled:
         return model
-    parallel = cfg.get("parallel") or "fsdp"
+    parallel = cfg.parallel
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -113,7 +114,7 @@ def wrap(model, cfg: dict, dist: Dist, *, checkpointing: bool = False):
     if not layers:
         raise ValueError(f"dpo.parallel: fsdp shards a model one decoder layer at a time, and "
                          f"{type(unwrap(model)).__name__} names none (_no_split_modules); set dpo.parallel: ddp")
-    autocast = cfg.get("autocast")
+    autocast = cfg.autocast
     mp = MixedPrecisionPolicy(param_dtype=DTYPES[autocast] if autocast else None, reduce_dtype=torch.float32)
     for layer in layers:
         fully_shard(layer, mp_policy=mp)
@@ -128,7 +129,7 @@ def is_fsdp(model) -> bool:
 
 
 @contextlib.contextmanager
-def gathered(model, cfg: dict):
+def gathered(model, cfg: DPO):
     """A pass without gradients under FSDP2 (a checkpoint, the reference pass): every layer's weights are
     gathered once and kept for the whole pass, instead of once per micro-batch and layer, when the full
     weights in the compute dtype take at most half of the device's free memory (the host's for CPU
@@ -142,7 +143,7 @@ def gathered(model, cfg: dict):
 
     from ..model import DTYPES
 
-    compute = DTYPES[cfg["autocast"]] if cfg.get("autocast") else next(model.parameters()).dtype
+    compute = DTYPES[cfg.autocast] if cfg.autocast else next(model.parameters()).dtype
     full = sum(p.numel() for p in model.parameters()) * torch.finfo(compute).bits // 8
     device = next(model.parameters()).device
     if device.type == "cuda":
@@ -171,13 +172,13 @@ def gathered(model, cfg: dict):
             m.set_reshard_after_forward(True, recurse=False)
 
 
-def precision(model, cfg: dict):
+def precision(model, cfg: DPO):
     """torch.autocast for ``dpo.autocast`` in one process or DDP; under FSDP the policy casts instead."""
-    if not cfg.get("autocast") or is_fsdp(model):
+    if not cfg.autocast or is_fsdp(model):
         return contextlib.nullcontext()
     from ..model import DTYPES
 
-    return torch.autocast(next(model.parameters()).device.type, dtype=DTYPES[cfg["autocast"]])
+    return torch.autocast(next(model.parameters()).device.type, dtype=DTYPES[cfg.autocast])
 
 
 def grad_norm(params, max_norm: float | None) -> float:

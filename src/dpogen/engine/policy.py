@@ -14,11 +14,12 @@ import torch
 from ..logprobs import TargetCache, cache_targets, cached_logps, cached_logratio, pair_logps
 from ..reference import eval_logps
 from . import parallel
+from ..settings import DPO
 
 
 class Policy:
-    def __init__(self, model, enc, cfg: dict, dist: parallel.Dist, features: np.ndarray | None = None):
-        self.cfg, self.enc, self.regime, self.dist = cfg, enc, cfg["regime"], dist
+    def __init__(self, model, enc, cfg: DPO, dist: parallel.Dist, features: np.ndarray | None = None):
+        self.cfg, self.enc, self.regime, self.dist = cfg, enc, cfg.regime, dist
         self.cache = None
         if self.regime == "last_layer":
             if dist.enabled and dist.world > 1:
@@ -34,16 +35,16 @@ class Policy:
                 dev = next(model.parameters()).device
                 self.cache = TargetCache.from_features(enc, torch.as_tensor(features, device=dev))
             else:
-                self.cache = cache_targets(model, enc, cfg["eval_batch_size"])
+                self.cache = cache_targets(model, enc, cfg.eval_batch_size)
         elif self.regime == "lora":
             from peft import LoraConfig, get_peft_model
 
-            lc = cfg["lora"]
-            model = get_peft_model(model, LoraConfig(r=lc["r"], lora_alpha=lc["alpha"], lora_dropout=lc["dropout"],
-                                                     target_modules=lc["target_modules"], bias="none"))
+            lc = cfg.lora
+            model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                                                     target_modules=lc.target_modules, bias="none"))
         elif self.regime != "full":
             raise ValueError(f"dpo.regime: unknown {self.regime!r} (full, last_layer, lora)")
-        self.checkpointing = self.cache is None and bool(cfg.get("gradient_checkpointing"))
+        self.checkpointing = self.cache is None and bool(cfg.gradient_checkpointing)
         self.model = parallel.wrap(model, cfg, dist, checkpointing=self.checkpointing) if self.cache is None else model
         # single-token answers in the last layer: training needs only the two answer logits (the
         # log-partition cancels in the loss); absolute log-probs are computed at checkpoints
@@ -62,7 +63,7 @@ class Policy:
         with parallel.precision(self.model, self.cfg):
             if self.cache is not None:
                 return cached_logps(self.model, self.cache, idx)
-            return pair_logps(self.model, self.enc, idx, logit_chunk=self.cfg.get("logit_chunk"))
+            return pair_logps(self.model, self.enc, idx, logit_chunk=self.cfg.logit_chunk)
 
     @torch.no_grad()
     def eval_pairs(self, idx: np.ndarray, features: bool = False):
@@ -73,7 +74,7 @@ class Policy:
         if features:
             raise ValueError("g(x) does not change in the last_layer regime: it is the reference's")
         with parallel.precision(self.model, self.cfg):
-            return cached_logps(self.model, self.cache, idx, batch_targets=self.cfg["eval_batch_size"])
+            return cached_logps(self.model, self.cache, idx, batch_targets=self.cfg.eval_batch_size)
 
 
 def untie_head(model) -> None:

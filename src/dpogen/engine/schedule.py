@@ -9,22 +9,23 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from ..settings import DPO
 
 
-def eval_schedule(cfg: dict) -> list[int]:
+def eval_schedule(cfg: DPO) -> list[int]:
     """Checkpoint steps: the configured list, and every ``eval_every`` steps or, with ``eval_schedule: {log:
     n}``, n log-spaced steps instead; step 0 and the last always."""
-    steps = set(cfg.get("eval_steps") or [])
-    log_n = (cfg.get("eval_schedule") or {}).get("log")
-    every = cfg.get("eval_every")
+    steps = set(cfg.eval_steps)
+    log_n = cfg.eval_schedule.log if cfg.eval_schedule is not None else None
+    every = cfg.eval_every
     if log_n is not None:
-        steps |= set(log_schedule(cfg["steps"], log_n))
+        steps |= set(log_schedule(cfg.steps, log_n))
     elif every:
-        steps |= set(range(0, cfg["steps"] + 1, every))
-    steps |= {0, cfg["steps"]}
-    bad = [s for s in steps if s < 0 or s > cfg["steps"]]
+        steps |= set(range(0, cfg.steps + 1, every))
+    steps |= {0, cfg.steps}
+    bad = [s for s in steps if s < 0 or s > cfg.steps]
     if bad:
-        raise ValueError(f"dpo.eval_steps: {sorted(bad)} outside 0..dpo.steps={cfg['steps']}")
+        raise ValueError(f"dpo.eval_steps: {sorted(bad)} outside 0..dpo.steps={cfg.steps}")
     return sorted(steps)
 
 
@@ -45,19 +46,19 @@ def log_schedule(steps: int, n: int) -> list[int]:
     return [0, *(int(x) for x in q)]
 
 
-def geometry_steps(cfg: dict, schedule: list[int]) -> list[int]:
+def geometry_steps(cfg: DPO, schedule: list[int]) -> list[int]:
     """Checkpoints at which g(x) is saved when the backbone trains (``dpo.geometry_steps``; "last" is the
     last step). Each must be a checkpoint; step 0 is the reference, whose g(x) the reference pass gives."""
     want = set()
-    for s_ in cfg.get("geometry_steps") or []:
-        want.add(cfg["steps"] if s_ == "last" else int(s_))
+    for s_ in cfg.geometry_steps:
+        want.add(cfg.steps if s_ == "last" else int(s_))
     bad = sorted(want - set(schedule))
     if bad:
         raise ValueError(f"dpo.geometry_steps: {bad} are not checkpoints (dpo.eval_every / eval_steps)")
     return sorted(want - {0})
 
 
-def tau1_checkpoint(cfg: dict, train, feats: np.ndarray | None) -> set[int]:
+def tau1_checkpoint(cfg: DPO, train, feats: np.ndarray | None) -> set[int]:
     """The last step at or before τ_1 (full-batch sgd; g(x) rescaled as the theory stage does), if training
     gets there; the theory stage reads the theorem's claims "at τ_1" from this checkpoint."""
     import logging
@@ -68,19 +69,19 @@ def tau1_checkpoint(cfg: dict, train, feats: np.ndarray | None) -> set[int]:
         raise ValueError("dpo.eval_at_tau1 needs the reference features (ref_features.npy)")
     n = len(train)
     scale = concept_scale(feats[:n], train["concept"].to_numpy(), train["cluster"].to_numpy())
-    k1 = math.floor(tau1_steps(cfg["beta"], train["concept"].nunique(), cfg["lr"], scale) + 1e-9)
-    if not 1 <= k1 <= cfg["steps"]:
+    k1 = math.floor(tau1_steps(cfg.beta, train["concept"].nunique(), cfg.lr, scale) + 1e-9)
+    if not 1 <= k1 <= cfg.steps:
         logging.getLogger("dpogen").warning("dpo.eval_at_tau1: tau_1 is at step %d, outside 1..%d: no extra "
-                                            "checkpoint", k1, cfg["steps"])
+                                            "checkpoint", k1, cfg.steps)
         return set()
     return {k1}
 
 
-def total_steps(cfg: dict, n_train: int, bsz: int) -> int:
+def total_steps(cfg: DPO, n_train: int, bsz: int) -> int:
     """``dpo.steps``, or enough steps for ``dpo.epochs`` passes over the training pairs when that is set."""
-    if cfg.get("epochs"):
-        return max(1, math.ceil(cfg["epochs"] * n_train / bsz))
-    return cfg["steps"]
+    if cfg.epochs:
+        return max(1, math.ceil(cfg.epochs * n_train / bsz))
+    return cfg.steps
 
 
 def batch_indices(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:

@@ -27,21 +27,22 @@ import torch
 
 from ..logprobs import backbone_and_head, head_gradients, pair_logps, unwrap
 from .loss import preference_loss
+from ..settings import DPO
 
 METHOD = "estimate: TracIn over the margin checkpoints ({what}), first order, the optimizer's preconditioner left out"
 
 
-def mode(policy, cfg: dict) -> str | None:
+def mode(policy, cfg: DPO) -> str | None:
     """``dpo.tracin.params`` resolved: head (full), trainable (lora) for auto; None when off."""
-    setting = (cfg.get("tracin") or {}).get("params", "auto")
-    if setting in (None, "none"):
+    setting = cfg.tracin.params
+    if setting == "none":
         return None
     if setting == "auto":
         return "trainable" if policy.regime == "lora" else "head"
     return setting
 
 
-def not_applicable(policy, cfg: dict) -> str | None:
+def not_applicable(policy, cfg: DPO) -> str | None:
     """Why TracIn is not computed for this run (None: it is)."""
     if policy.cache is not None:
         return "TracIn is for a training backbone (full, lora); last_layer splits its actual updates"
@@ -78,10 +79,10 @@ class KroneckerProjection:
 
 
 class TracIn:
-    def __init__(self, policy, run, cfg: dict, seed: int):
-        self.policy, self.run, self.cfg, self.beta = policy, run, cfg, cfg["beta"]
+    def __init__(self, policy, run, cfg: DPO, seed: int):
+        self.policy, self.run, self.cfg, self.beta = policy, run, cfg, cfg.beta
         self.mode = mode(policy, cfg)
-        self.dim = (cfg.get("tracin") or {}).get("dim", 512)
+        self.dim = cfg.tracin.dim
         train = run.pairs.iloc[: run.n_train]
         key = list(zip(train["concept"].astype(str), train["cluster"].astype(int)))
         self.keys = sorted(set(key))
@@ -115,10 +116,10 @@ class TracIn:
         model.eval()
         try:
             if self.mode == "head":
-                return head_gradients(model, enc, self.project, batch_rows=self.cfg["eval_batch_size"])
+                return head_gradients(model, enc, self.project, batch_rows=self.cfg.eval_batch_size)
             if self.linears is not None:
-                return linear_gradients(model, enc, self.linears, self.kron, self.cfg["eval_batch_size"],
-                                        difference=self.cfg["loss"] != "ipo_norm")
+                return linear_gradients(model, enc, self.linears, self.kron, self.cfg.eval_batch_size,
+                                        difference=self.cfg.loss != "ipo_norm")
             rows = []  # any other trained parameter: one backward pass per pair and answer
             for j in range(enc.n_pairs):
                 with torch.enable_grad():
@@ -142,8 +143,8 @@ class TracIn:
         lp_t = torch.tensor(lp[:n], dtype=torch.float64, requires_grad=True)
         ref = torch.tensor(run.ref[:n], dtype=torch.float64)
         nt = torch.tensor(run.enc.n_tokens[:n], dtype=torch.float64)
-        loss = preference_loss(lp_t[:, 0], lp_t[:, 1], ref[:, 0], ref[:, 1], self.beta, self.cfg["loss"],
-                               self.cfg["label_smoothing"], nt).losses.sum() / n
+        loss = preference_loss(lp_t[:, 0], lp_t[:, 1], ref[:, 0], ref[:, 1], self.beta, self.cfg.loss,
+                               self.cfg.label_smoothing, nt).losses.sum() / n
         (a,) = torch.autograd.grad(loss, lp_t)  # (n, 2): ∂L/∂log π of each answer
         a = a.to(phi.device)
         per_pair = a[:, 0, None] * phi[:n, 0] + a[:, 1, None] * phi[:n, 1]  # ∇ℓ_i / N, projected

@@ -127,10 +127,10 @@ def draw(pairs: pd.DataFrame, sizes: dict[str, int], seed: int) -> Tracked:
 
 def requested(pairs: pd.DataFrame, track, seed: int) -> Tracked:
     """The subset ``dpo.track`` names (``all`` or a mapping of sizes per split)."""
-    spec = {} if track in (None, "all") else dict(track)
-    sizes = {split: size_of(spec.get(split, "all"), int((pairs["split"] == split).sum()), f"dpo.track.{split}")
-             for split in SPLITS}
-    return draw(pairs, sizes, int(spec.get("seed", seed) or 0))
+    whole = isinstance(track, str)  # "all"; otherwise settings.Track
+    sizes = {split: size_of("all" if whole else getattr(track, split), int((pairs["split"] == split).sum()),
+                            f"dpo.track.{split}") for split in SPLITS}
+    return draw(pairs, sizes, seed if whole or track.seed is None else track.seed)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import torch
 
 from ..tables import NOT_A_CONCEPT as RESIDUAL  # the part no training group made: weight decay, rounding
 from .loss import preference_loss
+from ..settings import DPO
 
 METHOD = {
     "sgd": "estimate: the actual minibatch sgd updates split over training (concept, cluster) (first order in the "
@@ -28,7 +29,7 @@ METHOD = {
 }
 
 
-def not_applicable(policy, cfg: dict) -> str | None:
+def not_applicable(policy, cfg: DPO) -> str | None:
     """Why the updates cannot be split for this run (None: they can)."""
     if not policy.margin_only:
         return ("the update split needs the LM head alone training on single-token pairs (regime last_layer; "
@@ -39,8 +40,8 @@ def not_applicable(policy, cfg: dict) -> str | None:
     if head.bias is not None or getattr(inner.config, "final_logit_softcapping", None) or (
             isinstance(scale, (int, float)) and scale != 1):
         return "the update split needs a plain linear LM head (no bias, logit scale or soft-capping)"
-    if cfg["optimizer"] not in ("sgd", "adam", "adamw"):
-        return f"no update split for optimizer {cfg['optimizer']}"
+    if cfg.optimizer not in ("sgd", "adam", "adamw"):
+        return f"no update split for optimizer {cfg.optimizer}"
     return None
 
 
@@ -48,9 +49,9 @@ class UpdateSplit:
     """Running per-group sums of the head's updates on the answer tokens' rows, and at each margin checkpoint
     every pair's margin split over the groups."""
 
-    def __init__(self, policy, run, cfg: dict):
-        self.policy, self.cfg, self.beta = policy, cfg, cfg["beta"]
-        self.adam = cfg["optimizer"] in ("adam", "adamw")
+    def __init__(self, policy, run, cfg: DPO):
+        self.policy, self.cfg, self.beta = policy, cfg, cfg.beta
+        self.adam = cfg.optimizer in ("adam", "adamw")
         pairs = run.pairs
         train = pairs.iloc[: run.n_train]
         self.keys = sorted(set(zip(train["concept"].astype(str), train["cluster"].astype(int))))
@@ -82,8 +83,8 @@ class UpdateSplit:
         with torch.enable_grad():
             d = self.policy.logratio(idx).detach().requires_grad_(True)
             r = ref_t[idx_t.to(ref_t.device)].to(d.dtype)
-            loss = preference_loss(d, torch.zeros_like(d), r[:, 0] - r[:, 1], 0.0, self.beta, self.cfg["loss"],
-                                   self.cfg["label_smoothing"],
+            loss = preference_loss(d, torch.zeros_like(d), r[:, 0] - r[:, 1], 0.0, self.beta, self.cfg.loss,
+                                   self.cfg.label_smoothing,
                                    torch.ones(len(idx), 2, dtype=d.dtype, device=d.device)).losses.sum() / len(idx)
             (a,) = torch.autograd.grad(loss, d)  # ∂loss/∂(log π(y_w) − log π(y_l)) per pair of the batch
         coef = a.to(torch.float64)[:, None] * self.g[idx_t].to(torch.float64)  # (b, d)
@@ -132,7 +133,7 @@ class UpdateSplit:
     def table(self, pairs: pd.DataFrame, metrics: list[dict] | None = None) -> pd.DataFrame:
         """The attribution table (tables.ATTRIBUTION): per checkpoint, pair and training (concept, cluster); the
         residual as training concept "(weight decay)" where any step decayed the weights."""
-        keys = self.keys + ([(RESIDUAL, 0)] if self.cfg.get("weight_decay") else [])
+        keys = self.keys + ([(RESIDUAL, 0)] if self.cfg.weight_decay else [])
         base = {"split": pairs["split"].to_numpy(), "sample_id": pairs["sample_id"].to_numpy(),
                 "concept": pairs["concept"].astype(str).to_numpy()}
         frames = [pd.DataFrame({"step": step, **base, "train_concept": c, "train_cluster": s, "contribution": P[:, gi]})

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pandas as pd
 
+from ..settings import DPO
 from ..tables import margin_errors
 from .dynamics import prediction_method, step_at_tau1
 
@@ -30,7 +31,7 @@ RECURSION_TOL = {"float64": 1e-9, "float32": 1e-4}  # relative; other dtypes: 1e
 
 
 def claims(per_pair: pd.DataFrame | None, dyn: pd.DataFrame, bounds: pd.DataFrame, conds: pd.DataFrame,
-           dpo_cfg: dict) -> pd.DataFrame:
+           dpo_cfg: DPO) -> pd.DataFrame:
     """The theorems' statements checked on this run, each with its measured value and status:
 
     the training envelope r_L ≤ r_i(t) ≤ r_U for every training pair and checkpoint up to τ_1, zero training
@@ -47,7 +48,7 @@ def claims(per_pair: pd.DataFrame | None, dyn: pd.DataFrame, bounds: pd.DataFram
         return pd.DataFrame([_claim("every claim", "", None, nan, nan, None, note=why)])
     exact = prediction_method(dpo_cfg).startswith("exact")
     regime = [] if exact else [f"the theorems' regime (last_layer, full-batch sgd); this run: {dyn['method'].iloc[0]}"]
-    if dpo_cfg["loss"] != "sigmoid" or dpo_cfg.get("label_smoothing"):
+    if dpo_cfg.loss != "sigmoid" or dpo_cfg.label_smoothing:
         regime.append("the theorems' loss is DPO's sigmoid loss without label smoothing")
     held = {v: bool(g.loc[g["condition"] != "40 <= Q", "holds"].all()) for v, g in conds.groupby("version")}
     train_conds = [] if any(held.values()) else ["the training guarantee's conditions (neither v3's nor v5's hold)"]
@@ -98,9 +99,9 @@ def claims(per_pair: pd.DataFrame | None, dyn: pd.DataFrame, bounds: pd.DataFram
         rows.append(_claim("zero training error at tau_1", "v3 Thm 4.1 / v5 Thm 4.2", None, nan, 0.0, None, at))
     diff = (per_pair["measured"] - per_pair["predicted"]).abs()
     rel = float((diff / np.maximum(1.0, per_pair["measured"].abs())).max())
-    tol = RECURSION_TOL.get(dpo_cfg.get("dtype"), 1e-2)
+    tol = RECURSION_TOL.get(dpo_cfg.dtype, 1e-2)
     rows.append(_claim("measured margins equal the recursion (train and test, every checkpoint)",
                        "docs/theory.md section 2", last, rel, tol, bool(rel <= tol), [] if exact else regime[:1],
                        "max of abs(measured - predicted) / max(1, abs(measured)); tolerance for "
-                       f"{dpo_cfg.get('dtype')}"))
+                       f"{dpo_cfg.dtype}"))
     return pd.DataFrame(rows)

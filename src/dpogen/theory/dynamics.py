@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 
 from ..estimates import tracked_note
+from ..settings import DPO
 from ..tables import margin_errors
 from ..timescale import tau1_steps
 
@@ -91,14 +92,14 @@ def step_at_tau1(checkpoints, tau1: float) -> int | None:
     return max(before) if before else None
 
 
-def prediction_method(dpo_cfg: dict) -> str:
+def prediction_method(dpo_cfg: DPO) -> str:
     """How the recursion relates to this run's training (named in every output row)."""
-    exact = (dpo_cfg["regime"] == "last_layer" and dpo_cfg["optimizer"] == "sgd" and dpo_cfg["batch_size"] == "full"
-             and not dpo_cfg["weight_decay"] and not dpo_cfg["max_grad_norm"] and dpo_cfg["schedule"] == "constant"
-             and not dpo_cfg["warmup_steps"])
+    exact = (dpo_cfg.regime == "last_layer" and dpo_cfg.optimizer == "sgd" and dpo_cfg.batch_size == "full"
+             and not dpo_cfg.weight_decay and not dpo_cfg.max_grad_norm and dpo_cfg.schedule == "constant"
+             and not dpo_cfg.warmup_steps)
     if exact:
         return "exact recursion (last_layer, full-batch sgd)"
-    if dpo_cfg["optimizer"] == "sgd":
+    if dpo_cfg.optimizer == "sgd":
         return "recursion with t/tau = lr*k (approximate: backbone, minibatch, decay or clipping)"
     return "recursion with a fitted time scale (adam/adamw: t/tau = c*k, c from the first checkpoint)"
 
@@ -117,7 +118,7 @@ def predicted_pairs(ref: pd.DataFrame, margins: pd.DataFrame) -> np.ndarray:
     return (ref["split"] == "train").to_numpy() | ref["sample_id"].isin(margins["sample_id"].unique()).to_numpy()
 
 
-def dynamics(features: np.ndarray, ref: pd.DataFrame, margins: pd.DataFrame, dpo_cfg: dict, K: int,
+def dynamics(features: np.ndarray, ref: pd.DataFrame, margins: pd.DataFrame, dpo_cfg: DPO, K: int,
              scale: float = 1.0, pred: dict | None = None):
     """Predicted margins of every pair from the recursion of docs/theory.md section 2 with the kernel measured
     from g(x), next to the measured ones, and the envelope of v3 Theorem 4.1 in steps. ``pred``: the
@@ -129,7 +130,7 @@ def dynamics(features: np.ndarray, ref: pd.DataFrame, margins: pd.DataFrame, dpo
         return None, "no prediction: some responses are not single tokens after the same prompt"
     keep = predicted_pairs(ref, margins)
     features, ref = np.asarray(features)[keep], ref[keep]
-    beta, steps = dpo_cfg["beta"], int(margins["step"].max())
+    beta, steps = dpo_cfg.beta, int(margins["step"].max())
     checkpoints = sorted(int(s) for s in margins["step"].unique())
     tr = (ref["split"] == "train").to_numpy()
     if not tr[: tr.sum()].all():
@@ -137,11 +138,11 @@ def dynamics(features: np.ndarray, ref: pd.DataFrame, margins: pd.DataFrame, dpo
     g = np.asarray(features, np.float64)
     w, lo = ref["token_chosen"].to_numpy(), ref["token_rejected"].to_numpy()
     n = int(tr.sum())
-    kw = dict(loss=dpo_cfg["loss"] if dpo_cfg["loss"] != "ipo_norm" else "ipo",
-              label_smoothing=dpo_cfg["label_smoothing"])
+    kw = dict(loss=dpo_cfg.loss if dpo_cfg.loss != "ipo_norm" else "ipo",
+              label_smoothing=dpo_cfg.label_smoothing)
     method = prediction_method(dpo_cfg)
-    if dpo_cfg["optimizer"] == "sgd":
-        eta = float(dpo_cfg["lr"])
+    if dpo_cfg.optimizer == "sgd":
+        eta = float(dpo_cfg.lr)
     else:  # effective step from the early slope: measured mean train margin at the first checkpoint
         first = next((s for s in checkpoints if s > 0), None)
         slope = predicted_margins(g[:n], w[:n], lo[:n], g, w, lo, beta=beta, lr=1.0, steps=1, checkpoints=[1],

@@ -9,13 +9,14 @@ import pandas as pd
 from ..attribution import exact_split, interference, not_computed
 from .bounds import BOUNDS, bounds_table, conditions
 from .certificates import certificates
+from ..settings import DPO, Theory
 from .claims import claims
 from .dynamics import dynamics, prediction_method
 from .geometry import check_finite, geometry
 
 
 def run_theory(train: pd.DataFrame, card: dict, features: np.ndarray, ref: pd.DataFrame,
-               margins: pd.DataFrame, cfg: dict, dpo_cfg: dict,
+               margins: pd.DataFrame, cfg: Theory, dpo_cfg: DPO,
                policy_features: dict[int, np.ndarray] | None = None,
                dpo_attribution: pd.DataFrame | None = None,
                policy_rows: list[int] | None = None) -> dict[str, pd.DataFrame]:
@@ -48,7 +49,7 @@ def run_theory(train: pd.DataFrame, card: dict, features: np.ndarray, ref: pd.Da
     geo = pd.concat(parts, ignore_index=True)
     conds = pd.DataFrame([c for ver in BOUNDS for c in conditions(ver, K=K, Q=Q, Z=Z, d=summary["d"],
                                                                    l_b=summary["l_b"], v=summary["v"])])
-    bounds = bounds_table(K, Q, N, conds, cfg["failure_constant_c"], summary, Z)
+    bounds = bounds_table(K, Q, N, conds, cfg.failure_constant_c, summary, Z)
     reason = attribution_reason(ref, dpo_cfg, margins)
     split = None if reason else exact_split(features, ref, margins, dpo_cfg, train)  # the recursion, run once
     per_pair, dyn = dynamics(features, ref, margins, dpo_cfg, K, summary["scale"], pred=split[0] if split else None)
@@ -76,7 +77,7 @@ def run_theory(train: pd.DataFrame, card: dict, features: np.ndarray, ref: pd.Da
         "geometry": geo,
         "conditions": conds,
         "bounds": bounds,
-        "certificates": certificates(margins, cfg["confidence"]),
+        "certificates": certificates(margins, cfg.confidence),
         "predicted": per_pair,
         "dynamics": dyn,
     }
@@ -85,7 +86,7 @@ def run_theory(train: pd.DataFrame, card: dict, features: np.ndarray, ref: pd.Da
 ATTRIBUTION_CELLS = 50_000_000  # pairs × training groups × checkpoints the exact split is computed for
 
 
-def attribution_reason(ref: pd.DataFrame, dpo_cfg: dict, margins: pd.DataFrame) -> str | None:
+def attribution_reason(ref: pd.DataFrame, dpo_cfg: DPO, margins: pd.DataFrame) -> str | None:
     """Why the exact attribution is not computed for this run (None: it is)."""
     if (ref["token_chosen"] < 0).any():
         return "not computed: no prediction: some responses are not single tokens after the same prompt"
