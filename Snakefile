@@ -20,8 +20,8 @@ from dpogen.config import (  # noqa: E402
     sweep_label,
     sweep_title,
 )
-from dpogen.inputs import data_files  # noqa: E402
-from dpogen.plan import check as check_plan  # noqa: E402
+from dpogen.data.inputs import data_files  # noqa: E402
+from dpogen.plan.memory import check as check_plan  # noqa: E402
 from dpogen.settings import THEORY_FROM_DPO  # noqa: E402
 
 
@@ -42,6 +42,7 @@ SCALING = {"data.k", "data.gaussian.q"} <= {a.param for a in axes(SETTINGS)}
 OUT = f"results/{EXP}"
 RUN = f"{OUT}/{{run}}"
 LOGS = f"{OUT}/logs"
+
 
 # cheap aggregation runs in the main process, not as cluster jobs
 localrules:

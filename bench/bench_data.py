@@ -20,8 +20,8 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 from dpogen import model as M  # noqa: E402
-from dpogen.data import prepare  # noqa: E402
-from dpogen.synthetic import SyntheticSpec, corpus  # noqa: E402
+from dpogen.data.stage import prepare  # noqa: E402
+from dpogen.data.synthetic import SyntheticSpec, corpus  # noqa: E402
 from dpogen.settings import Data  # noqa: E402
 
 

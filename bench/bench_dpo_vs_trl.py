@@ -37,9 +37,9 @@ import yaml  # noqa: E402
 from dpogen import reference  # noqa: E402
 from dpogen.engine import loop  # noqa: E402
 from dpogen import model as M  # noqa: E402
-from dpogen.data import validate_pairs  # noqa: E402
+from dpogen.data.stage import validate_pairs  # noqa: E402
 from dpogen.logprobs import cache_targets, cached_logps, encode_pairs, pair_logps  # noqa: E402
-from dpogen.synthetic import SyntheticSpec, corpus, generate  # noqa: E402
+from dpogen.data.synthetic import SyntheticSpec, corpus, generate  # noqa: E402
 from dpogen.settings import DPO, Scratch  # noqa: E402
 
 BETA = 0.1

@@ -60,7 +60,7 @@ def short_pairs(vocab_words, n: int, seed: int):
     import numpy as np
     import pandas as pd
 
-    from dpogen.data import validate_pairs
+    from dpogen.data.stage import validate_pairs
 
     rng = np.random.default_rng(seed)
     vw = np.asarray(vocab_words)
@@ -120,7 +120,7 @@ def worker(folder: Path, steps: int, batch: int, parallel: str, out_dir: Path) -
     from dpogen import model as M
     from dpogen.engine import loop
     from dpogen.engine import schedule as S
-    from dpogen.engine.parallel import Dist, grad_norm, is_fsdp, load_for, local_bytes
+    from dpogen.parallel import Dist, grad_norm, is_fsdp, load_for, local_bytes
     from dpogen.engine.policy import Policy
     from dpogen.training import make_optimizer
 

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from dpogen import model as M  # noqa: E402
 from dpogen.logprobs import encode_pairs, pair_logps  # noqa: E402
-from dpogen.synthetic import SyntheticSpec, corpus, generate  # noqa: E402
+from dpogen.data.synthetic import SyntheticSpec, corpus, generate  # noqa: E402
 from dpogen.settings import Scratch  # noqa: E402
 
 

@@ -101,7 +101,7 @@ def pairs(vocab_words: list[str], n: int, scale: int, seed: int):
     import numpy as np
     import pandas as pd
 
-    from dpogen.data import validate_pairs
+    from dpogen.data.stage import validate_pairs
 
     rng = np.random.default_rng(seed)
     p = 1.0 / (np.arange(len(vocab_words)) + 2.7)  # Zipf-like word frequencies

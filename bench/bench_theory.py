@@ -77,7 +77,7 @@ def main():
 
 def attribution_timing(rng, n, d, K, checkpoints):
     """The exact split of every margin over 2K training groups at every checkpoint, against the recursion."""
-    from dpogen.attribution import attribution
+    from dpogen.theory.attribution import attribution
     from dpogen.theory.dynamics import predicted_margins
 
     concept = np.array([f"c{i % K}" for i in range(n)])

@@ -45,7 +45,7 @@ import yaml  # noqa: E402
 
 from dpogen import model as M  # noqa: E402
 from dpogen import reference, tables  # noqa: E402
-from dpogen.data import validate_pairs  # noqa: E402
+from dpogen.data.stage import validate_pairs  # noqa: E402
 from dpogen.engine import loop, schedule, tracked  # noqa: E402
 from dpogen.estimates import split_estimates  # noqa: E402
 from dpogen.logprobs import encode_pairs, pair_logps  # noqa: E402

@@ -99,8 +99,8 @@ def build(work: Path, a) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from dpogen import model as M
-    from dpogen.data import validate_pairs
-    from dpogen.synthetic import SyntheticSpec, corpus, generate
+    from dpogen.data.stage import validate_pairs
+    from dpogen.data.synthetic import SyntheticSpec, corpus, generate
 
     t0 = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)

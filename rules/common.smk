@@ -8,7 +8,11 @@ BUILDS_BASE = MODEL.source == "scratch" or bool(MODEL.pretrained.gguf_file)
 # theory.attribution_check: leave-one-concept-out retraining beside each run's attribution
 CHECK_ATTRIBUTION = SETTINGS.theory.attribution_check
 # a tokenizer trained on the data's text reads its rows: rule check_data validates them first
-CHECKS_DATA = MODEL.source == "scratch" and SETTINGS.data.source in ("persona", "files", "hf")
+CHECKS_DATA = MODEL.source == "scratch" and SETTINGS.data.source in (
+    "persona",
+    "files",
+    "hf",
+)
 THREADS = SETTINGS.threads.train
 
 
@@ -59,11 +63,11 @@ def engine_settings(rs):
 
 
 def planned(stage, key):
-    """A resource of a model job (gpus, mem_mb) from the memory plan of its run (dpogen.plan); where no plan
-    can be made (a hub model whose config.json is not bundled in config/models/), one GPU per process on
-    CUDA and the profile's memory."""
+    """A resource of a model job (gpus, mem_mb) from the memory plan of its run (dpogen.plan.memory); where
+    no plan can be made (a hub model whose config.json is not bundled in config/models/), one GPU per
+    process on CUDA and the profile's memory."""
     from dpogen.config import ConfigError
-    from dpogen.plan import rule_resources
+    from dpogen.plan.memory import rule_resources
 
     def value(wildcards):
         rs = RS[wildcards.run]
@@ -72,7 +76,10 @@ def planned(stage, key):
         except ConfigError:
             cuda = str(rs.dpo.device).startswith("cuda")
             idle = stage == "sft" and rs.sft.target == "none"
-            res = {"gpus": rs.dpo.processes if cuda and not idle else 0, "mem_mb": 16000}
+            res = {
+                "gpus": rs.dpo.processes if cuda and not idle else 0,
+                "mem_mb": 16000,
+            }
         return res[key]
 
     return value
@@ -113,5 +120,5 @@ def code(rule):
 
 
 def vector(*pngs):
-    """The PDF and SVG a figure is saved as beside each PNG (dpogen.figures.VECTOR)."""
+    """The PDF and SVG a figure is saved as beside each PNG (dpogen.report.figures.VECTOR)."""
     return [png[: -len(".png")] + ext for png in pngs for ext in (".pdf", ".svg")]

@@ -50,7 +50,7 @@ rule run_report:
             subcategory="{run}",
             labels={"run": "{run}", "figure": "pair map"},
         ),
-        # every figure also as PDF and SVG (dpogen.figures.save_fig)
+        # every figure also as PDF and SVG (dpogen.report.figures.save_fig)
         vector=vector(
             f"{RUN}/report/margins.png",
             f"{RUN}/report/geometry.png",

@@ -23,7 +23,9 @@ rule base_model:
     params:
         model=MODEL.model_dump(),
         # the tokenizer's corpus: all concepts, the data seeds of the replicate
-        data=lambda w: base_settings(config, BASES[w.base][1]).data.model_dump(exclude={"k"}),
+        data=lambda w: base_settings(config, BASES[w.base][1]).data.model_dump(
+            exclude={"k"}
+        ),
         seed=lambda w: BASES[w.base][0],
         replicate=lambda w: BASES[w.base][1],
         code=code("base_model"),  # includes the data modules that read the corpus

@@ -61,11 +61,7 @@ rule attribution_check:
     params:
         # the retraining's settings: TracIn's do not change it
         dpo=lambda w: {
-            **{
-                k: v
-                for k, v in RS[w.run].dpo.rule_params().items()
-                if k != "tracin"
-            },
+            **{k: v for k, v in RS[w.run].dpo.rule_params().items() if k != "tracin"},
             **WITH_LOAD,
         },
         seed=lambda w: RS[w.run].seed,

@@ -5,7 +5,7 @@ import pytest
 
 from dpogen import model as M
 from dpogen.settings import DPO, Scratch
-from dpogen.synthetic import SyntheticSpec, corpus
+from dpogen.data.synthetic import SyntheticSpec, corpus
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -51,8 +51,8 @@ def tiny_gpt2_dir(tmp_path_factory, spec):
 def _reference_pass(tmp_path_factory, tiny_model_dir, spec):
     """The reference pass of the tiny model over small synthetic pairs, computed once per session."""
     from dpogen import reference
-    from dpogen.data import validate_pairs
-    from dpogen.synthetic import generate
+    from dpogen.data.stage import validate_pairs
+    from dpogen.data.synthetic import generate
 
     folder = tmp_path_factory.mktemp("reference")
     train, test = generate(2, 4, 2, spec)

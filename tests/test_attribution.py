@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-from dpogen import attribution as A
+from dpogen.theory import attribution as A
 from dpogen.theory import stage
 from tests.conftest import kill_at_checkpoint
 from tests.test_regimes import dpo_cfg, train_run
@@ -163,9 +163,9 @@ def test_leave_one_concept_out_against_the_exact_attribution(exact_run, tiny_mod
     """Retrained without each concept in turn, the held-out concepts' mean margins move the way the exact
     attribution says (first order: N and every later step change too): correlation over the K x K cells."""
     from dpogen import tables
-    from dpogen.attribution_check import correlation, leave_one_out
-    from dpogen.data import validate_pairs
-    from dpogen.synthetic import generate
+    from dpogen.theory.attribution_check import correlation, leave_one_out
+    from dpogen.data.stage import validate_pairs
+    from dpogen.data.synthetic import generate
 
     tmp = exact_run["tmp"]
     train, test = generate(3, 6, 3, spec)

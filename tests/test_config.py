@@ -93,7 +93,7 @@ def test_experiment_configs_are_valid(path, monkeypatch):
     cfg = _merge(yaml.safe_load((REPO / "config" / "config.yaml").read_text()), yaml.safe_load(text))
     s, rss = load(cfg)
     assert s.experiment == path.stem
-    from dpogen import plan
+    from dpogen.plan import memory as plan
 
     plans = plan.plan(rss) if s.resources.gpu_mem_gb else None
     plan.check(s, rss, plans)  # the configs that name their GPUs fit them
@@ -110,7 +110,7 @@ def test_a_sweep_over_another_key_is_named_by_that_key():
     """The default's prefix k belongs to data.k: a sweep over dpo.beta merged over it is named beta0.1, ...,
     never k0.1 (which reads as a value of K); a prefix given for that key stays."""
     from dpogen.config import normalize
-    from dpogen.plan import merge
+    from dpogen.config import merge
 
     base = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     cfg = normalize(merge(base, {"sweep": {"param": "dpo.beta", "values": [0.1, 0.5]}}))

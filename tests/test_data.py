@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dpogen import data as D
-from dpogen import sources as S
+from dpogen.data import stage as D
+from dpogen.data import sources as S
 from dpogen.settings import HF, Data
 from tests.conftest import PERSONA
 

@@ -18,10 +18,10 @@ from dpogen import model as M
 from dpogen import reference, tables
 from dpogen.config import ConfigError, check_engine
 from dpogen.settings import DPO, SFT, Data, build
-from dpogen.data import validate_pairs
+from dpogen.data.stage import validate_pairs
 from dpogen.engine import loop, schedule
 from dpogen.logprobs import EncodingError, encode_pairs, pair_logps, row_batches
-from dpogen.synthetic import generate
+from dpogen.data.synthetic import generate
 from tests.conftest import REPO, kill_at_checkpoint
 
 SRC = REPO / "src"
@@ -259,7 +259,7 @@ def test_sft_and_reference_pass_on_two_processes(tmp_path, tiny_model_dir, run10
 def test_fsdp_refuses_a_model_without_decoder_layers(tmp_path):
     from types import SimpleNamespace
 
-    from dpogen.engine.parallel import wrap
+    from dpogen.parallel import wrap
 
     model, _ = M.build_linear_head([" Yes", " No"], 8, 0)  # a transformers model with no layers
     model._no_split_modules = None
@@ -270,7 +270,7 @@ def test_fsdp_refuses_a_model_without_decoder_layers(tmp_path):
 def test_pairs_longer_than_the_context_are_cut_or_dropped_and_counted(tiny):
     from collections import Counter
 
-    from dpogen.data import apply_context_limit, token_lengths
+    from dpogen.data.stage import apply_context_limit, token_lengths
 
     _, tok = tiny
     df = validate_pairs(pd.DataFrame({"concept": "c", "cluster": 1, "prompt": ["Is it?\n", "Is it?\n"],

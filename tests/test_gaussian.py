@@ -11,8 +11,8 @@ import yaml
 
 from dpogen import config as C
 from dpogen.settings import SFT, Data, Gaussian, build
-from dpogen import data as D
-from dpogen import gaussian as G
+from dpogen.data import stage as D
+from dpogen.data import gaussian as G
 from dpogen import model as M
 from dpogen import tables
 from dpogen.theory import bounds, certificates, geometry, stage

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dpogen import plan as P
+from dpogen import config as C
+from dpogen.plan import memory, shapes
 from dpogen.config import ConfigError
 from dpogen.settings import Scratch, build
 from dpogen.settings.sections import Lora
@@ -33,7 +34,7 @@ WORLD = 4
 
 def base_config(**over) -> dict:
     cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    return P.normalize(P.merge(cfg, over))
+    return C.normalize(C.merge(cfg, over))
 
 
 def pretrained(path: str, **dpo) -> dict:
@@ -47,7 +48,7 @@ def pretrained(path: str, **dpo) -> dict:
 def typed(cfg: dict):
     """The experiment's settings and each run's, as the Snakefile builds them."""
     s = build(cfg)
-    return s, {run: P.run_settings(cfg, run) for run in P.runs(s)}
+    return s, {run: C.run_settings(cfg, run) for run in C.runs(s)}
 
 
 def _no_sweep(cfg: dict) -> dict:
@@ -60,8 +61,8 @@ def _no_sweep(cfg: dict) -> dict:
 
 def _cases() -> list[dict]:
     """name, the model's config.json dict, regime, lora settings."""
-    out = [{"name": k, "mc": P._read_json(P.bundled(v)), "regime": "full"} for k, v in BIG.items()]
-    out += [{"name": "smollm2-last-layer", "mc": P._read_json(P.bundled(SMOL)), "regime": "last_layer"},
+    out = [{"name": k, "mc": shapes._read_json(shapes.bundled(v)), "regime": "full"} for k, v in BIG.items()]
+    out += [{"name": "smollm2-last-layer", "mc": shapes._read_json(shapes.bundled(SMOL)), "regime": "last_layer"},
             {"name": "odd-llama", "mc": ODD_LLAMA, "regime": "full"},
             {"name": "odd-gpt2-lora", "mc": ODD_GPT2, "regime": "lora",
              "lora": {"r": 3, "alpha": 6, "dropout": 0.0, "target_modules": ["c_attn", "c_fc"]}}]
@@ -99,7 +100,7 @@ def _layers(model):
 
 def _plan_case(case: dict) -> dict:
     cfg = pretrained("unused", regime=case["regime"], **({"lora": case["lora"]} if "lora" in case else {}))
-    return P.stage_plan(P.run_settings(cfg, cfg["experiment"]), "dpo", case["mc"])
+    return memory.stage_plan(C.run_settings(cfg, cfg["experiment"]), "dpo", case["mc"])
 
 
 def worker(out_dir: str) -> None:
@@ -138,8 +139,8 @@ def worker(out_dir: str) -> None:
         results[case["name"]] = {"measured": measured,
                                  "plan": {k: planned[k] for k in ("params", "grads", "optimizer")}}
         if case["regime"] != "lora":  # peft renames the base weights; the totals are compared for it
-            tensors = P.regime_tensors(case["mc"], case["regime"])
-            results[case["name"]]["plan_local"] = {n: P.local_numel(s, world, rank) for n, s, _, _ in tensors}
+            tensors = shapes.regime_tensors(case["mc"], case["regime"])
+            results[case["name"]]["plan_local"] = {n: shapes.local_numel(s, world, rank) for n, s, _, _ in tensors}
         del model, opt
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
@@ -202,23 +203,23 @@ def test_param_shapes_match_meta_models():
     from dpogen import model as M
 
     for hub in [*BIG.values(), SMOL]:
-        mc = P._read_json(P.bundled(hub))
+        mc = shapes._read_json(shapes.bundled(hub))
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**mc))
         want = _meta_params(model)
-        assert {n: s for n, s, _ in P.param_shapes(mc)} == want, hub
+        assert {n: s for n, s, _ in shapes.param_shapes(mc)} == want, hub
         cfg = pretrained(hub, parallel="ddp")
-        p = P.stage_plan(P.run_settings(cfg, cfg["experiment"]), "dpo", mc)
+        p = memory.stage_plan(C.run_settings(cfg, cfg["experiment"]), "dpo", mc)
         n = sum(v.numel() for v in model.parameters())
         assert p["model"]["parameters"] == n
         assert [r["params"] for r in p["ranks"]] == [4 * n] and p["per_gpu"]["optimizer"] == 8 * n
     for arch, tied in (("llama", False), ("gpt2", True)):
         cfg = base_config(model={"scratch": {"arch": arch, "tie_word_embeddings": tied, "vocab_size": 512}})
-        mc = P.model_config(build(cfg))
+        mc = shapes.model_config(build(cfg))
         with torch.device("meta"):
             model = M.build_scratch(Scratch.model_validate(cfg["model"]["scratch"]), _Tok(512), seed=0)
-        assert {n: s for n, s, _ in P.param_shapes(mc)} == _meta_params(model), arch
-        p = P.stage_plan(P.run_settings(cfg, "k1"), "dpo", mc)
+        assert {n: s for n, s, _ in shapes.param_shapes(mc)} == _meta_params(model), arch
+        p = memory.stage_plan(C.run_settings(cfg, "k1"), "dpo", mc)
         assert p["model"]["parameters"] == sum(v.numel() for v in model.parameters())
         assert p["resources"]["gpus"] == 0  # device cpu
 
@@ -228,23 +229,23 @@ def test_lora_adapters_match_peft():
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    mc = P._read_json(P.bundled(SMOL))
+    mc = shapes._read_json(shapes.bundled(SMOL))
     lora = Lora(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
     with torch.device("meta"):
         model = get_peft_model(AutoModelForCausalLM.from_config(AutoConfig.for_model(**mc)),
                                LoraConfig(r=8, lora_alpha=16, target_modules=lora.target_modules))
     trainable = {n.removeprefix("base_model.model."): tuple(p.shape) for n, p in model.named_parameters()
                  if p.requires_grad}
-    assert {n: s for n, s, _ in P.lora_shapes(P.param_shapes(mc), lora)} == trainable
-    tensors = P.regime_tensors(mc, "lora", lora)
-    assert sum(P.numel(t[1]) for t in tensors) == sum(p.numel() for p in model.parameters())
+    assert {n: s for n, s, _ in shapes.lora_shapes(shapes.param_shapes(mc), lora)} == trainable
+    tensors = shapes.regime_tensors(mc, "lora", lora)
+    assert sum(shapes.numel(t[1]) for t in tensors) == sum(p.numel() for p in model.parameters())
     lora = Lora(r=3, target_modules=["c_attn", "c_fc"])  # gpt2's Conv1D, weight (in, out)
     with torch.device("meta"):
         model = get_peft_model(AutoModelForCausalLM.from_config(AutoConfig.for_model(**ODD_GPT2)),
                                LoraConfig(r=3, target_modules=lora.target_modules))
     trainable = {n.removeprefix("base_model.model."): tuple(p.shape) for n, p in model.named_parameters()
                  if p.requires_grad}
-    assert {n: s for n, s, _ in P.lora_shapes(P.param_shapes(ODD_GPT2), lora)} == trainable
+    assert {n: s for n, s, _ in shapes.lora_shapes(shapes.param_shapes(ODD_GPT2), lora)} == trainable
 
 
 @pytest.mark.parametrize("mc", [
@@ -263,7 +264,7 @@ def test_activation_estimate_against_saved_tensors(mc):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     B, S = 2, 64
-    d = P.dims(mc)
+    d = shapes.dims(mc)
     for dtype in (torch.float32, torch.bfloat16):
         for ckpt in (False, True):
             torch.manual_seed(0)
@@ -288,11 +289,11 @@ def test_activation_estimate_against_saved_tensors(mc):
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 model.base_model(input_ids=ids, use_cache=False)
             b = dtype.itemsize
-            N = P._norm_bytes(d, b)
+            N = memory._norm_bytes(d, b)
             if ckpt:  # what stays between the forward and the backward pass: each layer's input
                 assert B * S * (d["L"] * b * d["H"] + N) >= sum(saved.values())
             else:
-                est = B * S * (d["L"] * P._layer_bytes(d, b, S, False) + N)
+                est = B * S * (d["L"] * memory._layer_bytes(d, b, S, False) + N)
                 assert 0.85 < est / sum(saved.values()) < 1.15, (dtype, est, sum(saved.values()))
 
 
@@ -312,7 +313,7 @@ def test_activation_estimate_against_saved_tensors(mc):
 def test_local_numel_is_torch_chunk(shape, want):
     import torch
 
-    assert [P.local_numel(shape, 4, r) for r in range(4)] == want
+    assert [shapes.local_numel(shape, 4, r) for r in range(4)] == want
     if shape and shape[0]:
         chunks = [c.numel() for c in torch.chunk(torch.empty(shape), 4, dim=0)]
         assert chunks + [0] * (4 - len(chunks)) == want
@@ -322,12 +323,12 @@ def test_check_refuses_a_run_over_the_gpu_memory():
     cfg = pretrained(BIG["llama3.1-8b"])
     cfg["resources"] = {"gpu_mem_gb": 30, "gpus": 8}
     with pytest.raises(ConfigError) as e:
-        P.check(*typed(cfg))
+        memory.check(*typed(cfg))
     msg = str(e.value)
     assert "run synthetic-persona" in msg and "stage dpo" in msg and "optimizer (16.1 GB)" in msg and "30 GB" in msg
     assert "38.7 GB" in msg
     cfg["resources"]["gpu_mem_gb"] = 60
-    P.check(*typed(cfg))  # 38.7 GB fits
+    memory.check(*typed(cfg))  # 38.7 GB fits
 
 
 def test_check_refuses_more_processes_than_gpus():
@@ -335,33 +336,33 @@ def test_check_refuses_more_processes_than_gpus():
     cfg["resources"] = {"gpu_mem_gb": None, "gpus": 2}
     with pytest.raises(ConfigError,
                        match=r"dpo.processes: run synthetic-persona, stage ref_logps asks for 4 GPUs.*gpus=2"):
-        P.check(*typed(cfg))
+        memory.check(*typed(cfg))
     cfg["dpo"]["device"] = "cpu"  # CPU processes ask for no GPU
-    P.check(*typed(cfg))
+    memory.check(*typed(cfg))
 
 
 def test_check_refuses_unbounded_activations():
     cfg = pretrained(BIG["llama3.1-8b"], batch_size="full", max_tokens_per_batch=None)
     cfg["resources"] = {"gpu_mem_gb": 80, "gpus": None}
     with pytest.raises(ConfigError, match="stage dpo: the activations cannot be bounded.*max_tokens_per_batch"):
-        P.check(*typed(cfg))
+        memory.check(*typed(cfg))
 
 
 def test_model_config_sources(tmp_path):
     cfg = base_config(model={"source": "pretrained", "pretrained": {"path": str(tmp_path)}})
     with pytest.raises(ConfigError, match="model.pretrained.path.*config.json"):
-        P.model_config(build(cfg))
+        shapes.model_config(build(cfg))
     cfg["model"]["pretrained"]["gguf_file"] = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    assert P.model_config(build(cfg))["hidden_size"] == 576
+    assert shapes.model_config(build(cfg))["hidden_size"] == 576
     (tmp_path / "config.json").write_text(json.dumps(ODD_LLAMA))
-    assert P.model_config(build(cfg)) == ODD_LLAMA
+    assert shapes.model_config(build(cfg)) == ODD_LLAMA
     cfg["model"]["pretrained"] = {"path": "someone/unknown-model"}
     with pytest.raises(ConfigError, match="model.pretrained.path.*someone--unknown-model.json"):
-        P.model_config(build(cfg))
+        shapes.model_config(build(cfg))
     with pytest.raises(ConfigError, match="'mamba'"):
-        P.param_shapes({"model_type": "mamba"})
+        shapes.param_shapes({"model_type": "mamba"})
     g = base_config(data={"source": "gaussian"}, model={"source": "scratch"})
-    assert P.dims(P.model_config(build(g)))["L"] == 0
+    assert shapes.dims(shapes.model_config(build(g)))["L"] == 0
 
 
 def test_cli_prints_the_plan(tmp_path):

@@ -11,9 +11,9 @@ from dpogen.engine import loop
 from dpogen.engine.policy import Policy, untie_head
 from dpogen import model as M
 from dpogen.theory import dynamics
-from dpogen.data import validate_pairs
+from dpogen.data.stage import validate_pairs
 from dpogen.logprobs import encode_pairs
-from dpogen.synthetic import generate
+from dpogen.data.synthetic import generate
 from tests.conftest import dpo_settings
 
 

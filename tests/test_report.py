@@ -8,8 +8,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from dpogen import figures, report
-from dpogen.paper import PAPER
+from dpogen.report import figures
+from dpogen.report import summary as report
+from dpogen.report.paper import PAPER
 from dpogen.settings import Synthetic
 from tests.conftest import REPO, dpo_settings
 
@@ -147,9 +148,9 @@ def test_report_to_tensorboard_writes_trls_metric_names(tmp_path, tiny_model_dir
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from dpogen import reference, tables
-    from dpogen.data import validate_pairs
+    from dpogen.data.stage import validate_pairs
     from dpogen.engine import loop
-    from dpogen.synthetic import generate
+    from dpogen.data.synthetic import generate
 
     train, test = generate(2, 4, 2, spec)
     train, test = validate_pairs(train, "train"), validate_pairs(test, "test")
@@ -174,7 +175,7 @@ def test_report_to_tensorboard_writes_trls_metric_names(tmp_path, tiny_model_dir
 
 
 def test_the_pair_map_finds_flipped_pairs_by_low_confidence(tmp_path):
-    from dpogen.pairmap import flip_auroc, pair_map, to_inspect
+    from dpogen.report.pairmap import flip_auroc, pair_map, to_inspect
 
     rng = np.random.default_rng(0)
     rows = []
@@ -196,9 +197,9 @@ def test_the_pair_map_finds_flipped_pairs_by_low_confidence(tmp_path):
 
 
 def test_flip_fraction_swaps_a_seeded_share_of_training_pairs():
-    from dpogen.data import flip_labels
-    from dpogen.synthetic import SyntheticSpec, generate
-    from dpogen.data import validate_pairs
+    from dpogen.data.stage import flip_labels
+    from dpogen.data.synthetic import SyntheticSpec, generate
+    from dpogen.data.stage import validate_pairs
 
     spec = SyntheticSpec.from_config(Synthetic.model_validate(
         yaml.safe_load((REPO / "config" / "config.yaml").read_text())["data"]["synthetic"]))

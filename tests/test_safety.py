@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from dpogen import report, tables
+from dpogen import tables
+from dpogen.report import summary as report
 from dpogen.theory import certificates
 from dpogen.engine import loop
 from dpogen.io import atomic_dir, atomic_path, write_text

@@ -2,10 +2,10 @@ import torch
 import yaml
 
 from dpogen import model as M
-from dpogen.data import validate_pairs
+from dpogen.data.stage import validate_pairs
 from dpogen.settings import SFT
 from dpogen.sft import encode_sft, sft_sequences, train_sft
-from dpogen.synthetic import generate
+from dpogen.data.synthetic import generate
 from tests.conftest import REPO
 
 

@@ -1,7 +1,7 @@
 import re
 
-from dpogen import synthetic as S
-from dpogen.data import validate_pairs
+from dpogen.data import synthetic as S
+from dpogen.data.stage import validate_pairs
 
 
 def test_deterministic_and_nested(spec):

@@ -13,12 +13,12 @@ import yaml
 from dpogen import model as M
 from dpogen import reference, tables
 from dpogen.config import ConfigError, check_track
-from dpogen.data import validate_pairs
+from dpogen.data.stage import validate_pairs
 from dpogen.engine import loop, schedule, tracked
 from dpogen.estimates import split_estimates
 from dpogen.logprobs import encode_pairs, pair_logps
-from dpogen.report import markdown, run_summary
-from dpogen.synthetic import generate
+from dpogen.report.summary import markdown, run_summary
+from dpogen.data.synthetic import generate
 from tests.conftest import REPO, dpo_settings
 
 
@@ -260,7 +260,7 @@ def test_theory_stage_on_a_tracked_subset(tmp_path, tiny_model_dir, pairs):
     """In the theorems' regime the recursion still runs over every training pair; on a subset it predicts the
     tracked pairs exactly as on the full run, the attribution covers the tracked pairs, and the certificates
     say they rest on n tracked of N held-out pairs."""
-    from dpogen.attribution import exact_split
+    from dpogen.theory.attribution import exact_split
     from dpogen.theory.certificates import certificates
     from dpogen.theory.dynamics import dynamics
 
@@ -288,7 +288,7 @@ def test_theory_stage_on_a_tracked_subset(tmp_path, tiny_model_dir, pairs):
 
 
 def test_margins_figure_marks_a_subset(tmp_path, tiny_model_dir, pairs):
-    from dpogen import figures
+    from dpogen.report import figures
 
     sub, _, _ = train(tmp_path, tiny_model_dir, pairs, "sub", append_eos=False, track={"train": 0.25})
     certs = pd.DataFrame({"step": sorted(sub["step"].unique()), "concept": "all", "upper": 0.5})

@@ -1,4 +1,4 @@
-"""Snakemake adapter: rule attribution_check → dpogen.attribution_check.leave_one_out (one process)."""
+"""Snakemake adapter: rule attribution_check → dpogen.theory.attribution_check.leave_one_out (one process)."""
 import sys
 from pathlib import Path
 
@@ -7,7 +7,7 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).parent / "src"))  # the tracked
 import pandas as pd  # noqa: E402
 
 from dpogen import tables  # noqa: E402
-from dpogen.attribution_check import correlation, leave_one_out  # noqa: E402
+from dpogen.theory.attribution_check import correlation, leave_one_out  # noqa: E402
 from dpogen.workflow import job, settings_of  # noqa: E402
 
 with job(snakemake) as log:

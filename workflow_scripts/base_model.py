@@ -5,7 +5,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent / "src"))  # the tracked library, not an installed copy
 
 from dpogen import model as M  # noqa: E402
-from dpogen.data import corpus, hf_pin_path, pin_hf_revision  # noqa: E402
+from dpogen.data.stage import corpus, hf_pin_path, pin_hf_revision  # noqa: E402
 from dpogen.workflow import job, settings_of  # noqa: E402
 
 with job(snakemake) as log:
@@ -13,7 +13,7 @@ with job(snakemake) as log:
     s = settings_of(snakemake, snakemake.params.replicate)
     m, d, seed = s.model, s.data, snakemake.params.seed
     if d.source == "gaussian":  # a linear head over answer tokens for as many concepts as d allows
-        from dpogen.gaussian import vocabulary
+        from dpogen.data.gaussian import vocabulary
 
         model, tok = M.build_linear_head(vocabulary(d.gaussian.d - 1, 1), d.gaussian.d, seed)
         M.save(model, tok, snakemake.output[0])

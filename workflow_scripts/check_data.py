@@ -1,4 +1,4 @@
-"""Snakemake adapter: rule check_data → dpogen.data.check_source (every row of the source, before the scratch
+"""Snakemake adapter: rule check_data → dpogen.data.stage.check_source (every row of the source, before the scratch
 tokenizer reads them)."""
 import sys
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent / "src"))  # the tracked library, not an installed copy
 
 from dpogen.config import run_settings, runs  # noqa: E402
-from dpogen.data import check_source, hf_pin_path, pin_hf_revision  # noqa: E402
+from dpogen.data.stage import check_source, hf_pin_path, pin_hf_revision  # noqa: E402
 from dpogen.io import write_json  # noqa: E402
 from dpogen.workflow import job, settings_of  # noqa: E402
 

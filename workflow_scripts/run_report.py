@@ -8,8 +8,10 @@ import json  # noqa: E402
 
 import pandas as pd  # noqa: E402
 
-from dpogen import figures, report, tables  # noqa: E402
-from dpogen.pairmap import flip_auroc, pair_map  # noqa: E402
+from dpogen import tables  # noqa: E402
+from dpogen.report import figures  # noqa: E402
+from dpogen.report import summary as report  # noqa: E402
+from dpogen.report.pairmap import flip_auroc, pair_map  # noqa: E402
 from dpogen.workflow import job  # noqa: E402
 
 with job(snakemake):

@@ -6,7 +6,8 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).parent / "src"))  # the tracked
 
 import pandas as pd  # noqa: E402
 
-from dpogen import figures, report  # noqa: E402
+from dpogen.report import figures  # noqa: E402
+from dpogen.report import summary as report  # noqa: E402
 from dpogen.workflow import job  # noqa: E402
 
 with job(snakemake) as log:

@@ -6,7 +6,8 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).parent / "src"))  # the tracked
 
 import pandas as pd  # noqa: E402
 
-from dpogen import figures, report  # noqa: E402
+from dpogen.report import figures  # noqa: E402
+from dpogen.report import summary as report  # noqa: E402
 from dpogen.codehash import code_versions  # noqa: E402
 from dpogen.config import run_settings  # noqa: E402
 from dpogen.engine.loss import loss_name  # noqa: E402
@@ -27,7 +28,7 @@ with job(snakemake):
     claims = pd.concat([pd.read_parquet(p).assign(run=run) for run, p in runs], ignore_index=True)
     check = None
     if snakemake.input.checks:
-        from dpogen.attribution_check import summary_table
+        from dpogen.theory.attribution_check import summary_table
 
         check = summary_table({run: pd.read_parquet(p)
                                for run, p in zip(snakemake.params.runs, snakemake.input.checks)})

@@ -10,6 +10,9 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import json
+import os
+import sys
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parent  # the package folder, src/dpogen
@@ -47,8 +50,51 @@ def _parse(source: bytes, filename: str) -> tuple[str, tuple]:
     return hashlib.sha256(ast.dump(tree).encode()).hexdigest(), tuple(imports)
 
 
+class _Cache:
+    """Parsed files by the hash of their bytes (and the Python version, whose ``ast.dump`` the digest is of),
+    kept between invocations in the user's cache folder: parsing every module again is most of what a
+    do-nothing dry run of the workflow costs. A cache that cannot be read or written is not used."""
+
+    def __init__(self):
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        self.path = base / "dpogen" / f"codehash-py{sys.version_info[0]}{sys.version_info[1]}.json"
+        try:
+            self.entries = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.entries = {}
+        self.new, self.used = 0, set()
+
+    def get(self, source: bytes, filename: str) -> tuple[str, tuple]:
+        key = hashlib.sha256(source).hexdigest()
+        self.used.add(key)
+        hit = self.entries.get(key)
+        if hit is not None:
+            return hit[0], tuple((lvl, mod, tuple(names)) for lvl, mod, names in hit[1])
+        digest, imports = _parse(source, filename)
+        self.entries[key] = [digest, [list(i) for i in imports]]
+        self.new += 1
+        return digest, imports
+
+    def save(self) -> None:
+        if not self.new:
+            return
+        if len(self.entries) > 4000:  # old versions of edited files: keep what this process read
+            self.entries = {k: v for k, v in self.entries.items() if k in self.used}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.entries))
+            os.replace(tmp, self.path)
+            self.new = 0
+        except OSError:
+            pass
+
+
+_CACHE = _Cache()
+
+
 def _read(path: Path) -> tuple[str, tuple]:
-    return _parse(path.read_bytes(), str(path))
+    return _CACHE.get(path.read_bytes(), str(path))
 
 
 def _imports(path: Path, root: Path, parts: tuple[str, ...] | None) -> set[tuple[str, ...]]:
@@ -127,13 +173,15 @@ def stage_hash(script_name: str) -> str:
     installed package has no workflow scripts beside it: then the code of every module counts."""
     script = SCRIPTS / script_name
     if script.exists():
-        return script_hash(script)
-    h = hashlib.sha256()
-    for f in sorted(SRC.rglob("*.py")):
-        if f.relative_to(SRC).as_posix().startswith(UNHASHED):
-            continue
-        h.update(f"{f.relative_to(SRC).as_posix()}\0{_read(f)[0]}\n".encode())
-    return h.hexdigest()[:16]
+        digest = script_hash(script)
+    else:
+        h = hashlib.sha256()
+        for f in sorted(SRC.rglob("*.py")):
+            if not f.relative_to(SRC).as_posix().startswith(UNHASHED):
+                h.update(f"{f.relative_to(SRC).as_posix()}\0{_read(f)[0]}\n".encode())
+        digest = h.hexdigest()[:16]
+    _CACHE.save()
+    return digest
 
 
 # --- code records: which code each stage's outputs were made with ---------------------------------------------

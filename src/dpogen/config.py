@@ -15,6 +15,7 @@ from .settings import ConfigError, Settings, build
 
 __all__ = ["ConfigError", "load", "run_settings", "runs", "check"]
 
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "config" / "config.yaml"
 DEFAULT_PREFIX = ("data.k", "k")  # config/config.yaml's sweep axis and its run-name prefix
 # the seeds a replicate offsets: model init and batch order, the data subsample and split, the generators
 SEED_KEYS = ("seed", "data.seed", "data.split_seed", "data.synthetic.seed", "data.gaussian.seed")
@@ -35,6 +36,27 @@ def put(cfg: dict, dotted: str, value) -> None:
     for part in head:
         node = node[part]
     node[last] = value
+
+def merge(base: dict, over: dict) -> dict:
+    """Snakemake's merge of config files: dicts are updated key by key, anything else replaced."""
+    out = copy.deepcopy(base)
+    for k, v in (over or {}).items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+
+def load_config(files: list[str], default: str | Path = DEFAULT_CONFIG) -> dict:
+    import yaml
+
+    cfg = yaml.safe_load(Path(default).read_text())
+    for f in files:
+        cfg = merge(cfg, yaml.safe_load(Path(f).read_text()) or {})
+    return normalize(cfg)
+
 
 
 def normalize(cfg: dict) -> dict:
@@ -201,7 +223,7 @@ def check_data(rs: Settings, run: str) -> None:
     """The data settings against each other: K within the source, the gaussian world's conditions."""
     d, dpo = rs.data, rs.dpo
     if d.source == "gaussian":
-        from .gaussian import GaussianSpec, check as check_gaussian
+        from .data.gaussian import GaussianSpec, check as check_gaussian
 
         try:
             check_gaussian(GaussianSpec.from_config(d.gaussian), d.k)
@@ -217,7 +239,7 @@ def check_data(rs: Settings, run: str) -> None:
             raise ConfigError(f"data.k: K={d.k} (run {run}) is larger than the number of concepts, "
                               f"data.synthetic.n_concepts={d.synthetic.n_concepts}")
     if d.source == "persona" and d.k and not d.persona.names:
-        from .sources import DataError, persona_names, persona_set
+        from .data.sources import DataError, persona_names, persona_set
 
         folder = Path(d.persona.path)
         if folder.is_dir():

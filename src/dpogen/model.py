@@ -94,7 +94,7 @@ def build_linear_head(answer_tokens: list[str], d: int, seed: int):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from .gaussian import PROMPT_TOKEN
+    from .data.gaussian import PROMPT_TOKEN
 
     vocab = {t: i for i, t in enumerate([SPECIAL["eos"], SPECIAL["pad"], PROMPT_TOKEN, *answer_tokens])}
     tk = Tokenizer(models.WordLevel(vocab, unk_token=PROMPT_TOKEN))  # any prompt word is the prompt token

@@ -42,7 +42,7 @@ def eval_logps(model, enc, cfg: DPO, features: bool = False, pairs=None, dist=No
     once for both answers. With several processes (``dist``) each computes its share of every pass and the
     shares are added up on all of them; under FSDP the weights are gathered once for the whole pass where
     they fit (parallel.gathered)."""
-    from .engine.parallel import gathered, precision
+    from .parallel import gathered, precision
 
     sharded = dist is not None and dist.enabled
     was = model.training
@@ -62,7 +62,7 @@ def eval_logps(model, enc, cfg: DPO, features: bool = False, pairs=None, dist=No
 @torch.no_grad()
 def given_features_logps(model, enc, pairs: pd.DataFrame, cfg: DPO):
     """The gaussian source: g(x) is the pairs' ``embedding`` column, so only the head runs (no backbone)."""
-    from .gaussian import embeddings
+    from .data.gaussian import embeddings
     from .logprobs import TargetCache, cached_logps, compute_dtype
 
     if not enc.fused.all():
@@ -80,7 +80,7 @@ def given_features_logps(model, enc, pairs: pd.DataFrame, cfg: DPO):
 def compute_reference(ref_path, train: pd.DataFrame, test: pd.DataFrame, cfg: DPO, out_logps, out_features) -> None:
     """One pass of the reference model over all pairs → ref_logps.parquet, and g(x) per pair (.npy).
     Launched in several processes, the model is sharded as in training and each computes a share."""
-    from .engine.parallel import Dist, load_for, wrap
+    from .parallel import Dist, load_for, wrap
 
     dist = Dist(cfg.device)
     model, tok = load_for(ref_path, cfg, dist)

@@ -65,7 +65,7 @@ def train_sft(base_path, train: pd.DataFrame, cfg: SFT, out_dir, seed: int, engi
         target, options = M.resolve(base_path)
         M.save_pointer(Path(target).resolve() if Path(target).exists() else target, out_dir, options)
         return {"steps": 0}
-    from .engine.parallel import Dist, grad_norm, load_for, precision, wrap
+    from .parallel import Dist, grad_norm, load_for, precision, wrap
     from .logprobs import pair_logps
 
     engine = engine or DPO()

@@ -152,7 +152,7 @@ PREDICTED = pa.schema(
     ]
 )
 
-# Each pair's margin at a checkpoint split over the training (concept, cluster) groups (dpogen.attribution).
+# Each pair's margin at a checkpoint split over the training (concept, cluster) groups (dpogen.theory.attribution).
 ATTRIBUTION = pa.schema(
     [
         ("step", pa.int64()),
@@ -178,7 +178,7 @@ INTERFERENCE = pa.schema(
     ]
 )
 
-# Leave one training concept out (dpogen.attribution_check): per (removed concept, held-out concept), the
+# Leave one training concept out (dpogen.theory.attribution_check): per (removed concept, held-out concept), the
 # attribution's estimate of the change of the held-out concept's mean margin and the retrained run's change.
 ATTRIBUTION_CHECK = pa.schema(
     [
@@ -192,7 +192,7 @@ ATTRIBUTION_CHECK = pa.schema(
     ]
 )
 
-# Per pair: its trajectory over the margin checkpoints (dpogen.pairmap).
+# Per pair: its trajectory over the margin checkpoints (dpogen.report.pairmap).
 PAIR_MAP = pa.schema(
     [
         ("sample_id", pa.string()),

@@ -68,7 +68,7 @@ def settings_of(snakemake, replicate: int | None = None):
 def _user_errors() -> tuple[type, ...]:
     """Errors about the data or the config, whose messages name the file, line or key to fix."""
     from .logprobs import EncodingError
-    from .sources import DataError
+    from .data.sources import DataError
 
     return DataError, EncodingError
 

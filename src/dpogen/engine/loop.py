@@ -25,7 +25,7 @@ from ..reference import encode, pairs_frame
 from ..training import Progress, log, make_optimizer, make_scheduler
 from . import schedule as S
 from .loss import loss_name, preference_loss
-from .parallel import Dist, grad_norm, load_for, local_bytes
+from ..parallel import Dist, grad_norm, load_for, local_bytes
 from .policy import Policy
 from .state import ResumeState, fingerprint
 from . import tracin as TI
@@ -343,7 +343,7 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
              cfg.regime, sum(p.numel() for p in params.values()), local_bytes(params.values()) / 1e6, run.n_train,
              len(test), run.bsz, run.steps, seed, dist.world, cfg.parallel, policy.checkpointing)
 
-    tracker = Tracker(cfg.report_to, Path(out_metrics).parent, Path(out_metrics).parent.parent.name, cfg,
+    tracker = Tracker(cfg.report_to, Path(out_metrics).parent, Path(out_metrics).parent.parent.name, cfg.model_dump(),
                       start, dist.main)
     checkpoint = MarginWriter(policy, run, cfg, resume.work, dist, tracker, att)
     empty = {k: math.nan for k in tables.METRICS.names}

@@ -13,7 +13,7 @@ import torch
 
 from ..logprobs import TargetCache, cache_targets, cached_logps, cached_logratio, pair_logps
 from ..reference import eval_logps
-from . import parallel
+from .. import parallel
 from ..settings import DPO
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..attribution import exact_split, interference, not_computed
+from .attribution import exact_split, interference, not_computed
 from .bounds import BOUNDS, bounds_table, conditions
 from .certificates import certificates
 from ..settings import DPO, Theory

@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import gaussian, sources, synthetic, tables
-from .io import write_json, write_text
-from .settings import Data
+from . import gaussian, sources, synthetic
+from .. import tables
+from ..io import write_json, write_text
+from ..settings import Data
 from .sources import DataError
 
 log = logging.getLogger("dpogen")
@@ -166,7 +167,7 @@ def token_reuse_z(df: pd.DataFrame) -> int:
 
 def token_lengths(tokenizer, df: pd.DataFrame) -> pd.DataFrame:
     """Prompt and response lengths in tokens, with the prompt/response boundary of the log-prob function."""
-    from .logprobs import encode_pairs
+    from ..logprobs import encode_pairs
 
     enc = encode_pairs(tokenizer, df["prompt"], df["chosen"], df["rejected"], append_eos=False, fuse=False,
                        source="data")
@@ -490,10 +491,3 @@ def pin_hf_revision(cfg: Data, pin_path) -> Data:
         write_json({**key, "commit": sha}, pin_path)
     return cfg.replace(hf=hf.replace(revision=sha).model_dump())
 
-
-def load_tokenizer(path):
-    if path is None:
-        return None
-    from .model import load_tokenizer as load
-
-    return load(path)

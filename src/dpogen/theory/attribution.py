@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .settings import DPO
+from ..settings import DPO
 
 METHOD_EXACT = "exact: the recursion split over training (concept, cluster), theorems' regime"
 
@@ -36,7 +36,7 @@ def exact_split(features: np.ndarray, ref: pd.DataFrame, margins: pd.DataFrame,
     margins}, the attribution table). The theory stage's dynamics reuse the margins, so the recursion runs
     once. It runs over every training pair and the held-out pairs the margins hold (dynamics.predicted_pairs);
     the table keeps the tracked ones (``train``: the training pairs' table, whose groups a subset needs)."""
-    from .theory.dynamics import predicted_pairs, predicted_margins
+    from .dynamics import predicted_pairs, predicted_margins
 
     first = margins[margins["step"] == margins["step"].min()].set_index("sample_id")
     keep = predicted_pairs(ref, margins)
@@ -72,7 +72,7 @@ def interference(att: pd.DataFrame) -> pd.DataFrame:
     to the margins of c′'s held-out pairs, and its share: the contribution over the sum of the magnitudes of
     every training concept's contribution to c′ (signed, the magnitudes sum to 1; a margin near 0 made of
     large opposite pushes stays bounded)."""
-    from .tables import NOT_A_CONCEPT
+    from ..tables import NOT_A_CONCEPT
 
     test = att[(att["split"] == "test") & (att["train_concept"] != NOT_A_CONCEPT)]  # weight decay is no concept
     by_concept = test.groupby(["step", "sample_id", "concept", "train_concept"], sort=False)["contribution"].sum()
@@ -94,6 +94,6 @@ def cross_concept_share(inter: pd.DataFrame) -> pd.Series:
 
 def not_computed(reason: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(attribution, interference) tables of one row each, saying why nothing was computed."""
-    from .tables import attribution_not_computed, interference_not_computed
+    from ..tables import attribution_not_computed, interference_not_computed
 
     return attribution_not_computed(reason), interference_not_computed(reason)

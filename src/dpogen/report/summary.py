@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pandas as pd
 
-from . import tables
-from .io import atomic_path, write_text
+from .. import tables
+from ..io import atomic_path, write_text
 
 
 def run_summary(run: str, sweep_value, margins: pd.DataFrame, certs: pd.DataFrame, bounds: pd.DataFrame,
@@ -39,7 +39,7 @@ def run_summary(run: str, sweep_value, margins: pd.DataFrame, certs: pd.DataFram
     for _, b in bounds.iterrows():
         wide[f"bound_{b['version']}"] = b["value"]
         wide[f"bound_{b['version']}_conditions_hold"] = b["conditions_hold"]
-    from .theory.dynamics import step_at_tau1
+    from ..theory.dynamics import step_at_tau1
 
     tau1 = float(dynamics["tau1_steps"].iloc[0]) if dynamics is not None and len(dynamics) else math.nan
     k1 = step_at_tau1(wide["step"], tau1)
@@ -48,7 +48,7 @@ def run_summary(run: str, sweep_value, margins: pd.DataFrame, certs: pd.DataFram
     wide["step_tau1"] = k1 if k1 is not None else -1
     for col in ("train_error", "test_error", "test_error_upper", "train_margin_mean", "test_margin_mean"):
         wide[f"{col}_tau1"] = float(at[col].iloc[0]) if len(at) and col in at else math.nan
-    from .attribution import cross_concept_share
+    from ..theory.attribution import cross_concept_share
 
     share = cross_concept_share(interference) if interference is not None else pd.Series(dtype=float)
     wide["cross_concept_share"] = wide["step"].map(share).astype(float)  # NaN where nothing was attributed
@@ -60,7 +60,7 @@ def tracked_estimates(margins: pd.DataFrame) -> pd.DataFrame:
     """Per checkpoint and split: the tracked pairs n and the split's N, the mean margin and error with their
     95% intervals (estimates.split_estimates: the value itself when every pair is tracked). Indexed by step;
     a subsampled split's means, spread and error are weighted estimates, replacing the plain ones."""
-    from .estimates import split_estimates
+    from ..estimates import split_estimates
 
     rows = {}
     for (step, split), g in margins.groupby(["step", "split"], sort=True):
@@ -370,7 +370,7 @@ def write_summary_csv(summary: pd.DataFrame, path) -> None:
 def write_summary_parquet(summary: pd.DataFrame, path) -> None:
     import pyarrow as pa
 
-    from .io import write_table
+    from ..io import write_table
 
     write_table(pa.Table.from_pandas(summary, preserve_index=False), path)
 
@@ -385,7 +385,7 @@ def write_markdown(text: str, path) -> None:
 def scaling_table(summary: pd.DataFrame, target: float) -> pd.DataFrame:
     """Per K: the smallest Q whose test error at τ_1 is ≤ ``target`` (runs of a K × Q grid), beside the
     smallest Q at which the v5 bound 2KQ² exp(−Q/45) is ≤ ``target`` (docs/theory.md section 4: Θ(log K))."""
-    from .theory.bounds import smallest_q
+    from ..theory.bounds import smallest_q
 
     final = across_replicates(final_rows(summary), [])  # with replicates: their means
     rows = []

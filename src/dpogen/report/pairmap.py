@@ -9,7 +9,7 @@ import pandas as pd
 from scipy.special import expit
 from scipy.stats import rankdata
 
-from . import tables
+from .. import tables
 
 INSPECT = 10  # pairs per split listed for a user to inspect (lowest mean confidence)
 

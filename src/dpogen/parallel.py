@@ -16,8 +16,8 @@ import os
 import numpy as np
 import torch
 
-from ..logprobs import unwrap
-from ..settings import DPO
+from .logprobs import unwrap
+from .settings import DPO
 
 
 class Dist:
@@ -74,7 +74,7 @@ class Dist:
 def load_for(path, cfg: DPO, dist: Dist, dtype: str | None = None):
     """The model (in ``dtype``, else dpo.dtype) on this process's device, or on the CPU when FSDP will shard
     it onto the device (a process then holds one full copy in host memory, never on its GPU)."""
-    from ..model import load
+    from .model import load
 
     fsdp = dist.enabled and cfg.parallel == "fsdp"
     return load(path, dtype or cfg.dtype, "cpu" if fsdp else dist.device(cfg.device))
@@ -108,7 +108,7 @@ def wrap(model, cfg: DPO, dist: Dist, *, checkpointing: bool = False):
         raise ValueError(f"dpo.parallel: unknown {parallel!r} (fsdp, ddp)")
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    from ..model import DTYPES
+    from .model import DTYPES
 
     layers = decoder_layers(model)
     if not layers:
@@ -141,7 +141,7 @@ def gathered(model, cfg: DPO):
 
     from torch.distributed.fsdp import FSDPModule
 
-    from ..model import DTYPES
+    from .model import DTYPES
 
     compute = DTYPES[cfg.autocast] if cfg.autocast else next(model.parameters()).dtype
     full = sum(p.numel() for p in model.parameters()) * torch.finfo(compute).bits // 8
@@ -176,7 +176,7 @@ def precision(model, cfg: DPO):
     """torch.autocast for ``dpo.autocast`` in one process or DDP; under FSDP the policy casts instead."""
     if not cfg.autocast or is_fsdp(model):
         return contextlib.nullcontext()
-    from ..model import DTYPES
+    from .model import DTYPES
 
     return torch.autocast(next(model.parameters()).device.type, dtype=DTYPES[cfg.autocast])
 

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .io import atomic_path  # noqa: E402
+from ..io import atomic_path  # noqa: E402
 
 DPI = 200
 VECTOR = (".pdf", ".svg")  # saved beside every PNG
@@ -186,7 +186,7 @@ def plot_geometry(geo: pd.DataFrame, title: str, path) -> None:
 def plot_margins_across(summary: pd.DataFrame, label: str, path) -> None:
     """The paper's main figure: train and test margin trajectories, one colour per sweep value, ordered by K
     (with replicates: their mean, the band their 95% interval)."""
-    from .report import across_replicates
+    from .summary import across_replicates
 
     agg = across_replicates(summary, ["step"])
     values = list(dict.fromkeys(agg.sort_values("K", kind="stable")["group"]))
@@ -211,7 +211,7 @@ def plot_margins_across(summary: pd.DataFrame, label: str, path) -> None:
 def plot_error_vs_k(final: pd.DataFrame, fit: pd.DataFrame, path) -> None:
     """Test error at the end of training against K on a linear axis (the paper's fit is linear in K), with
     the fit drawn and its R²; with replicates, means and 95% intervals."""
-    from .report import across_replicates
+    from .summary import across_replicates
 
     agg = across_replicates(final, []).sort_values("K")
     with plt.rc_context(STYLE):
@@ -238,8 +238,8 @@ def plot_error_vs_k(final: pd.DataFrame, fit: pd.DataFrame, path) -> None:
 def plot_scaling(summary: pd.DataFrame, table: pd.DataFrame, path) -> None:
     """Left: test error at τ_1 over the K × Q grid. Right: the smallest Q reaching the target per K,
     measured, beside the v5 bound's Q = Θ(log K) curve."""
-    from .report import across_replicates, final_rows
-    from .theory.bounds import smallest_q
+    from .summary import across_replicates, final_rows
+    from ..theory.bounds import smallest_q
 
     final = across_replicates(final_rows(summary), [])
     ks_seen = sorted(final["K"].unique())
@@ -308,7 +308,7 @@ def plot_interference_vs_k(final: pd.DataFrame, path) -> None:
     """The share of each held-out concept's margin that comes from other concepts' training pairs, against K
     (runs with an attribution, exact or estimated, named in the legend; with replicates, means and 95%
     intervals)."""
-    from .report import across_replicates
+    from .summary import across_replicates
 
     agg = across_replicates(final, []).sort_values("K")
     with plt.rc_context(STYLE):

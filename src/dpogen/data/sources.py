@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .settings import HF, Data
+from ..settings import HF, Data
 
 PERSONA_FIELDS = ["question", "statement", "label_confidence", "answer_matching_behavior",
                   "answer_not_matching_behavior"]

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import tables
-from .settings import DPO
+from .. import tables
+from ..settings import DPO
 
 
 def mean_test_margins(margins: pd.DataFrame, step: int, ids=None) -> pd.Series:
@@ -33,7 +33,7 @@ def leave_one_out(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_p
                   margins: pd.DataFrame, interference: pd.DataFrame, cfg: DPO, seed: int) -> pd.DataFrame:
     """Per (training concept removed, held-out concept): the estimated and the measured change of the held-out
     concept's mean margin at the last checkpoint."""
-    from .engine.loop import train_dpo
+    from ..engine.loop import train_dpo
 
     step = int(margins["step"].max())
     full = mean_test_margins(margins, step)
