@@ -176,6 +176,7 @@ def _launch_cmd(job_file):
             str(job_file)]
 
 
+@pytest.mark.slow  # a kill and a relaunch of 2 processes, 120 steps: about 40 s (the workflow's resume tests too)
 def test_killed_two_process_fsdp_job_resumes_to_identical_tables(tmp_path, tiny_model_dir, run10):
     """Each rank saves its shard with torch.distributed.checkpoint; SIGKILL of the whole job, then a new
     launch, ends with the tables of an uninterrupted 2-process run, bit for bit."""

@@ -22,8 +22,17 @@ def test_pointer_folder_loads_the_model_it_names(tmp_path, tiny_model_dir):
 
 
 def test_load_options_reach_from_pretrained(tiny_model_dir):
+    from dpogen.parallel import Dist, load_for
+    from dpogen.settings import DPO, Model
+
     model, _ = M.load(tiny_model_dir, attn_implementation="eager")
     assert model.config._attn_implementation == "eager"
+    # a stage's model: the run's model.attn_implementation passed down, no module-wide state
+    options = Model(attn_implementation="eager").load_options()
+    model, _ = load_for(tiny_model_dir, DPO(), Dist("cpu"), load=options)
+    assert options == {"attn_implementation": "eager"} and model.config._attn_implementation == "eager"
+    model, _ = load_for(tiny_model_dir, DPO(), Dist("cpu"))
+    assert model.config._attn_implementation != "eager"
     with pytest.raises((OSError, ValueError)):
         M.load(tiny_model_dir / "absent")
 

@@ -14,7 +14,8 @@ with job(snakemake) as log:
     i, s = snakemake.input, settings_of(snakemake)
     cfg = s.dpo.model_copy(update={"processes": 1})
     check = leave_one_out(i.ref, pd.read_parquet(i.train), pd.read_parquet(i.test), i.ref_logps, i.ref_features,
-                          tables.read_margins(i.margins), pd.read_parquet(i.interference), cfg, s.seed)
+                          tables.read_margins(i.margins), pd.read_parquet(i.interference), cfg, s.seed,
+                          s.model.load_options())
     tables.write_attribution_check(check, snakemake.output[0])
     c = correlation(check)
     log.info("attribution check: %d cells, Pearson r %.3f, mean error %.3g of the mean change (%s)", c["cells"],

@@ -10,9 +10,10 @@ from dpogen.workflow import job, settings_of  # noqa: E402
 
 with job(snakemake) as log:
     s = settings_of(snakemake)
-    tokenizer = load_tokenizer(snakemake.params.tokenizer) if snakemake.params.tokenizer else None
+    base, options = snakemake.params.tokenizer, s.model.load_options()
+    tokenizer = load_tokenizer(base, **options) if base else None
     d = pin_hf_revision(s.data, hf_pin_path(s.experiment))
     card = prepare(d, d.k, snakemake.output.train, snakemake.output.test, snakemake.output.card,
                    snakemake.output.card_md, tokenizer=tokenizer,
-                   context=context_length(snakemake.params.tokenizer) if snakemake.params.tokenizer else None)
+                   context=context_length(base, **options) if base else None)
     log.info("data: K=%d N=%d test=%d Z=%d", card["K"], card["N"], card["n_test"], card["Z"])

@@ -14,4 +14,5 @@ with job(snakemake) as log:
         "seed": s.seed, "out_margins": o.margins, "out_metrics": o.metrics,
         "work_dir": str(Path(o.metrics).parent / "resume"), "out_info": o.info,
         "ref_features_path": i.ref_features, "out_features": o.features,
-        "out_attribution": o.attribution, "out_batch_margins": o.batch_margins}, s.dpo.processes)
+        "out_attribution": o.attribution, "out_batch_margins": o.batch_margins, "load": s.model.load_options()},
+        s.dpo.processes)

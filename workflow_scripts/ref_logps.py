@@ -11,4 +11,5 @@ with job(snakemake):
     i, o, s = snakemake.input, snakemake.output, settings_of(snakemake)
     run_model_stage(snakemake, compute_reference_files, {"ref_path": i.ref, "train": i.train, "test": i.test,
                                                          "cfg": s.dpo, "out_logps": o.logps,
-                                                         "out_features": o.features}, s.dpo.processes)
+                                                         "out_features": o.features, "load": s.model.load_options()},
+                    s.dpo.processes)

@@ -11,5 +11,6 @@ with job(snakemake):
     s = settings_of(snakemake)
     run_model_stage(snakemake, train_sft_files, {"base": snakemake.params.base, "train": snakemake.input.train,
                                                  "cfg": s.sft, "out": snakemake.output[0], "seed": s.seed,
-                                                 "engine": s.dpo, "dtype": s.model.dtype},
+                                                 "engine": s.dpo, "dtype": s.model.dtype,
+                                                 "load": s.model.load_options()},
                     s.dpo.processes if s.sft.target != "none" else 1)

@@ -45,12 +45,9 @@ def launch(stage: str, job: dict, processes: int, log_path: str | None = None, t
 
 
 def job_record(stage: str, job: dict, threads: int = 1) -> dict:
-    """What a launched process reads (JSON): the stage's entry point, its arguments, this process's model
-    loading options and the threads per process."""
-    from .model import LOAD_OPTIONS
-
-    return {"stage": STAGES.get(stage, stage), "args": {k: _encode(v) for k, v in job.items()},
-            "load_options": dict(LOAD_OPTIONS), "threads": threads}
+    """What a launched process reads (JSON): the stage's entry point, its arguments (the model's loading
+    options among them) and the threads per process."""
+    return {"stage": STAGES.get(stage, stage), "args": {k: _encode(v) for k, v in job.items()}, "threads": threads}
 
 
 def _encode(value):
@@ -81,11 +78,9 @@ def main(job_file: str) -> None:
 
     import torch
 
-    from . import model
     from .training import setup_logging
 
     job = json.loads(Path(job_file).read_text())
-    model.LOAD_OPTIONS.update(job.get("load_options", {}))  # as in the parent job: same revision, attention
     setup_logging(None)
     if int(os.environ.get("RANK", "0")) != 0:
         logging.getLogger("dpogen").setLevel(logging.WARNING)

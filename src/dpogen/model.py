@@ -119,11 +119,6 @@ def save(model, tokenizer, folder, extra_files: dict[str, str] | None = None) ->
 
 POINTER = "dpogen-model.json"
 
-# loading options of the run's model (model.attn_implementation, model.trust_remote_code, model.revision);
-# set once per process by the workflow scripts, used by every load
-LOAD_OPTIONS: dict = {}
-
-
 def resolve(path: str | os.PathLike) -> tuple[str, dict]:
     """A folder written by ``save_pointer`` stands for the model it names (no copy of a large checkpoint)."""
     p = Path(path)
@@ -143,14 +138,15 @@ def save_pointer(target: str, folder, options: dict | None = None) -> None:
 def load(path: str | os.PathLike, dtype: str = "float32", device: str = "cpu", **options):
     """Load a causal LM and its tokenizer by path or hub id through ``from_pretrained``.
 
-    Options (also taken from LOAD_OPTIONS): attn_implementation, trust_remote_code (off unless asked for),
-    revision, gguf_file.
+    Options: what a pointer folder saved, then ``options`` (a stage passes its run's
+    ``Model.load_options()``): attn_implementation, trust_remote_code (off unless asked for), revision,
+    gguf_file.
     """
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # job logs get our progress lines, not a bar per load
     path, saved = resolve(path)
-    opts = {**LOAD_OPTIONS, **saved, **options}
+    opts = {**saved, **options}
     tok_kw = {k: opts[k] for k in ("trust_remote_code", "revision", "gguf_file") if opts.get(k) is not None}
     model_kw = dict(tok_kw)
     if opts.get("attn_implementation"):
@@ -171,12 +167,12 @@ def positions(model) -> int | None:
     return getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
 
 
-def context_length(path) -> int | None:
+def context_length(path, **options) -> int | None:
     """The positions of the model at ``path`` from its config alone (no weights loaded); None if unknown."""
     from transformers import AutoConfig
 
     target, saved = resolve(path)
-    opts = {**LOAD_OPTIONS, **saved}
+    opts = {**saved, **options}
     try:
         c = AutoConfig.from_pretrained(target, **{k: opts[k] for k in ("trust_remote_code", "revision", "gguf_file")
                                                    if opts.get(k) is not None})
@@ -185,12 +181,12 @@ def context_length(path) -> int | None:
     return getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
 
 
-def load_tokenizer(path: str | os.PathLike):
+def load_tokenizer(path: str | os.PathLike, **options):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     path, saved = resolve(path)
-    opts = {**LOAD_OPTIONS, **saved}
+    opts = {**saved, **options}
     return AutoTokenizer.from_pretrained(path, **{k: opts[k] for k in ("trust_remote_code", "revision", "gguf_file")
                                                   if opts.get(k) is not None})
 

@@ -71,13 +71,14 @@ class Dist:
             torch.distributed.destroy_process_group()
 
 
-def load_for(path, cfg: DPO, dist: Dist, dtype: str | None = None):
-    """The model (in ``dtype``, else dpo.dtype) on this process's device, or on the CPU when FSDP will shard
-    it onto the device (a process then holds one full copy in host memory, never on its GPU)."""
-    from .model import load
+def load_for(path, cfg: DPO, dist: Dist, dtype: str | None = None, load: dict | None = None):
+    """The model (in ``dtype``, else dpo.dtype; ``load``: Model.load_options()) on this process's device, or
+    on the CPU when FSDP will shard it onto the device (a process then holds one full copy in host memory,
+    never on its GPU)."""
+    from .model import load as load_model
 
     fsdp = dist.enabled and cfg.parallel == "fsdp"
-    return load(path, dtype or cfg.dtype, "cpu" if fsdp else dist.device(cfg.device))
+    return load_model(path, dtype or cfg.dtype, "cpu" if fsdp else dist.device(cfg.device), **(load or {}))
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:

@@ -77,13 +77,14 @@ def given_features_logps(model, enc, pairs: pd.DataFrame, cfg: DPO):
     return cached_logps(model, cache, batch_targets=cfg.eval_batch_size), feats
 
 
-def compute_reference(ref_path, train: pd.DataFrame, test: pd.DataFrame, cfg: DPO, out_logps, out_features) -> None:
+def compute_reference(ref_path, train: pd.DataFrame, test: pd.DataFrame, cfg: DPO, out_logps, out_features,
+                      load: dict | None = None) -> None:
     """One pass of the reference model over all pairs → ref_logps.parquet, and g(x) per pair (.npy).
     Launched in several processes, the model is sharded as in training and each computes a share."""
     from .parallel import Dist, load_for, wrap
 
     dist = Dist(cfg.device)
-    model, tok = load_for(ref_path, cfg, dist)
+    model, tok = load_for(ref_path, cfg, dist, load=load)
     pairs = pairs_frame(train, test)
     enc = encode(tok, pairs, cfg, model)
     if "embedding" in pairs.columns:
@@ -112,6 +113,6 @@ def write_reference(pairs: pd.DataFrame, enc, lp: torch.Tensor, feats: torch.Ten
             np.save(f, feats.cpu().numpy())  # fp32, or fp64 when the model runs in fp64
 
 
-def compute_reference_files(ref_path, train, test, cfg: DPO, out_logps, out_features) -> None:
+def compute_reference_files(ref_path, train, test, cfg: DPO, out_logps, out_features, load: dict | None = None):
     """compute_reference with the pair tables given as Parquet paths (what a launched process receives)."""
-    compute_reference(ref_path, pd.read_parquet(train), pd.read_parquet(test), cfg, out_logps, out_features)
+    compute_reference(ref_path, pd.read_parquet(train), pd.read_parquet(test), cfg, out_logps, out_features, load)

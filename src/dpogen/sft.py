@@ -57,10 +57,10 @@ def sft_rows(items, pad_id: int):
 
 
 def train_sft(base_path, train: pd.DataFrame, cfg: SFT, out_dir, seed: int, engine: DPO | None = None,
-              dtype: str = "float32") -> dict:
+              dtype: str = "float32", load: dict | None = None) -> dict:
     """Next-token cross-entropy over the targets of each batch (its mean over target tokens), in ``dtype``
     (model.dtype) on the same engine as DPO: the ``engine`` settings processes, parallel, device, autocast,
-    gradient_checkpointing, logit_chunk (default: one process on the CPU)."""
+    gradient_checkpointing, logit_chunk (default: one process on the CPU); ``load``: Model.load_options()."""
     if cfg.target == "none":  # the base model is the reference: point at it, do not copy it
         target, options = M.resolve(base_path)
         M.save_pointer(Path(target).resolve() if Path(target).exists() else target, out_dir, options)
@@ -70,7 +70,7 @@ def train_sft(base_path, train: pd.DataFrame, cfg: SFT, out_dir, seed: int, engi
 
     engine = engine or DPO()
     dist = Dist(engine.device)
-    model, tok = load_for(base_path, engine, dist, dtype)
+    model, tok = load_for(base_path, engine, dist, dtype, load)
     M.seed_everything(seed)
     items = encode_sft(tok, *sft_sequences(train, cfg.target), cfg.loss_on)
     enc = sft_rows(items, tok.pad_token_id)
@@ -101,13 +101,13 @@ def train_sft(base_path, train: pd.DataFrame, cfg: SFT, out_dir, seed: int, engi
         loss_val = float(dist.sum(np.array([loss.item()]))[0]) / dist.world
         prog.update(step, len(batch), loss=loss_val, lr=sched.get_last_lr()[0])
     model.eval()
-    save_trained(model, tok, base_path, dtype, out_dir, dist)
+    save_trained(model, tok, base_path, dtype, out_dir, dist, load)
     log.info("sft done: %d steps, final loss %.4f, %.1fs", cfg.steps, loss_val, prog.elapsed())
     dist.close()
     return {"steps": cfg.steps, "final_loss": loss_val}
 
 
-def save_trained(model, tok, base_path, dtype: str, out_dir, dist) -> None:
+def save_trained(model, tok, base_path, dtype: str, out_dir, dist, load: dict | None = None) -> None:
     """save_pretrained the trained weights; when sharded, gathered into a fresh copy on the first process."""
     if not dist.enabled:
         M.save(model, tok, out_dir)
@@ -116,12 +116,13 @@ def save_trained(model, tok, base_path, dtype: str, out_dir, dist) -> None:
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.main:
-        plain, _ = M.load(base_path, dtype, "cpu")
+        plain, _ = M.load(base_path, dtype, "cpu", **(load or {}))
         plain.load_state_dict(full)
         M.save(plain, tok, out_dir)
     dist.barrier()
 
 
-def train_sft_files(base, train, cfg: SFT, out, seed: int, engine: DPO | None = None, dtype: str = "float32") -> dict:
+def train_sft_files(base, train, cfg: SFT, out, seed: int, engine: DPO | None = None, dtype: str = "float32",
+                    load: dict | None = None) -> dict:
     """train_sft with the training pairs given as a Parquet path (what a launched process receives)."""
-    return train_sft(base, pd.read_parquet(train), cfg, out, seed, engine, dtype)
+    return train_sft(base, pd.read_parquet(train), cfg, out, seed, engine, dtype, load)

@@ -39,9 +39,6 @@ def job(snakemake):
         torch.set_num_threads(threads)
     except ImportError:
         pass
-    from . import model
-
-    model.LOAD_OPTIONS.update(settings_of(snakemake).model.load_options())
     log.info("rule %s, wildcards %s", snakemake.rule, dict(snakemake.wildcards))
     try:
         yield log

@@ -307,19 +307,21 @@ def nonfinite(step: int, loss: float, gn: float, cfg: DPO, resume: ResumeState) 
 
 def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path, cfg: DPO, seed: int,
               out_margins, out_metrics, work_dir, out_info=None, ref_features_path=None, out_features=None,
-              out_attribution=None, out_batch_margins=None) -> dict:
+              out_attribution=None, out_batch_margins=None, load: dict | None = None) -> dict:
     """DPO from the reference checkpoint ``ref_path``; writes the margins folder and the metrics table, with
     ``out_attribution`` every margin split over the training groups (attribution_of), and with
-    ``out_batch_margins`` every training pair's margin at the step it was trained on."""
+    ``out_batch_margins`` every training pair's margin at the step it was trained on. ``load``: the model's
+    loading options (``Model.load_options()``: revision, attention, remote code)."""
     from ..codehash import stage_hash
 
     dist = Dist(cfg.device)
-    fp = fingerprint(cfg.fingerprint() | {"seed": seed, "code": stage_hash("dpo.py")}, ref_logps_path)
+    run_id = cfg.fingerprint() | {"seed": seed, "code": stage_hash("dpo.py")} | ({"load": load} if load else {})
+    fp = fingerprint(run_id, ref_logps_path)
     resume = ResumeState(work_dir, fp, dist)
     resume.prepare()
 
     M.seed_everything(seed)
-    model, tok = load_for(ref_path, cfg, dist)
+    model, tok = load_for(ref_path, cfg, dist, load=load)
     run, cfg = prepare_run(train, test, tok, model, ref_logps_path, ref_features_path, cfg)
     policy = Policy(model, run.enc, cfg, dist, run.feats if cfg.regime == "last_layer" else None)
     choose_tracking(run, cfg, policy, seed)
@@ -505,10 +507,8 @@ def finish(run: Run, checkpoint: MarginWriter, rows, work: Path, out_margins, ou
 
 
 def train_dpo_files(ref_path, train, test, ref_logps_path, cfg: DPO, seed: int, out_margins, out_metrics, work_dir,
-                    out_info=None, ref_features_path=None, out_features=None, out_attribution=None,
-                    out_batch_margins=None) -> dict:
-    """train_dpo with the pair tables given as Parquet paths (what a launched process receives)."""
+                    **outputs) -> dict:
+    """train_dpo with the pair tables given as Parquet paths (what a launched process receives); ``outputs``:
+    train_dpo's keyword arguments."""
     return train_dpo(ref_path, pd.read_parquet(train), pd.read_parquet(test), ref_logps_path, cfg, seed, out_margins,
-                     out_metrics, work_dir, out_info=out_info, ref_features_path=ref_features_path,
-                     out_features=out_features, out_attribution=out_attribution,
-                     out_batch_margins=out_batch_margins)
+                     out_metrics, work_dir, **outputs)

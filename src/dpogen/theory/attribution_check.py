@@ -30,9 +30,10 @@ def mean_test_margins(margins: pd.DataFrame, step: int, ids=None) -> pd.Series:
 
 
 def leave_one_out(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path, ref_features_path,
-                  margins: pd.DataFrame, interference: pd.DataFrame, cfg: DPO, seed: int) -> pd.DataFrame:
+                  margins: pd.DataFrame, interference: pd.DataFrame, cfg: DPO, seed: int,
+                  load: dict | None = None) -> pd.DataFrame:
     """Per (training concept removed, held-out concept): the estimated and the measured change of the held-out
-    concept's mean margin at the last checkpoint."""
+    concept's mean margin at the last checkpoint. ``load``: the model's loading options."""
     from ..engine.loop import train_dpo
 
     step = int(margins["step"].max())
@@ -67,7 +68,8 @@ def leave_one_out(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_p
             tables.write_ref_logps(sub, work / "ref.parquet")
             np.save(work / "feat.npy", feats[order])
             train_dpo(ref_path, kept, test, work / "ref.parquet", cfg, seed,
-                      work / "margins", work / "metrics.parquet", work / "resume", ref_features_path=work / "feat.npy")
+                      work / "margins", work / "metrics.parquet", work / "resume", ref_features_path=work / "feat.npy",
+                      load=load)
             # over the held-out pairs the run tracked: the same pairs on both sides
             without = mean_test_margins(tables.read_margins(work / "margins"), step, set(margins["sample_id"]))
             for cp in full.index:
