@@ -30,10 +30,10 @@ def build(config: dict, where: str = "") -> Settings:
     try:
         return Settings.model_validate(config)
     except ValidationError as e:
-        raise ConfigError(message(e, config) + (f" ({where})" if where else "")) from None
+        raise ConfigError(message(e) + (f" ({where})" if where else "")) from None
 
 
-def message(e: ValidationError, config: dict) -> str:
+def message(e: ValidationError) -> str:
     """One line for the first error: the key, the value (cut short) and what is allowed; an unknown key named
     with the keys its section knows."""
     errors = e.errors()
