@@ -36,6 +36,20 @@ SETTINGS, RS = load(config)
 # more GPUs than resources.gpus, stops here, naming the run and the largest term
 check_plan(SETTINGS, RS)
 
+
+onstart:
+    # a job spanning nodes needs a SLURM allocation; refused before any job runs anywhere else
+    if SETTINGS.resources.nodes > 1 and workflow.executor_plugin.name not in (
+        "slurm",
+        "slurm-jobstep",
+    ):
+        raise WorkflowError(
+            f"resources.nodes: {SETTINGS.resources.nodes} needs the SLURM executor "
+            f"(--workflow-profile profiles/slurm); this run uses {workflow.executor_plugin.name}: "
+            "set resources.nodes: 1"
+        )
+
+
 EXP = SETTINGS.experiment
 RUNS = runs(SETTINGS)  # run name → sweep value
 SCALING = {"data.k", "data.gaussian.q"} <= {a.param for a in axes(SETTINGS)}

@@ -16,9 +16,14 @@ train_dpo in one process (run_stage), and dpogen.launch.launch("dpo", ..., proce
 RSS is the largest of the launched processes (getrusage of the children), beside the engine's own log line
 "... MB on this process".
 
+Then the load alone: the resident memory each process adds while the model loads (1 process: from_pretrained;
+2 processes with FSDP2: built on the meta device, sharded, every process reading its slices of the
+safetensors file through torch.distributed.checkpoint's Hugging Face reader).
+
     python bench/bench_fsdp_memory.py [--steps 3] [--batch 8]
 
-Target printed (no assertion): 2-process / 1-process parameter + gradient + optimizer bytes per process <= 0.6.
+Targets printed (no assertion): 2-process / 1-process parameter + gradient + optimizer bytes per process <= 0.6;
+2-process / 1-process load peak per process <= 0.6 (a process that is not the reader) and <= 1.1 (the reader).
 """
 
 from __future__ import annotations
@@ -151,8 +156,8 @@ def worker(folder: Path, steps: int, batch: int, parallel: str, out_dir: Path) -
         opt.zero_grad(set_to_none=True)
         stats = np.zeros(len(loop.STAT_NAMES))
         for mb in S.micro_batches(idx, pair_tokens, rows_per_pair, dist.world, cfg.grad_accum,
-                                  cfg.get("max_tokens_per_batch")):
-            stats += loop.micro_step(policy, mb[dist.rank::dist.world], ref_t, n_tokens, cfg, dist.world / len(idx))
+                                  cfg.max_tokens_per_batch):
+            stats += loop.micro_step(policy, mb[dist.rank::dist.world], ref_t, n_tokens, cfg, dist.world / len(idx))[0]
         losses.append(float(dist.sum(stats)[0] / len(idx)))
         grad_norm(params.values(), cfg.max_grad_norm)
         opt.step()
@@ -171,6 +176,39 @@ def worker(folder: Path, steps: int, batch: int, parallel: str, out_dir: Path) -
     (out_dir / f"rank{dist.rank}.json").write_text(json.dumps(out))  # ranks print at once: one file each
 
 
+def load_worker(folder: Path, out_dir: Path) -> None:
+    """Only the load of the bf16 checkpoint into fp32 weights (a hub checkpoint under dpo.dtype float32): the
+    peak resident memory this process adds from load_for to the weights in place (sharded when launched),
+    every weight touched (VmHWM, reset through /proc/self/clear_refs once the modules and the tokenizer are
+    in: what both paths import is not counted)."""
+    import torch
+
+    import transformers.models.llama.modeling_llama  # noqa: F401
+    from dpogen import model as M
+    from dpogen.parallel import Dist, load_for, local_bytes, wrap
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    cfg = dpo_cfg(1, 8, "fsdp")
+    dist = Dist(cfg.device)
+    ckpt = folder / "model-bf16"
+    M.load_tokenizer(ckpt)
+    dist.barrier()
+    Path("/proc/self/clear_refs").write_text("5")  # the peak resident set starts again from now
+    before = rss_mib()
+    t0 = time.perf_counter()
+    model, _ = load_for(ckpt, cfg, dist)
+    model = wrap(model, cfg, dist)
+    with torch.no_grad():  # every weight read once (a lazily mapped one is brought in)
+        check = sum(float((p.to_local() if hasattr(p, "to_local") else p).double().sum()) for p in model.parameters())
+    seconds = time.perf_counter() - t0
+    out = {"rank": dist.rank, "world": dist.world, "before_mib": before, "peak_mib": peak_rss_mib(),
+           "load_mib": peak_rss_mib() - before, "held_mib": local_bytes(model.parameters()) / 2**20, "s": seconds,
+           "dtype": str(next(model.parameters()).dtype), "check": check}
+    dist.barrier()
+    dist.close()
+    (out_dir / f"rank{dist.rank}.json").write_text(json.dumps(out))
+
+
 def e2e(folder: Path, steps: int, batch: int, processes: int, out_dir: Path) -> None:
     """The dpo stage end to end as the workflow runs it: in this process (1) or launched (> 1)."""
     import logging
@@ -181,7 +219,7 @@ def e2e(folder: Path, steps: int, batch: int, processes: int, out_dir: Path) -> 
     with tempfile.TemporaryDirectory(dir=folder) as d:
         job = {"ref_path": str(folder / "model"), "train": str(folder / "train.parquet"),
                "test": str(folder / "test.parquet"), "ref_logps_path": str(folder / "ref.parquet"),
-               "cfg": {**dpo_cfg(steps, batch), "processes": processes}, "seed": 0, "out_margins": f"{d}/margins",
+               "cfg": dpo_cfg(steps, batch).replace(processes=processes), "seed": 0, "out_margins": f"{d}/margins",
                "out_metrics": f"{d}/metrics.parquet", "work_dir": f"{d}/work", "out_info": f"{d}/run.json"}
         log_path = f"{d}/log.txt"
         t0 = time.perf_counter()
@@ -224,11 +262,14 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--worker", choices=["fsdp", "ddp"])
     ap.add_argument("--e2e", type=int, metavar="PROCESSES")
+    ap.add_argument("--load", action="store_true")
     ap.add_argument("--folder")
     ap.add_argument("--out")
     a = ap.parse_args()
     if a.worker:
         return worker(Path(a.folder), a.steps, a.batch, a.worker, Path(a.out))
+    if a.load:
+        return load_worker(Path(a.folder), Path(a.out))
     if a.e2e:
         return e2e(Path(a.folder), a.steps, a.batch, a.e2e, Path(a.out))
     t_all = time.perf_counter()
@@ -236,6 +277,12 @@ def main():
         folder = Path(d)
         n_params = build(folder, 4 * a.batch, a.batch)
         import torch
+
+        from dpogen import model as M
+
+        m, t = M.load(folder / "model", "bfloat16")  # the checkpoint as the hub ships it: bf16
+        M.save(m, t, folder / "model-bf16")
+        del m
 
         print(f"Llama hidden {HIDDEN} x {LAYERS} layers, untied {VOCAB}-row head: {n_params / 1e6:.1f}M parameters "
               f"({n_params * 4 / 2**20:.0f} MiB fp32); AdamW; {4 * a.batch} train pairs of 20-60 + 20-60 tokens; "
@@ -246,6 +293,7 @@ def main():
         res = {"1": run(py + me + ["--worker", "fsdp"], 2, folder / "r1"),  # not launched: no wrapping
                "fsdp2": run(tr + me + ["--worker", "fsdp"], 1, folder / "r-fsdp2"),
                "ddp2": run(tr + me + ["--worker", "ddp"], 1, folder / "r-ddp2")}
+        loads = {"1": run(py + me + ["--load"], 2, folder / "l1"), "2": run(tr + me + ["--load"], 1, folder / "l2")}
         ends = {"1": run(py + me + ["--e2e", "1"], 2, folder / "e1")[0],
                 "2": run(py + me + ["--e2e", "2"], 1, folder / "e2")[0]}
 
@@ -278,6 +326,21 @@ def main():
         print(f"   {k} process(es): peak RSS of the largest process {e['peak_rss_mib']:6.0f} MiB; engine log: "
               f"{e['logged_mb']} MB of trainable parameters on a process; {e['wall_s']:.1f} s")
     print(f"   peak RSS ratio 2 / 1: {ends['2']['peak_rss_mib'] / ends['1']['peak_rss_mib']:.2f}")
+    print("\nloading a bf16 checkpoint into fp32 weights (1 process: from_pretrained; 2 processes, FSDP2: built on "
+          "the meta device, sharded, each process reading its slices of the safetensors file): peak resident memory "
+          "the load adds, MiB")
+    one = loads["1"][0]["load_mib"]
+    for k in ("1", "2"):
+        for r in sorted(loads[k], key=lambda r: r["rank"]):
+            print(f"   {k} process(es), rank {r['rank']}: peak {r['load_mib']:7.1f} (ratio {r['load_mib'] / one:.2f}); "
+                  f"holds {r['held_mib']:6.1f} of weights after; {r['s']:.2f} s")
+    worst = max(r["load_mib"] for r in loads["2"]) / one
+    sums = {round(r["check"], 3) for r in loads["1"]}
+    print(f"   weights equal: 1-process sum {sums.pop():.3f}, 2-process sum of shards "
+          f"{sum(r['check'] for r in loads['2']):.3f}")
+    print(f"   every process reads its own part (no reader holds a full copy): largest 2-process load peak / "
+          f"1-process: {worst:.2f}   goal <= 0.6 (non-reader) and <= 1.1 (reader): "
+          f"{'met' if worst <= 0.6 else 'MISSED'}")
     print(f"\ntotal {time.perf_counter() - t_all:.0f} s")
 
 

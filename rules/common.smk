@@ -63,8 +63,8 @@ def engine_settings(rs):
 
 
 def planned(stage, key):
-    """A resource of a model job (gpus, mem_mb) from the memory plan of its run (dpogen.plan.memory); where
-    no plan can be made (a hub model whose config.json is not bundled in config/models/), one GPU per
+    """A resource of a model job (gpus, mem_mb per node) from the memory plan of its run (dpogen.plan.memory);
+    where no plan can be made (a hub model whose config.json is not bundled in config/models/), one GPU per
     process on CUDA and the profile's memory."""
     from dpogen.config import ConfigError
     from dpogen.plan.memory import rule_resources
@@ -80,9 +80,24 @@ def planned(stage, key):
                 "gpus": rs.dpo.processes if cuda and not idle else 0,
                 "mem_mb": 16000,
             }
+        if key == "gpus" and rs.resources.nodes > 1:
+            return 0  # asked per node, as a GRES (multinode)
         return res[key]
 
     return value
+
+
+def multinode(stage):
+    """The resources of a model job spanning resources.nodes nodes (none on one node): that many nodes, one
+    task each (the launcher srun starts there), the job script run in the allocation (not in a step of its
+    own: it calls srun itself), and each node's GPUs as a per-node GRES."""
+    nodes = SETTINGS.resources.nodes
+    if nodes == 1 or (stage == "sft" and SETTINGS.sft.target == "none"):
+        return {}
+    res = {"nodes": nodes, "tasks": nodes, "mpi": "srun"}
+    if str(SETTINGS.dpo.device).startswith("cuda"):
+        res["gres"] = f"gpu:{SETTINGS.dpo.processes // nodes}"
+    return res
 
 
 def summary_settings(rs):

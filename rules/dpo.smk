@@ -15,6 +15,7 @@ rule ref_logps:
         "../envs/dpogen.yaml"
     threads: THREADS
     resources:
+        **multinode("ref_logps"),
         gpu=planned("ref_logps", "gpus"),
         mem_mb=planned("ref_logps", "mem_mb"),
     params:
@@ -48,6 +49,7 @@ rule dpo:
         "../envs/dpogen.yaml"
     threads: THREADS
     resources:
+        **multinode("dpo"),
         gpu=planned("dpo", "gpus"),
         mem_mb=planned("dpo", "mem_mb"),
     params:

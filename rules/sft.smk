@@ -45,6 +45,7 @@ rule sft:
         "../envs/dpogen.yaml"
     threads: THREADS
     resources:
+        **multinode("sft"),
         gpu=planned("sft", "gpus"),
         mem_mb=planned("sft", "mem_mb"),
     params:

@@ -99,7 +99,17 @@ def test_experiment_configs_are_valid(path, monkeypatch):
     plan.check(s, rss, plans)  # the configs that name their GPUs fit them
     if path.stem.startswith(("v3-", "v5-full")):
         dpo = next(iter(plans.values()))["dpo"]
-        assert dpo["resources"]["gpus"] == 4 and s.resources.gpu_mem_gb == 80
+        if path.stem == "v5-full-llama3.1-70b":  # 4 nodes x 8 GPUs, planned under 60 GB each
+            assert dpo["resources"]["gpus"] == 32 and dpo["resources"]["nodes"] == 4
+            assert dpo["per_gpu"]["total"] < 60e9 and s.resources.gpu_mem_gb == 60
+        else:
+            assert dpo["resources"]["gpus"] == 4 and s.resources.gpu_mem_gb == 80
+            # the 2-node variant named in the header is the plan's for twice the processes over 2 nodes
+            two = _merge(cfg, {"dpo": {"processes": 8}, "resources": {"nodes": 2, "gpus": 8}})
+            dpo2 = next(iter(plan.plan(load(two)[1]).values()))["dpo"]
+            assert dpo2["resources"]["gpus_per_node"] == 4 and dpo2["per_gpu"]["total"] < dpo["per_gpu"]["total"]
+            assert text.splitlines()[1].startswith("# On 2 nodes (resources.nodes: 2, dpo.processes: 8)")
+            assert f"per GPU {dpo2['per_gpu']['total'] / 1e9:.1f} GB in dpo" in text.splitlines()[1]
         # the header is the plan's
         assert f"per GPU {dpo['per_gpu']['total'] / 1e9:.1f} GB in dpo" in text.splitlines()[0]
     if path.stem == "v5-full-llama3.1-8b":

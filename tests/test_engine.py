@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -163,17 +162,22 @@ def test_engine_settings_are_checked_before_any_job():
     cases = [({"dtype": "float16"}, "dpo.dtype: float16"), ({"autocast": "float16"}, "dpo.autocast: float16"),
              ({"regime": "last_layer", "processes": 2}, "dpo.processes: 2 with dpo.regime: last_layer"),
              ({"max_tokens_per_batch": 64, "grad_accum": 2}, "dpo.grad_accum"),
-             ({"device": "cuda", "processes": 8}, "dpo.processes: 8 GPUs asked for, but resources.gpus allows 4")]
+             ({"device": "cuda", "processes": 8}, "dpo.processes: 8 GPUs asked for, but resources.gpus allows 4"),
+             ({"processes": 3}, "dpo.processes: 3 cannot be split evenly over resources.nodes: 2"),
+             ({"processes": 8, "batch_size": 4}, "dpo.batch_size: 4 pairs cannot be split over 8 processes"),
+             ({"device": "cuda", "processes": 4}, "resources.gpus_per_node: 1, but dpo.processes 4 over "
+                                                  "resources.nodes 2 puts 2 on each node")]
     for over, needle in cases:
-        rc = build({**base, "dpo": {**base["dpo"], **over}, "resources": {"gpus": 4, "gpu_mem_gb": None}})
+        res = {"gpus": 4, "gpu_mem_gb": None, "nodes": 2, "gpus_per_node": 1 if "gpus_per_node" in needle else None}
+        rc = build({**base, "dpo": {**base["dpo"], **over}, "resources": res})
         with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
             check_engine(rc, "k1")
 
 
 def _launch_cmd(job_file):
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dpogen.launch",
-            str(job_file)]
+    from dpogen.launch import accelerate_command
+
+    return accelerate_command(str(job_file), 2)
 
 
 @pytest.mark.slow  # a kill and a relaunch of 2 processes, 120 steps: about 40 s (the workflow's resume tests too)
@@ -215,21 +219,24 @@ def test_killed_two_process_fsdp_job_resumes_to_identical_tables(tmp_path, tiny_
                                   pd.read_parquet(killed["out_batch_margins"]))
 
 
-def test_a_save_from_another_world_size_is_refused(tmp_path, tiny_model_dir, run10, monkeypatch):
-    """A save written by 1 process, resumed with dpo.processes 2: stops before any step, naming the key."""
+def test_a_save_of_one_process_resumes_on_two(tmp_path, tiny_model_dir, run10, monkeypatch):
+    """A save written by 1 process, resumed with dpo.processes 2: DCP reshards it, the log says so, and the
+    tables equal an uninterrupted 1-process run's within 1e-5 (the same global batches)."""
     from dpogen.launch import launch
 
-    kill_at_checkpoint(monkeypatch, 10)
     cfg = run10[2].replace(save_every=5)
+    whole = one_process(tmp_path, tiny_model_dir, (run10[0], run10[1], cfg), "whole")
+    kill_at_checkpoint(monkeypatch, 10)
     with pytest.raises(KeyboardInterrupt):
         one_process(tmp_path, tiny_model_dir, (run10[0], run10[1], cfg), "w")
     j = job(tmp_path, tiny_model_dir, cfg.replace(processes=2), "w")
     log = tmp_path / "launch.log"
-    with pytest.raises(subprocess.CalledProcessError):
-        launch("dpo", j, 2, log_path=str(log))
+    launch("dpo", j, 2, log_path=str(log))
     text = log.read_text()
-    assert "saved by 1 processes, but dpo.processes is 2" in text
-    assert "dpo step" not in text  # no training step ran
+    assert "resuming a save of 1 processes on 2" in text and "resuming from step" in text
+    resumed = tables.read_margins(j["out_margins"])
+    pd.testing.assert_frame_equal(whole.drop(columns=MARGIN_COLS), resumed.drop(columns=MARGIN_COLS))
+    np.testing.assert_allclose(resumed["margin"], whole["margin"], atol=1e-5, rtol=0)
 
 
 def test_sft_and_reference_pass_on_two_processes(tmp_path, tiny_model_dir, run10):

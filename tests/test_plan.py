@@ -365,6 +365,31 @@ def test_model_config_sources(tmp_path):
     assert shapes.dims(shapes.model_config(build(g)))["L"] == 0
 
 
+def ddp_keys(tmp_path):
+    """DDP: every process loads the whole checkpoint on the host before moving it to its GPU."""
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump({"dpo": {"parallel": "ddp"}, "resources": {"gpu_mem_gb": 1000}}))
+    return path
+
+
+def test_hsdp_shards_within_a_node_and_nodes_divide_the_processes():
+    """HSDP over 2 nodes x 4 processes holds what FSDP over 4 holds (sharded inside a node), FSDP over 8
+    about half of it; a node's share of processes is asked for per node."""
+    cfg = pretrained("unused", regime="full")
+    cfg["dpo"].update(processes=8, parallel="hsdp")
+    cfg["resources"] = {"nodes": 2}
+    mc = shapes._read_json(shapes.bundled("meta-llama/Llama-3.1-8B"))
+    hsdp = memory.stage_plan(C.run_settings(cfg, cfg["experiment"]), "dpo", mc)
+    cfg["dpo"]["parallel"] = "fsdp"
+    fsdp8 = memory.stage_plan(C.run_settings(cfg, cfg["experiment"]), "dpo", mc)
+    cfg["dpo"]["processes"], cfg["resources"] = 4, {"nodes": 1}
+    fsdp4 = memory.stage_plan(C.run_settings(cfg, cfg["experiment"]), "dpo", mc)
+    assert hsdp["settings"]["shard_world"] == 4 and fsdp8["settings"]["shard_world"] == 8
+    assert hsdp["per_gpu"]["params"] == fsdp4["per_gpu"]["params"]
+    assert fsdp8["per_gpu"]["params"] < 0.6 * fsdp4["per_gpu"]["params"]
+    assert hsdp["resources"]["nodes"] == 2 and hsdp["resources"]["gpus_per_node"] == 4
+
+
 def test_cli_prints_the_plan(tmp_path):
     keys = tmp_path / "keys.yaml"
     keys.write_text(yaml.safe_dump({"dpo": {"parallel": "fsdp", "gradient_checkpointing": True,
@@ -379,8 +404,12 @@ def test_cli_prints_the_plan(tmp_path):
     j = subprocess.run(args + ["--json"], env=env, capture_output=True, text=True, cwd=tmp_path, timeout=60)
     plans = json.loads(j.stdout)["runs"]
     res = plans["k1"]["dpo"]["resources"]
-    assert res["gpus"] == 4 and res["cpus"] == 8 and res["mem_mb"] > 4 * 32_000  # 4 fp32 copies on the host
+    # each process reads only its shards, straight to its GPU: the host holds no copy of the weights
+    assert res["gpus"] == 4 and res["cpus"] == 8 and res["mem_mb"] == 4 * memory.HOST_SLACK_MB + memory.HOST_BASE_MB
     assert plans["k1"]["sft"]["resources"]["gpus"] == 0
+    ddp = subprocess.run(args + ["--configfile", str(ddp_keys(tmp_path)), "--json"], env=env, capture_output=True,
+                         text=True, cwd=tmp_path, timeout=60)
+    assert json.loads(ddp.stdout)["runs"]["k1"]["dpo"]["resources"]["mem_mb"] > 4 * 32_000  # 4 fp32 copies
     assert "torch" not in subprocess.run([sys.executable, "-c", "import sys, dpogen.plan; print(sorted(sys.modules))"],
                                          env=env, capture_output=True, text=True).stdout.split("'")
 

@@ -217,6 +217,9 @@ def check(s: Settings, rss: dict[str, Settings]) -> None:
         check_track(rs, run)
         check_data(rs, run)
         check_engine(rs, run)
+        if rs.resources.nodes != s.resources.nodes:
+            raise ConfigError(f"resources.nodes: one value per experiment (the rules ask SLURM for it); run {run} has "
+                              f"{rs.resources.nodes}, the experiment {s.resources.nodes}")
 
 
 def check_data(rs: Settings, run: str) -> None:
@@ -329,3 +332,20 @@ def check_engine(rs: Settings, run: str) -> None:
     if limit and str(dpo.device).startswith("cuda") and dpo.processes > limit:
         raise ConfigError(f"dpo.processes: {dpo.processes} GPUs asked for, but resources.gpus allows {limit} "
                           f"(run {run})")
+    check_nodes(rs, run)
+
+
+def check_nodes(rs: Settings, run: str) -> None:
+    """How the processes spread over nodes: evenly, within a node's GPUs, each with a share of the batch."""
+    dpo, res = rs.dpo, rs.resources
+    nodes = res.nodes
+    if dpo.processes % nodes:
+        raise ConfigError(f"dpo.processes: {dpo.processes} cannot be split evenly over resources.nodes: {nodes}; "
+                          f"use a multiple of {nodes} (run {run})")
+    per_node = dpo.processes // nodes
+    if res.gpus_per_node and str(dpo.device).startswith("cuda") and per_node > res.gpus_per_node:
+        raise ConfigError(f"resources.gpus_per_node: {res.gpus_per_node}, but dpo.processes {dpo.processes} over "
+                          f"resources.nodes {nodes} puts {per_node} on each node; use more nodes (run {run})")
+    if not dpo.full_batch and dpo.processes > 1 and dpo.batch_size < dpo.processes:
+        raise ConfigError(f"dpo.batch_size: {dpo.batch_size} pairs cannot be split over {dpo.processes} processes "
+                          f"(each needs one at least); raise it to {dpo.processes} or lower dpo.processes (run {run})")

@@ -1,16 +1,20 @@
 """Processes and how the model is spread over them: PyTorch's FSDP2 or DDP, mixed precision, activation
 checkpointing.
 
-Processes are started by ``accelerate launch`` or ``torchrun`` (dpogen.launch), which set RANK, WORLD_SIZE,
-LOCAL_RANK and the rendezvous. Every process draws the same global batch and computes its share;
-``dpo.parallel: fsdp`` shards parameters, gradients and optimizer state per decoder layer
-(``fully_shard``), ``ddp`` keeps a full copy per process. Both average gradients over processes, which the
-loop undoes by scaling its loss with the world size, so the update is the global batch's mean gradient.
+Processes are started by ``accelerate launch`` or, one launcher per node, ``torchrun`` (dpogen.launch),
+which set RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE and the rendezvous. Every process draws the same
+global batch and computes its share; ``dpo.parallel: fsdp`` shards parameters, gradients and optimizer
+state per decoder layer (``fully_shard``) over all processes, ``hsdp`` shards them inside a node and
+replicates the shards across nodes (a 2-D ``DeviceMesh``: replicate × shard), ``ddp`` keeps a full copy
+per process. All average gradients over processes, which the loop undoes by scaling its loss with the world
+size, so the update is the global batch's mean gradient. Sharded models are built empty and their weights
+read into the shards (dpogen.shards).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 
 import numpy as np
@@ -18,6 +22,8 @@ import torch
 
 from .logprobs import unwrap
 from .settings import DPO
+
+log = logging.getLogger("dpogen")
 
 
 class Dist:
@@ -27,6 +33,7 @@ class Dist:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(self.world)))  # processes on this node
         self.enabled = "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
         self.cuda = str(device).startswith("cuda")
         if self.enabled and not torch.distributed.is_initialized():
@@ -40,6 +47,10 @@ class Dist:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def nodes(self) -> int:
+        return max(1, self.world // self.local_world)
 
     @property
     def shard(self) -> tuple[int, int]:
@@ -71,14 +82,41 @@ class Dist:
             torch.distributed.destroy_process_group()
 
 
-def load_for(path, cfg: DPO, dist: Dist, dtype: str | None = None, load: dict | None = None):
-    """The model (in ``dtype``, else dpo.dtype; ``load``: Model.load_options()) on this process's device, or
-    on the CPU when FSDP will shard it onto the device (a process then holds one full copy in host memory,
-    never on its GPU)."""
+def sharded(cfg: DPO, dist: Dist) -> bool:
+    return dist.enabled and cfg.parallel in ("fsdp", "hsdp")
+
+
+def load_for(path, cfg: DPO, dist: Dist, dtype: str | None = None, load: dict | None = None,
+             whole: str | None = None):
+    """(model, tokenizer) in ``dtype`` (else dpo.dtype; ``load``: Model.load_options()). Sharded (FSDP,
+    HSDP): built empty, its weights read into the shards by ``wrap`` (dpogen.shards). Otherwise, where
+    ``whole`` says why the model is needed whole before it is wrapped (LoRA adapters, a pass on given
+    features), or for a checkpoint without safetensors files: loaded whole, on this process's device, or on
+    the CPU when FSDP will shard it onto the device."""
+    from . import shards
     from .model import load as load_model
 
-    fsdp = dist.enabled and cfg.parallel == "fsdp"
-    return load_model(path, dtype or cfg.dtype, "cpu" if fsdp else dist.device(cfg.device), **(load or {}))
+    dtype = dtype or cfg.dtype
+    if sharded(cfg, dist):
+        folder = None if whole else shards.checkpoint_folder(path, load)
+        if folder is not None:
+            return shards.build_empty(path, folder, dtype, load)
+        if dist.main:
+            log.info("%s: each process loads the whole checkpoint before sharding (%s)", path,
+                     whole or "no safetensors files to read shards of")
+        return load_model(path, dtype, "cpu", **(load or {}))
+    return load_model(path, dtype, dist.device(cfg.device), **(load or {}))
+
+
+def mesh(cfg: DPO, dist: Dist):
+    """The processes as FSDP2 sees them: one dimension (fsdp: shard over all), or replicate × shard (hsdp:
+    one replica per node, sharded over its processes)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    kind = "cuda" if dist.cuda else "cpu"
+    if cfg.parallel == "hsdp":
+        return init_device_mesh(kind, (dist.nodes, dist.local_world), mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh(kind, (dist.world,), mesh_dim_names=("shard",))
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:
@@ -89,9 +127,10 @@ def decoder_layers(model) -> list[torch.nn.Module]:
 
 
 def wrap(model, cfg: DPO, dist: Dist, *, checkpointing: bool = False):
-    """Apply activation checkpointing, then FSDP2 (per decoder layer, then the root) or DDP when launched
-    in several processes. With FSDP, ``dpo.autocast`` becomes the mixed-precision policy: parameters
-    gathered in bf16 for compute, fp32 master weights and fp32 gradient reduction."""
+    """Apply activation checkpointing, then FSDP2 or HSDP (per decoder layer, then the root) or DDP when
+    launched in several processes; a model built empty gets its weights read into the shards here. With
+    FSDP and HSDP, ``dpo.autocast`` becomes the mixed-precision policy: parameters gathered in bf16 for
+    compute, the stored dtype's master weights and fp32 gradient reduction."""
     if checkpointing:
         inner = unwrap(model)
         if hasattr(inner, "activation_checkpointing_enable"):  # transformers 5's name
@@ -105,8 +144,8 @@ def wrap(model, cfg: DPO, dist: Dist, *, checkpointing: bool = False):
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(model, device_ids=[dist.local_rank] if dist.cuda else None)
-    if parallel != "fsdp":
-        raise ValueError(f"dpo.parallel: unknown {parallel!r} (fsdp, ddp)")
+    if parallel not in ("fsdp", "hsdp"):
+        raise ValueError(f"dpo.parallel: unknown {parallel!r} (fsdp, hsdp, ddp)")
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from .model import DTYPES
@@ -117,9 +156,14 @@ def wrap(model, cfg: DPO, dist: Dist, *, checkpointing: bool = False):
                          f"{type(unwrap(model)).__name__} names none (_no_split_modules); set dpo.parallel: ddp")
     autocast = cfg.autocast
     mp = MixedPrecisionPolicy(param_dtype=DTYPES[autocast] if autocast else None, reduce_dtype=torch.float32)
+    where = mesh(cfg, dist)
     for layer in layers:
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+        fully_shard(layer, mesh=where, mp_policy=mp)
+    fully_shard(model, mesh=where, mp_policy=mp)
+    from . import shards
+
+    if shards.is_empty(model):
+        shards.materialize(model, dist.device(cfg.device))
     return model
 
 

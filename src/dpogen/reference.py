@@ -81,13 +81,17 @@ def compute_reference(ref_path, train: pd.DataFrame, test: pd.DataFrame, cfg: DP
                       load: dict | None = None) -> None:
     """One pass of the reference model over all pairs → ref_logps.parquet, and g(x) per pair (.npy).
     Launched in several processes, the model is sharded as in training and each computes a share."""
-    from .parallel import Dist, load_for, wrap
+    from .parallel import Dist, load_for, sharded, wrap
 
     dist = Dist(cfg.device)
-    model, tok = load_for(ref_path, cfg, dist, load=load)
     pairs = pairs_frame(train, test)
+    given = "embedding" in pairs.columns
+    # sharded, the reference holds its weights in the compute dtype: it never steps an optimizer, so fp32
+    # masters would only be cast to it at every gather
+    dtype = cfg.autocast if sharded(cfg, dist) and cfg.autocast and not given else None
+    model, tok = load_for(ref_path, cfg, dist, dtype, load, whole="a pass on given features" if given else None)
     enc = encode(tok, pairs, cfg, model)
-    if "embedding" in pairs.columns:
+    if given:
         lp, feats = given_features_logps(model, enc, pairs, cfg)
     else:
         model = wrap(model, cfg, dist)

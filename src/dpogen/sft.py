@@ -108,16 +108,23 @@ def train_sft(base_path, train: pd.DataFrame, cfg: SFT, out_dir, seed: int, engi
 
 
 def save_trained(model, tok, base_path, dtype: str, out_dir, dist, load: dict | None = None) -> None:
-    """save_pretrained the trained weights; when sharded, gathered into a fresh copy on the first process."""
+    """save_pretrained the trained weights; when launched, gathered on the first process's host and saved
+    from a model built empty around them (one full copy there, none elsewhere)."""
     if not dist.enabled:
         M.save(model, tok, out_dir)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    from .shards import build_empty
+
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.main:
-        plain, _ = M.load(base_path, dtype, "cpu", **(load or {}))
-        plain.load_state_dict(full)
+        plain, _ = build_empty(base_path, None, dtype, load)
+        plain.load_state_dict(full, assign=True, strict=False)
+        plain.tie_weights()
+        missing = [n for n, p in plain.named_parameters() if p.is_meta]
+        if missing:
+            raise ValueError(f"sft: the gathered weights lack {missing[:4]}")
         M.save(plain, tok, out_dir)
     dist.barrier()
 

@@ -91,13 +91,17 @@ def record_code(snakemake) -> None:
 
 def run_model_stage(snakemake, entry, args: dict, processes: int) -> None:
     """A model stage's ``entry`` function on ``args`` in this process, or in ``processes`` processes launched
-    with accelerate, each with its share of the job's threads."""
+    with accelerate (one node) or torchrun under srun (``resources.nodes``), each with its share of the
+    job's threads."""
     from .launch import launch
 
-    if processes > 1:
-        logging.getLogger("dpogen").info("launching %d processes with accelerate", processes)
+    res = settings_of(snakemake).resources
+    if processes > 1 or res.nodes > 1:
+        how = f"torchrun on {res.nodes} nodes under srun" if res.nodes > 1 else "accelerate"
+        logging.getLogger("dpogen").info("launching %d processes with %s", processes, how)
         launch(f"{entry.__module__}:{entry.__name__}", args, processes,
                log_path=snakemake.log[0] if snakemake.log else None,
-               threads=max(1, compute_threads(snakemake) // processes))
+               threads=max(1, compute_threads(snakemake) // max(1, processes // res.nodes)), nodes=res.nodes,
+               rendezvous_timeout=res.rendezvous_timeout)
     else:
         entry(**args)

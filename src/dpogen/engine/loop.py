@@ -321,7 +321,8 @@ def train_dpo(ref_path, train: pd.DataFrame, test: pd.DataFrame, ref_logps_path,
     resume.prepare()
 
     M.seed_everything(seed)
-    model, tok = load_for(ref_path, cfg, dist, load=load)
+    model, tok = load_for(ref_path, cfg, dist, load=load,
+                          whole="LoRA adapters wrap the loaded model" if cfg.regime == "lora" else None)
     run, cfg = prepare_run(train, test, tok, model, ref_logps_path, ref_features_path, cfg)
     policy = Policy(model, run.enc, cfg, dist, run.feats if cfg.regime == "last_layer" else None)
     choose_tracking(run, cfg, policy, seed)

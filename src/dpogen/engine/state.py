@@ -1,7 +1,8 @@
 """Resume state: what a killed training job needs to go on as if it had never stopped.
 
 Each process saves its own shard of the trained parameters and the optimizer state with
-``torch.distributed.checkpoint`` (no process ever holds the full optimizer state), its RNG state, and the
+``torch.distributed.checkpoint`` (no process ever holds the full optimizer state; a save resumes on any
+number of processes, which DCP reshards), its RNG state, and the
 first process the scheduler, the metrics so far and the step (which is the data position: batches depend
 on the step alone). The save goes to a temporary folder that replaces the previous one when complete.
 """
@@ -163,10 +164,14 @@ class ResumeState:
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         meta = torch.load(self.save_dir / "meta.pt", weights_only=False)
-        if meta["world"] != self.dist.world:
-            raise ValueError(f"{self.save_dir}: saved by {meta['world']} processes, but dpo.processes is "
-                             f"{self.dist.world}; set dpo.processes: {meta['world']} to resume it, or delete "
-                             f"{self.work} to start over")
+        saved_world = meta["world"]
+        if saved_world != self.dist.world:
+            # DCP reads each process's part of the saved shards whatever their layout; the batches depend on the
+            # step alone, so every step still trains the same global batch, split over the processes there are
+            log.info("resuming a save of %d processes on %d: parameters and optimizer state resharded by "
+                     "torch.distributed.checkpoint; each step still trains the whole global batch, now split %d "
+                     "ways; RNG state of rank r from saved rank r mod %d", saved_world, self.dist.world,
+                     self.dist.world, saved_world)
         msd, osd = get_state_dict(model, opt, options=self._options())
         state = {"model": msd, "optim": osd}
         with _quiet(self.dist):
@@ -182,7 +187,7 @@ class ResumeState:
             raise ValueError(f"{self.save_dir}: the save lacks trained parameters {lost[:5]}; delete {self.work} "
                              f"to start over")
         sched.load_state_dict(meta["scheduler"])
-        set_rng_state(torch.load(self.save_dir / f"rng-rank{self.dist.rank}.pt", weights_only=False))
+        set_rng_state(torch.load(self.save_dir / f"rng-rank{self.dist.rank % saved_world}.pt", weights_only=False))
         self.extra = meta.get("extra")
         self.batch = meta.get("batch")
         log.info("resuming from step %d (%s)", meta["step"], self.save_dir)

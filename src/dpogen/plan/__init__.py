@@ -11,6 +11,7 @@ optimizer state, and estimates the rest:
   (``local_numel``). Parameters are kept in ``dpo.dtype`` (fp32 master weights); gradients are sharded
   like their parameter, in the same dtype; AdamW's exp_avg and exp_avg_sq likewise (sgd has no state).
   Frozen parameters (``last_layer``, ``lora``) are held but have no gradient or optimizer state.
+- ``dpo.parallel: hsdp``: the same over the processes of one node (``shard_world``), each node a replica.
 - ``dpo.parallel: ddp``, or a single process (nothing to shard): every rank holds the full parameters,
   gradients and optimizer state.
 
@@ -53,10 +54,15 @@ training (chosen and rejected; a pair of single-token answers shares one row, so
 
 Stages: ``sft`` (when ``sft.target`` is not none: trains every weight like dpo's full regime, with sft's
 batch and optimizer, weights in ``model.dtype``, micro-batches bounded by ``dpo.max_tokens_per_batch``),
-``ref_logps`` (forward only, weights in ``dpo.dtype``) and ``dpo``. Each asks for ``dpo.processes`` GPUs
-when ``dpo.device`` is cuda (0 otherwise, and 0 for a stage that does not run the engine), ``threads.train``
-CPUs, and host memory (mem_mb) for each rank's full copy of the checkpoint (every rank loads it on the host
-before sharding; on cpu, the larger of that and the rank's total) plus 4 GiB per rank and 2 GiB.
+``ref_logps`` (forward only, weights in ``dpo.dtype``, or in ``dpo.autocast`` when sharded: it never steps an
+optimizer) and ``dpo``. ``dpo.parallel: hsdp`` shards over the ``dpo.processes / resources.nodes``
+processes of one node (replicated across nodes) where fsdp shards over all. Each stage asks for
+``dpo.processes`` GPUs when ``dpo.device`` is cuda (0 otherwise, and 0 for a stage that does not run the
+engine; over several nodes, ``dpo.processes / resources.nodes`` per node), ``threads.train`` CPUs, and host
+memory per node (mem_mb): for each of the node's processes, nothing of the weights when it reads its shards
+(dpogen.shards; on cpu, the rank's total) or a full copy of the checkpoint when it loads it whole (ddp, lora,
+one process), plus 4 GiB per process and 2 GiB; sft adds one full copy on the first node, where the trained
+weights are gathered to be saved.
 
     python -m dpogen.plan --configfile config/experiments/v5-full-llama3.1-8b.yaml [--configfile more.yaml] [--json]
 """

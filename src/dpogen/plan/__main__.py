@@ -18,20 +18,23 @@ def _gb(x) -> str:
 def table(cfg: Settings, plans: dict) -> str:
     """A plain table: per run and stage, the largest rank's terms in GB, and the resources."""
     first = next(iter(plans.values()))
-    eng = next((p for p in first.values() if p["uses_engine"]), None)
+    eng = first.get("dpo") if first.get("dpo", {}).get("uses_engine") else next(
+        (p for p in first.values() if p["uses_engine"]), None)
     m = cfg.model
     name = m.pretrained.path if m.source == "pretrained" else f"scratch {m.scratch.arch}"
     lines = [f"experiment {cfg.experiment}: {name}"]
     if eng:
         s = eng["settings"]
-        sharded = "sharded" if s["sharded"] else "not sharded"
+        sharded = f"sharded over {s['shard_world']}" if s["sharded"] else "not sharded"
+        nodes = f" on {s['nodes']} nodes ({s['per_node']} each)" if s["nodes"] > 1 else ""
         gc = "on" if s["gradient_checkpointing"] else "off"
         lines.append(f"  {eng['model']['model_type']}, {eng['model']['parameters']:,} parameters; "
-                     f"dpo.parallel {s['parallel']} over {s['world']} process(es) on {s['device']} ({sharded}); "
+                     f"dpo.parallel {s['parallel']} over {s['world']} process(es){nodes} on {s['device']} ({sharded}; "
+                     f"weights loaded {'into their shards' if s['loads'] == 'shards' else 'whole'}); "
                      f"dpo.regime {cfg.dpo.regime}; weights {s['dtype']}, "
                      f"compute {s['compute_dtype']}; gradient checkpointing {gc}")
     where = "per GPU" if eng is None or eng["settings"]["device"].startswith("cuda") else "per process (host memory)"
-    lines.append(f"  {where}: rank 0, the largest rank; GB = 1e9 bytes")
+    lines.append(f"  {where}: rank 0, the largest rank; GB = 1e9 bytes; mem_mb: host memory per node")
     head = ["run", "stage", "gpus", "params", "grads", "optim", "working", "activ", "logits", "total", "mem_mb",
             "cpus", "largest"]
     rows = [head]

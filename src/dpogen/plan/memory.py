@@ -132,19 +132,28 @@ def _pass_terms(rc: Settings, mc: dict, stage: str, phase: str, regime: str, che
 
 
 def stage_settings(rc: Settings, stage: str) -> dict:
-    """What the engine does in a stage: dtype, compute dtype, sharding, regime, optimizer, checkpointing."""
+    """What the engine does in a stage: dtype, compute dtype, sharding (over how many processes), how the
+    weights are loaded, regime, optimizer, checkpointing."""
     dpo = rc.dpo
-    world = rc.dpo.processes
-    parallel = rc.dpo.parallel
+    world, nodes = dpo.processes, rc.resources.nodes
+    parallel = dpo.parallel
+    # fsdp shards over every process; hsdp over the processes of one node, replicated across nodes
+    shard_world = world // nodes if parallel == "hsdp" else world
+    sharded = parallel in ("fsdp", "hsdp") and world > 1
+    regime = "full" if stage == "sft" else dpo.regime if stage == "dpo" else "frozen"
     dtype = rc.model.dtype if stage == "sft" else dpo.dtype
-    autocast = rc.dpo.autocast
+    if stage == "ref_logps" and sharded and dpo.autocast:
+        dtype = dpo.autocast  # the reference pass holds its shards in the compute dtype (no optimizer steps)
     gc = rc.dpo.gradient_checkpointing
     if gc is None:
         gc = rc.model.source == "pretrained"
     return {
-        "dtype": dtype, "compute_dtype": autocast or dtype, "parallel": parallel, "world": world,
-        "sharded": parallel == "fsdp" and world > 1,
-        "regime": "full" if stage == "sft" else dpo.regime if stage == "dpo" else "frozen",
+        "dtype": dtype, "compute_dtype": dpo.autocast or dtype, "parallel": parallel, "world": world,
+        "nodes": nodes, "per_node": world // nodes, "shard_world": shard_world if sharded else 1,
+        "sharded": sharded and shard_world > 1,
+        # sharded and not LoRA: built empty, each process reads its slices (dpogen.shards); else loaded whole
+        "loads": "shards" if sharded and regime != "lora" else "whole",
+        "regime": regime,
         "optimizer": rc.sft.optimizer if stage == "sft" else dpo.optimizer,
         "gradient_checkpointing": bool(gc), "device": str(rc.dpo.device),
     }
@@ -196,7 +205,7 @@ def stage_plan(rc: Settings, stage: str, mc: dict | None = None) -> dict:
         tensors = regime_tensors(mc, regime, lora)
     w_bytes, c_bytes = BYTES[st["dtype"]], BYTES[st["compute_dtype"]]
     states = 0 if regime == "frozen" else OPTIMIZER_STATES[st["optimizer"]]
-    world, sharded = st["world"], st["sharded"]
+    world, sharded = st["shard_world"], st["sharded"]
     working = _working(tensors, sharded, st["dtype"] == st["compute_dtype"], c_bytes)
     phases = ["eval"] if regime == "frozen" else ["train"] if stage == "sft" else ["train", "eval"]
     passes = [_pass_terms(rc, mc, stage, ph, regime, st["gradient_checkpointing"], c_bytes) for ph in phases]
@@ -212,20 +221,33 @@ def stage_plan(rc: Settings, stage: str, mc: dict | None = None) -> dict:
     top = max(ranks, key=lambda x: x["total"])
     largest = max(TERMS, key=lambda k: top[k])
     full = sum(numel(s) for _, s, _, _ in tensors)
-    checkpoint = full * w_bytes
-    if cuda:
-        mem = world * checkpoint / MB + world * HOST_SLACK_MB + HOST_BASE_MB
-    else:
-        mem = world * max(checkpoint, top["total"]) / MB + world * HOST_SLACK_MB + HOST_BASE_MB
+    host = host_bytes(st, stage, full * w_bytes, top["total"], cuda)
+    per_node = st["per_node"]
+    mem = (per_node * host["process"] + host["saver"]) / MB + per_node * HOST_SLACK_MB + HOST_BASE_MB
     return {
         "stage": stage, "uses_engine": True, "settings": st,
         "model": {"model_type": d["type"], "parameters": full,
                   "trainable": sum(numel(s) for _, s, _, t in tensors if t)},
         "tokens": {p["phase"]: p["tokens"] for p in passes}, "peak_phase": peak["phase"] if peak else None,
         "unbounded": [p["phase"] for p in unknown],
-        "ranks": ranks, "per_gpu": top, "largest": [largest, top[largest]],
-        "resources": {"gpus": world if cuda else 0, "mem_mb": int(math.ceil(mem)), "cpus": threads},
+        "ranks": ranks, "per_gpu": top, "largest": [largest, top[largest]], "host": host,
+        "resources": {"gpus": st["world"] if cuda else 0, "gpus_per_node": per_node if cuda else 0,
+                      "nodes": st["nodes"], "mem_mb": int(math.ceil(mem)), "cpus": threads},
     }
+
+
+def host_bytes(st: dict, stage: str, checkpoint: int, rank_total: int, cuda: bool) -> dict:
+    """Host memory of a model job, per process and for the first process's extra: a process that loads the
+    whole checkpoint holds it (DDP, one process, LoRA); one that reads its shards holds only a slice at a
+    time on its way to the GPU, or its rank's total when it computes on the CPU. SFT's first process
+    gathers the trained weights to save them."""
+    whole = st["loads"] == "whole"
+    if cuda:
+        process = checkpoint if whole else 0
+    else:
+        process = max(checkpoint, rank_total) if whole else rank_total
+    saver = checkpoint if stage == "sft" and st["world"] > 1 else 0
+    return {"process": process, "saver": saver, "loads": st["loads"]}
 
 
 STAGES = ("sft", "ref_logps", "dpo")
@@ -250,9 +272,9 @@ def _hint(term: str) -> str:
         "activations": "lower dpo.max_tokens_per_batch, set data.max_prompt_tokens and data.max_response_tokens, "
                        "or turn on dpo.gradient_checkpointing",
         "logits": "lower dpo.logit_chunk",
-        "optimizer": "use more dpo.processes with dpo.parallel fsdp, or dpo.regime lora",
-        "params": "use more dpo.processes with dpo.parallel fsdp",
-        "grads": "use more dpo.processes with dpo.parallel fsdp, or dpo.regime lora",
+        "optimizer": "use more dpo.processes (and resources.nodes) with dpo.parallel fsdp, or dpo.regime lora",
+        "params": "use more dpo.processes (and resources.nodes) with dpo.parallel fsdp",
+        "grads": "use more dpo.processes (and resources.nodes) with dpo.parallel fsdp, or dpo.regime lora",
         "working": "use dpo.autocast to gather layers in 16 bits",
     }[term]
 

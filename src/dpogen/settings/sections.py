@@ -243,10 +243,12 @@ class DPO(Section):
     lora: Lora = setting(Lora(), "regime lora's adapters")
     autocast: Literal["bfloat16", "float16"] | None = setting(
         None, "bf16 compute with fp32 master weights and gradient reduction, fp32 log-probs (float16 is refused)")
-    processes: int = setting(1, "processes (one per GPU) for sft, the reference pass and dpo, launched with "
-                                "accelerate", "resumable", ge=1)
-    parallel: Literal["fsdp", "ddp"] = setting("fsdp", "with processes > 1: FSDP2 sharded per decoder layer, or "
-                                                        "DDP (a full copy per process)")
+    processes: int = setting(1, "processes (one per GPU) for sft, the reference pass and dpo, over all nodes "
+                                "(resources.nodes); launched with accelerate, or torchrun under srun", "resumable",
+                             ge=1)
+    parallel: Literal["fsdp", "hsdp", "ddp"] = setting(
+        "fsdp", "with processes > 1: FSDP2 sharded per decoder layer over all processes, HSDP (sharded inside a "
+        "node, replicated across nodes), or DDP (a full copy per process)")
     gradient_checkpointing: bool | None = setting(None, "activation checkpointing per decoder layer; null: on for "
                                                         "pretrained models, off for scratch ones")
     max_tokens_per_batch: int | None = setting(None, "padded tokens per process and training micro-batch (null: "
@@ -300,6 +302,11 @@ class Resources(Section):
     gpu_mem_gb: float | None = setting(None, "one GPU's memory: runs whose memory plan needs more are refused",
                                        gt=0)
     gpus: int | None = setting(None, "the most GPUs one job may ask for", ge=1)
+    nodes: int = setting(1, "nodes a model job (sft, ref_logps, dpo) spans: dpo.processes / nodes processes on "
+                            "each, one launcher per node under srun (needs the SLURM executor)", "execution", ge=1)
+    gpus_per_node: int | None = setting(None, "the GPUs one node has: a job asking more per node is refused", ge=1)
+    rendezvous_timeout: int = setting(300, "seconds the launchers of a multi-node job wait for every node to join",
+                                      "execution", ge=10)
 
 
 class Report(Section):
