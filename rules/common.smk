@@ -58,8 +58,10 @@ ENGINE_KEYS = (
 
 
 def engine_settings(rs):
-    """How a model job runs (shared by sft, the reference pass and dpo)."""
-    return {k: getattr(rs.dpo, k) for k in ENGINE_KEYS}
+    """How a model job runs (shared by sft, the reference pass and dpo); resources.nodes only above 1 (it sets
+    the threads per process and the hsdp mesh), so runs made before it existed keep their outputs."""
+    nodes = rs.resources.nodes
+    return {k: getattr(rs.dpo, k) for k in ENGINE_KEYS} | ({"nodes": nodes} if nodes > 1 else {})
 
 
 def planned(stage, key):
@@ -96,7 +98,9 @@ def multinode(stage):
         return {}
     res = {"nodes": nodes, "tasks": nodes, "mpi": "srun"}
     if str(SETTINGS.dpo.device).startswith("cuda"):
-        res["gres"] = f"gpu:{SETTINGS.dpo.processes // nodes}"
+        # tasks_per_gpu 0: the plugin would otherwise turn tasks into --ntasks-per-gpu, binding one GPU per
+        # launcher where each launcher needs its node's GPUs
+        res |= {"gres": f"gpu:{SETTINGS.dpo.processes // nodes}", "tasks_per_gpu": 0}
     return res
 
 

@@ -264,6 +264,30 @@ def test_sft_and_reference_pass_on_two_processes(tmp_path, tiny_model_dir, run10
     np.testing.assert_allclose(np.load(tmp_path / "f2.npy"), np.load(tmp_path / "f1.npy"), atol=1e-5, rtol=0)
 
 
+def test_a_tied_model_is_read_into_its_shards_and_the_reference_holds_the_compute_dtype(tmp_path, tiny_gpt2_dir,
+                                                                                        run10):
+    """GPT-2 with its head tied to the embeddings, built empty and read into 2 FSDP2 processes' shards: the
+    reference log-probs equal the one-process pass's; under dpo.autocast bfloat16 the sharded reference pass
+    holds bf16 shards (it says so) and agrees with one process under torch.autocast to bf16 rounding."""
+    from dpogen.launch import launch
+
+    train, test, cfg = run10
+    for name, c in (("fp32", cfg), ("bf16", cfg.replace(autocast="bfloat16"))):
+        reference.compute_reference(tiny_gpt2_dir, train, test, c, tmp_path / f"{name}1.parquet", tmp_path / "f1.npy")
+        log = tmp_path / f"{name}.log"
+        launch("ref", {"ref_path": str(tiny_gpt2_dir), "train": str(tmp_path / "train.parquet"),
+                       "test": str(tmp_path / "test.parquet"), "cfg": c.replace(processes=2),
+                       "out_logps": str(tmp_path / f"{name}2.parquet"), "out_features": str(tmp_path / "f2.npy")}, 2,
+               log_path=str(log))
+        text = log.read_text()
+        assert "weights read into their shards" in text
+        assert ("shards held in bfloat16" in text) == (name == "bf16")
+        r1, r2 = pd.read_parquet(tmp_path / f"{name}1.parquet"), pd.read_parquet(tmp_path / f"{name}2.parquet")
+        tol = 1e-5 if name == "fp32" else 0.05 * np.abs(r1["ref_logp_chosen"]).max()
+        np.testing.assert_allclose(r2["ref_logp_chosen"], r1["ref_logp_chosen"], atol=tol, rtol=0)
+        np.testing.assert_allclose(r2["ref_logp_rejected"], r1["ref_logp_rejected"], atol=tol, rtol=0)
+
+
 def test_fsdp_refuses_a_model_without_decoder_layers(tmp_path):
     from types import SimpleNamespace
 

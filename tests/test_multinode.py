@@ -1,7 +1,8 @@
 """Several nodes, as srun starts them: two launchers (``python -m dpogen.launch --node``), each standing for
 a node with 2 CPU processes (gloo), given the environment SLURM sets for a step's task, join one c10d
 rendezvous on 127.0.0.1. FSDP2 and HSDP against one process, a lost node, a node that never comes, a
-4-process save resumed on 2. (A real 2-node SLURM cluster: tests/test_slurm.py.)"""
+4-process save resumed on 2. At the end, a real 2-node SLURM cluster (scripts/slurm_two_nodes.sh) running the
+workflow through the SLURM profile."""
 
 import json
 import os
@@ -82,6 +83,9 @@ def test_two_nodes_train_as_one_process(tmp_path, tiny_model_dir, run10, paralle
             parallel)
     out = two_nodes(tmp_path, j, parallel)
     assert "weights read into their shards" in out
+    mesh = {"fsdp": "FSDP over a device mesh (4,) (shard)",
+            "hsdp": "HSDP over a device mesh (2, 2) (replicate x shard)"}
+    assert mesh[parallel] in out
     info = json.loads(open(j["out_info"]).read())
     assert info["processes"] == 4 and info["parallel"] == parallel
     assert_close(one, tables.read_margins(j["out_margins"]))
@@ -144,7 +148,7 @@ def test_a_node_that_never_comes_fails_naming_the_rendezvous(tmp_path, tiny_mode
     assert "node 0 of 2" in text and "rendezvous c10d at 127.0.0.1:" in text and "join timeout 10 s" in text
 
 
-def test_the_commands_srun_runs(monkeypatch):
+def test_the_commands_srun_runs():
     """One srun task per node, each that node's torchrun with the c10d rendezvous; node 0 hosts its store."""
     rz = {"endpoint": "gpu01:29811", "nodes": 4, "per_node": 8, "id": "77", "timeout": 300}
     assert srun_command("/shared/j.json", 4)[:5] == ["srun", "--nodes=4", "--ntasks=4", "--ntasks-per-node=1",
@@ -154,7 +158,7 @@ def test_the_commands_srun_runs(monkeypatch):
     assert cmd[cmd.index("--rdzv-endpoint") + 1] == "gpu01:29811" and "c10d" in cmd
     assert "is_host=1" in cmd[cmd.index("--rdzv-conf") + 1]
     assert "is_host=0" in torchrun_command("/shared/j.json", rz, 3)[cmd.index("--rdzv-conf") + 1]
-    assert cmd[-3:] == ["dpogen.launch", "/shared/j.json"][-2:] or cmd[-2:] == ["dpogen.launch", "/shared/j.json"]
+    assert cmd[-3:] == ["-m", "dpogen.launch", "/shared/j.json"]
 
 
 def test_several_nodes_outside_slurm_are_refused(monkeypatch):

@@ -217,9 +217,14 @@ def check(s: Settings, rss: dict[str, Settings]) -> None:
         check_track(rs, run)
         check_data(rs, run)
         check_engine(rs, run)
-        if rs.resources.nodes != s.resources.nodes:
-            raise ConfigError(f"resources.nodes: one value per experiment (the rules ask SLURM for it); run {run} has "
-                              f"{rs.resources.nodes}, the experiment {s.resources.nodes}")
+        if s.resources.nodes > 1:  # the rules ask SLURM for nodes and GPUs per node once per experiment
+            for key, mine, its in (("resources.nodes", rs.resources.nodes, s.resources.nodes),
+                                   ("dpo.processes", rs.dpo.processes, s.dpo.processes),
+                                   ("dpo.device", rs.dpo.device, s.dpo.device)):
+                if mine != its:
+                    raise ConfigError(f"{key}: one value per experiment when resources.nodes > 1 (the rules ask SLURM "
+                                      f"for nodes and GPUs per node from it); run {run} has {mine}, the experiment "
+                                      f"{its}")
 
 
 def check_data(rs: Settings, run: str) -> None:

@@ -89,8 +89,11 @@ def allocation(nodes: int) -> list[str]:
                           f"(--workflow-profile profiles/slurm) or set resources.nodes: 1")
     nodelist = os.environ.get("SLURM_JOB_NODELIST")
     if not nodelist:  # the jobstep executor keeps only SLURM_JOB_ID in a job's environment
-        out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, check=True)
-        nodelist = re.search(r"\bNodeList=(\S+)", out.stdout).group(1)
+        out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True)
+        m = re.search(r"\bNodeList=(\S+)", out.stdout)
+        if out.returncode or not m:
+            raise LaunchError(f"SLURM job {job}: scontrol cannot name its nodes ({(out.stderr or out.stdout)[-300:]})")
+        nodelist = m.group(1)
     hosts = hostnames(nodelist)
     if len(hosts) < nodes:
         raise LaunchError(f"resources.nodes: {nodes}, but SLURM job {job} holds {len(hosts)} node(s) ({nodelist}); "
@@ -115,7 +118,9 @@ def rendezvous(head: str, nodes: int, processes: int, timeout: int) -> dict:
     runs on its allocation's first node)."""
     if processes % nodes:
         raise LaunchError(f"dpo.processes: {processes} cannot be split evenly over resources.nodes: {nodes}")
-    return {"endpoint": f"{head}:{free_port()}", "monitor": f"{head}:{free_port()}", "nodes": nodes,
+    port = free_port()
+    monitor = next(p for p in iter(free_port, None) if p != port)
+    return {"endpoint": f"{head}:{port}", "monitor": f"{head}:{monitor}", "nodes": nodes,
             "per_node": processes // nodes, "id": os.environ.get("SLURM_JOB_ID", "dpogen"), "timeout": timeout}
 
 
@@ -200,7 +205,8 @@ def main(job_file: str) -> None:
     try:
         run_stage(job["stage"], {k: _decode(v) for k, v in job["args"].items()})
     except Exception as e:
-        lost = lost_ranks()
+        # a failed collective (a peer gone), not an error every rank raises alike (a diverged loss, a bad file)
+        lost = lost_ranks() if type(e) is RuntimeError or "DistError" in type(e).__name__ else []
         if lost:
             raise LaunchError(f"rank {os.environ.get('RANK')}: lost rank(s) {', '.join(map(str, lost))} of "
                               f"{os.environ.get('WORLD_SIZE')} (a node or a process died): the job stops; a rerun "

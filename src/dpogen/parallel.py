@@ -73,6 +73,15 @@ class Dist:
             torch.distributed.all_reduce(t)
         return t
 
+    def gather_flags(self, flag: bool) -> list[bool]:
+        """Every process's ``flag``, on every process."""
+        if not self.enabled:
+            return [flag]
+        t = torch.zeros(self.world, dtype=torch.int32)
+        t[self.rank] = int(flag)
+        torch.distributed.all_reduce(t)
+        return [bool(x) for x in t.tolist()]
+
     def barrier(self) -> None:
         if self.enabled:
             torch.distributed.barrier()
@@ -99,6 +108,11 @@ def load_for(path, cfg: DPO, dist: Dist, dtype: str | None = None, load: dict | 
     dtype = dtype or cfg.dtype
     if sharded(cfg, dist):
         folder = None if whole else shards.checkpoint_folder(path, load)
+        have = dist.gather_flags(folder is not None)  # every process must load the same way
+        if any(have) and not all(have):
+            missing = [r for r, h in enumerate(have) if not h]
+            raise ValueError(f"{path}: its safetensors files are not found by rank(s) {missing} (another node's "
+                             f"cache or file system?): every node must see the same checkpoint")
         if folder is not None:
             return shards.build_empty(path, folder, dtype, load)
         if dist.main:
@@ -157,6 +171,9 @@ def wrap(model, cfg: DPO, dist: Dist, *, checkpointing: bool = False):
     autocast = cfg.autocast
     mp = MixedPrecisionPolicy(param_dtype=DTYPES[autocast] if autocast else None, reduce_dtype=torch.float32)
     where = mesh(cfg, dist)
+    if dist.main:
+        log.info("%s over a device mesh %s (%s)", parallel.upper(), tuple(where.shape),
+                 " x ".join(where.mesh_dim_names))
     for layer in layers:
         fully_shard(layer, mesh=where, mp_policy=mp)
     fully_shard(model, mesh=where, mp_policy=mp)

@@ -6,6 +6,8 @@ Its own module so that the reference job's code hash follows only what it runs: 
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pandas as pd
 import torch
@@ -15,6 +17,8 @@ from . import tables
 from .io import atomic_path
 from .logprobs import encode_pairs, pair_logps
 from .settings import DPO
+
+log = logging.getLogger("dpogen")
 
 
 def pairs_frame(train: pd.DataFrame, test: pd.DataFrame) -> pd.DataFrame:
@@ -90,6 +94,9 @@ def compute_reference(ref_path, train: pd.DataFrame, test: pd.DataFrame, cfg: DP
     # masters would only be cast to it at every gather
     dtype = cfg.autocast if sharded(cfg, dist) and cfg.autocast and not given else None
     model, tok = load_for(ref_path, cfg, dist, dtype, load, whole="a pass on given features" if given else None)
+    if dtype and dist.main:
+        log.info("reference pass: shards held in %s, the compute dtype (dpo.dtype %s is for training)", dtype,
+                 cfg.dtype)
     enc = encode(tok, pairs, cfg, model)
     if given:
         lp, feats = given_features_logps(model, enc, pairs, cfg)

@@ -61,6 +61,7 @@ def build_empty(path, folder: Path | None, dtype: str, load: dict | None = None)
         model_kw["attn_implementation"] = opts["attn_implementation"]
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype], **model_kw)
+    model.tie_weights()  # from_pretrained ties a tied head to the embeddings; from_config on meta leaves it apart
     model.eval()
     if folder is not None:
         setattr(model, SOURCE, str(folder))

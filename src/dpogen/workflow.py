@@ -96,7 +96,7 @@ def run_model_stage(snakemake, entry, args: dict, processes: int) -> None:
     from .launch import launch
 
     res = settings_of(snakemake).resources
-    if processes > 1 or res.nodes > 1:
+    if processes > 1:  # a stage that runs no model (sft.target none) passes 1 and runs here
         how = f"torchrun on {res.nodes} nodes under srun" if res.nodes > 1 else "accelerate"
         logging.getLogger("dpogen").info("launching %d processes with %s", processes, how)
         launch(f"{entry.__module__}:{entry.__name__}", args, processes,

@@ -303,7 +303,7 @@ class Resources(Section):
                                        gt=0)
     gpus: int | None = setting(None, "the most GPUs one job may ask for", ge=1)
     nodes: int = setting(1, "nodes a model job (sft, ref_logps, dpo) spans: dpo.processes / nodes processes on "
-                            "each, one launcher per node under srun (needs the SLURM executor)", "execution", ge=1)
+                            "each, one launcher per node under srun (needs the SLURM executor)", "resumable", ge=1)
     gpus_per_node: int | None = setting(None, "the GPUs one node has: a job asking more per node is refused", ge=1)
     rendezvous_timeout: int = setting(300, "seconds the launchers of a multi-node job wait for every node to join",
                                       "execution", ge=10)
