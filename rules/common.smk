@@ -59,9 +59,12 @@ ENGINE_KEYS = (
 
 def engine_settings(rs):
     """How a model job runs (shared by sft, the reference pass and dpo); resources.nodes only above 1 (it sets
-    the threads per process and the hsdp mesh), so runs made before it existed keep their outputs."""
+    the threads per process and the hsdp mesh), so runs made before it existed keep their outputs.
+    """
     nodes = rs.resources.nodes
-    return {k: getattr(rs.dpo, k) for k in ENGINE_KEYS} | ({"nodes": nodes} if nodes > 1 else {})
+    return {k: getattr(rs.dpo, k) for k in ENGINE_KEYS} | (
+        {"nodes": nodes} if nodes > 1 else {}
+    )
 
 
 def planned(stage, key):

@@ -53,7 +53,11 @@ rule dpo:
         gpu=planned("dpo", "gpus"),
         mem_mb=planned("dpo", "mem_mb"),
     params:
-        dpo=lambda w: {**RS[w.run].dpo.rule_params(), **WITH_LOAD, **engine_settings(RS[w.run])},
+        dpo=lambda w: {
+            **RS[w.run].dpo.rule_params(),
+            **WITH_LOAD,
+            **engine_settings(RS[w.run]),
+        },
         seed=lambda w: RS[w.run].seed,
         threads=THREADS,  # float order: the numbers depend on it
         code=code("dpo"),
