@@ -405,7 +405,7 @@ def test_cli_prints_the_plan(tmp_path):
     plans = json.loads(j.stdout)["runs"]
     res = plans["k1"]["dpo"]["resources"]
     # each process reads only its shards, straight to its GPU: the host holds no copy of the weights
-    assert res["gpus"] == 4 and res["cpus"] == 8 and res["mem_mb"] == 4 * memory.HOST_SLACK_MB + memory.HOST_BASE_MB
+    assert res["gpus"] == 4 and res["cpus"] == 8 and res["mem_mb"] < 32_000  # less than one fp32 copy of 8B
     assert plans["k1"]["sft"]["resources"]["gpus"] == 0
     ddp = subprocess.run(args + ["--configfile", str(ddp_keys(tmp_path)), "--json"], env=env, capture_output=True,
                          text=True, cwd=tmp_path, timeout=60)
