@@ -53,30 +53,21 @@ for n in "${NODES[@]}"; do install -d -m 0755 $D/spool/$n; echo "${IP[$n]} $n" >
 
 # RealMemory: each slurmd sees the whole machine; 11 GB each keeps both within it and fits the plan's
 # per-node host memory of a 2-process tiny job
+# what does not depend on the hosts (authentication, process tracking, scheduling, no accounting) is the
+# one-node cluster's, read from its slurm.conf, so the two clusters schedule alike
+SHARED='^(SlurmUser|AuthType|ProctrackType|TaskPlugin|ReturnToService|SchedulerType|SelectType|SelectTypeParameters|DefMemPerCPU|AccountingStorageType|JobAcctGatherType|JobCompType|MpiDefault)='
 cat > $CONF.new <<CONF
 ClusterName=twonode
 SlurmctldHost=tnctl($NET.1)
 SlurmctldPort=7817
 SlurmdPort=7818
 SrunPortRange=60001-63000
-SlurmUser=slurm
-AuthType=auth/munge
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-ReturnToService=2
 MinJobAge=600
+$(grep -E "$SHARED" /etc/slurm/slurm.conf)
 SlurmctldPidFile=$D/run/slurmctld.pid
 SlurmdPidFile=$D/run/slurmd.%n.pid
 SlurmdSpoolDir=$D/spool/%n
 StateSaveLocation=$D/state
-SchedulerType=sched/backfill
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core_Memory
-DefMemPerCPU=100
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/none
-MpiDefault=none
 SlurmctldLogFile=$D/log/slurmctld.log
 SlurmdLogFile=$D/log/slurmd.%n.log
 $(for n in "${NODES[@]}"; do echo "NodeName=$n NodeAddr=${IP[$n]} NodeHostname=$n CPUs=2 Boards=1 SocketsPerBoard=1 CoresPerSocket=2 ThreadsPerCore=1 RealMemory=11000 State=UNKNOWN"; done)
