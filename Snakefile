@@ -3,6 +3,7 @@
 import sys
 from pathlib import Path
 
+from snakemake.logging import logger
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -15,14 +16,20 @@ from dpogen.config import (  # noqa: E402
     base_settings,
     group_label,
     load,
+    read_yaml,
     replicate,
     runs,
     sweep_label,
     sweep_title,
 )
 from dpogen.data.inputs import data_files  # noqa: E402
+from dpogen.intact import damage, damaged_folders, rebuild, refusal, stale  # noqa: E402
 from dpogen.plan.memory import check as check_plan  # noqa: E402
 from dpogen.settings import THEORY_FROM_DPO  # noqa: E402
+
+# a YAML error in the workflow's config names its line and column (Snakemake's reading would not); files given
+# with --configfile Snakemake reads before this file runs: --verbose shows where such a file is broken
+read_yaml(REPO / "config" / "config.yaml")
 
 
 configfile: str(REPO / "config" / "config.yaml")
@@ -48,6 +55,21 @@ onstart:
             f"(--workflow-profile profiles/slurm); this run uses {workflow.executor_plugin.name}: "
             "set resources.nodes: 1"
         )
+    # every input a job is about to read, made by a job that is not rerun, checked before any job removes
+    # its outputs: a damaged one stops the run naming the rule that makes it and the command
+    dag = workflow.dag
+    bad = {}
+    for job in dag.needrun_jobs():
+        if not job.output:  # rule all: removes nothing
+            continue
+        for dep, files in dag.dependencies[job].items():
+            if not dag.needrun(dep):
+                for f in files:
+                    why = f not in bad and damage(f)
+                    if why:
+                        bad[f] = (f, dep.rule.name, why)
+    if bad:
+        raise WorkflowError(refusal(list(bad.values()), CONFIGFILES))
 
 
 EXP = SETTINGS.experiment
@@ -81,16 +103,17 @@ include: "rules/theory.smk"
 include: "rules/report.smk"
 
 
+# Every output of every run is asked for, so a plain rerun rebuilds whatever was deleted, and what depends
+# on it. A folder missing a part or holding a damaged one (a margins partition against the manifest in its
+# run.json, a model without its weights), which Snakemake cannot see, is remade as if it were deleted.
+EVERY = every_output()
+if workflow.is_main_process:
+    remake_damaged_folders(EVERY)
+
+
 rule all:
     default_target: True
     input:
-        f"{OUT}/summary.csv",
-        f"{OUT}/summary.parquet",
-        f"{OUT}/fit.csv",
-        f"{OUT}/summary.md",
-        f"{OUT}/margins_by_run.png",
-        f"{OUT}/error_vs_k.png",
-        # a K x Q grid: the scaling study (smallest Q per K at the target test error, beside the v5 bound)
-        [f"{OUT}/scaling.csv", f"{OUT}/scaling.png"] if SCALING else [],
-        # theory.attribution_check: leave-one-concept-out retraining against the attribution
-        [f"{OUT}/attribution_check.csv"] if CHECK_ATTRIBUTION else [],
+        # the summaries and figures across the sweep (with theory.attribution_check its check, with a K x Q
+        # grid the scaling study), and under them every run's data, models, margins, theory and report
+        list(EVERY),

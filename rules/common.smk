@@ -14,6 +14,8 @@ CHECKS_DATA = MODEL.source == "scratch" and SETTINGS.data.source in (
     "hf",
 )
 THREADS = SETTINGS.threads.train
+# the config files given on the command line, for the commands the workflow prints
+CONFIGFILES = [str(f) for f in workflow.config_settings.configfiles]
 
 
 def base_key(run):
@@ -144,3 +146,37 @@ def code(rule):
 def vector(*pngs):
     """The PDF and SVG a figure is saved as beside each PNG (dpogen.report.figures.VECTOR)."""
     return [png[: -len(".png")] + ext for png in pngs for ext in (".pdf", ".svg")]
+
+
+def every_output():
+    """The outputs of every rule the experiment uses, for each of its runs and base models → the rule."""
+    per_run = [rules.data, rules.sft, rules.ref_logps, rules.dpo, rules.theory]
+    per_run += [rules.run_report] + (
+        [rules.attribution_check] if CHECK_ATTRIBUTION else []
+    )
+    once = [rules.summary] + ([rules.scaling] if SCALING else [])
+    once += [rules.check_data] if CHECKS_DATA else []
+    out = {f: r for r in per_run for o in r.output for f in expand(o, run=RUNS)}
+    out |= {f: r for r in once for f in r.output}
+    if BUILDS_BASE:
+        out |= {
+            f: rules.base_model for f in expand(rules.base_model.output[0], base=BASES)
+        }
+    return out
+
+
+def remake_damaged_folders(outputs):
+    """A folder output missing a part or holding a damaged one (dpogen.intact), which Snakemake cannot see, is
+    made stale: its timestamp set back, so the rule that makes it reruns (its files are left as they are).
+    Where its maker has no inputs (the synthetic data's base model) that cannot work, and the command to
+    run is printed instead."""
+    for path, why in damaged_folders(outputs).items():
+        maker = outputs[path]
+        if list(maker.input):
+            stale(path)
+            logger.warning(f"{path}: {why}; rule {maker.rule.name} makes it again")
+        else:
+            logger.warning(
+                f"{path}: {why}; to make it again ({maker.rule.name}), "
+                + rebuild(path, CONFIGFILES)
+            )

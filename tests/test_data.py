@@ -320,6 +320,29 @@ def test_a_null_concept_is_named(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_concept_of_the_wrong_type_is_refused_by_the_check(tmp_path):
+    """An id among names (an integer where the other rows have strings), or a float, is refused by the check
+    that runs before any model is built, naming each row; a column of integer ids alone is read as names."""
+    recs = records()
+    recs[2]["topic"], recs[9]["topic"] = 3, 1.5
+    path = write_jsonl(tmp_path / "t.jsonl", recs)
+    cfg = base_cfg(files={"paths": [str(path)]}, columns={"concept": "topic"})
+    with pytest.raises(D.DataError) as e:
+        D.check_source(cfg)
+    assert str(e.value).splitlines() == [
+        "2 bad rows:", f"  {path}: line 3, field 'topic' (data.columns.concept): expected a string, got int (3)",
+        f"  {path}: line 10, field 'topic' (data.columns.concept): expected a string, got float (1.5)"]
+    write_jsonl(path, [{**r, "topic": i % 2} for i, r in enumerate(records())])
+    assert D.check_source(cfg)["pairs_per_concept"] == {"0": 8, "1": 8}
+
+
+def test_bad_rows_are_counted_over_every_concept(tmp_path):
+    """A column wrong in every row is reported with the count of all of them, not one concept's."""
+    path = write_jsonl(tmp_path / "w.jsonl", [{**r, "chosen": 5} for r in records()])
+    with pytest.raises(D.DataError, match=r"^16 bad rows"):
+        D.check_source(base_cfg(files={"paths": [str(path)]}, columns={"concept": "topic"}))
+
+
 def test_format_auto_reads_every_row_not_the_first(tmp_path):
     """One message list among strings (or the reverse) is an error naming both rows, never a silent flip."""
     recs = records()

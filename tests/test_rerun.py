@@ -221,3 +221,96 @@ def test_rerun_on_code_false_keeps_results_of_older_code_and_the_summary_names_t
     assert cells["run"] == "k2" and cells["theory"].endswith("*") and cells["run_report"].endswith("*"), table
     assert not cells["data"].endswith("*") and not cells["dpo"].endswith("*"), table
     assert wf["plan"]() == {}  # the code is back: nothing is stale
+
+
+# ----------------------------------------------------------------- outputs a user deletes or damages
+
+
+@pytest.fixture
+def work(wf, tmp_path):
+    """A copy of the finished run's work folder (results and Snakemake's records), to delete or damage in;
+    its plan: rule → jobs of a dry run there."""
+    import shutil
+
+    copy = tmp_path / "work"
+    shutil.copytree(wf["work"], copy, symlinks=True)
+    args = ("--configfile", str(wf["work"] / "one.yaml"))
+    return {"dir": copy, "run": copy / "results" / "tiny" / "k2", "args": args,
+            "plan": lambda *more: planned_jobs(wf["repo"], copy, *args, *more)}
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _partition(run, step):
+    return run / "dpo" / "margins.parquet" / f"step={step}"
+
+
+DELETED = [  # what is deleted or damaged in run k2, the first rule that makes it again
+    ("dpo/margins.parquet", "rm", "dpo"),
+    ("dpo/margins.parquet/step=2", "rm", "dpo"),
+    ("dpo/margins.parquet/step=2/part-0.parquet", "truncate", "dpo"),
+    ("sft/model.safetensors", "rm", "sft"),
+    ("theory/bounds.parquet", "rm", "theory"),
+    ("report/dynamics.png", "rm", "run_report"),
+    ("dpo/features/step=*.npy", "rm", "dpo"),
+]
+
+
+@pytest.mark.parametrize("path,how,rule", DELETED, ids=[f"{h} {p}" for p, h, _ in DELETED])
+def test_a_deleted_or_damaged_output_is_rebuilt_with_what_depends_on_it(wf, work, path, how, rule):
+    """Every output of every run is in the default target; a folder missing a part or holding a damaged one
+    (checked against the dpo manifest, or for a model's weights) is remade as if deleted. Nothing else."""
+    import shutil
+
+    target = next(work["run"].glob(path), None)
+    assert target is not None, path
+    if how == "truncate":
+        _truncate(target)
+    elif target.is_dir():
+        shutil.rmtree(target)
+    else:
+        target.unlink()
+    assert work["plan"]() == _downstream(wf, {rule})
+
+
+def test_a_deleted_partition_is_rebuilt_bit_for_bit(wf, work):
+    """The real rerun: the partition comes back with the checksum the manifest recorded, and then nothing is
+    left to do."""
+    import json
+    import shutil
+
+    from dpogen.tables import partition_digest
+
+    manifest = json.loads((work["run"] / "dpo" / "run.json").read_text())["checkpoint_manifest"]
+    step = manifest[1]["step"]
+    shutil.rmtree(_partition(work["run"], step))
+    p = snakemake(wf["repo"], work["dir"], *work["args"])
+    assert "checkpoint step" in p.stderr and "is missing" in p.stderr, p.stderr[-3000:]
+    assert partition_digest(_partition(work["run"], step)) == manifest[1]["sha256"]
+    assert work["plan"]() == {}
+
+
+def test_a_damaged_input_stops_the_run_before_any_output_is_touched(wf, work):
+    """A truncated reference table is newer than the dpo outputs, so Snakemake schedules dpo; the run stops
+    before any job, naming the file, the rule that makes it and the command, and dpo's outputs stay as they
+    were. The command then plans that rule and what follows it."""
+    from dpogen.tables import partition_digest
+
+    ref = work["run"] / "dpo" / "ref_logps.parquet"
+    dpo_files = [work["run"] / "dpo" / n for n in ("run.json", "metrics.parquet", "batch_margins.parquet")]
+    before = {f: f.read_bytes() for f in dpo_files}
+    parts = {q: partition_digest(q) for q in (work["run"] / "dpo" / "margins.parquet").glob("step=*")}
+    _truncate(ref)
+    assert work["plan"]().get("dpo") == 1
+    p = snakemake(wf["repo"], work["dir"], *work["args"], check=False)
+    text = p.stdout + p.stderr
+    assert p.returncode != 0
+    assert f"{ref.relative_to(work['dir'])} is damaged: not a Parquet file, or truncated" in text, text[-3000:]
+    assert "rule ref_logps makes it" in text and "nothing was run" in text, text[-3000:]
+    assert {f: f.read_bytes() for f in dpo_files} == before
+    assert {q: partition_digest(q) for q in parts} == parts
+    command = re.search(r"^ +snakemake --cores 2 (--configfile .*)$", text, re.M).group(1).split()
+    assert command == [*work["args"], "--forcerun", str(ref.relative_to(work["dir"]))]
+    assert planned_jobs(wf["repo"], work["dir"], *command) == _downstream(wf, {"ref_logps"})

@@ -130,7 +130,7 @@ def test_a_missing_or_damaged_checkpoint_stops_every_reader(tmp_path, tiny_model
     part = next((folder / "step=6").glob("*.parquet"))
     data = part.read_bytes()
     part.write_bytes(data[: len(data) // 2])  # truncated
-    with pytest.raises(tables.MarginsError, match=r"checkpoint step 6 is damaged.*snakemake --cores 2 --force"):
+    with pytest.raises(tables.MarginsError, match=r"checkpoint step 6 is damaged.*rerun the workflow with --forcerun"):
         tables.read_margins(folder)
     part.write_bytes(data)
     pd.testing.assert_frame_equal(tables.read_margins(folder), whole)
@@ -371,3 +371,112 @@ def test_library_info_lines_stay_out_of_the_console(tmp_path, capsys):
     assert "subsetting not needed" not in err and "a font problem" in err and "dpo step 1/2" in err
     assert "subsetting not needed" in (tmp_path / "job.log").read_text()
     logging.basicConfig(force=True, handlers=[logging.NullHandler()])
+
+
+def _whole_outputs(folder):
+    """One finished output of each kind the workflow writes, as its writers write them."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    pd.DataFrame({"a": np.arange(50)}).to_parquet(folder / "t.parquet")
+    np.save(folder / "f.npy", np.ones((20, 8), dtype=np.float32))
+    model = folder / "model"
+    model.mkdir()
+    save_file({"w": torch.ones(16, 16), "b": torch.zeros(16)}, str(model / "model.safetensors"))
+    (model / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    features = folder / "features"
+    features.mkdir()
+    np.save(features / "step=4.npy", np.zeros((3, 2)))
+    (features / "index.json").write_text(json.dumps({"steps": [4]}))
+    return folder
+
+
+@pytest.mark.parametrize("name,needle", [
+    ("t.parquet", "not a Parquet file, or truncated"), ("f.npy", "truncated or padded"),
+    ("model", "model.safetensors: truncated or padded"), ("features", "step=4.npy: truncated or padded")])
+def test_a_truncated_output_is_told_from_a_whole_one(tmp_path, name, needle):
+    """dpogen.intact, on the files the writers make: whole ones pass, each loses its last bytes and is named."""
+    from dpogen.intact import damage
+
+    out = _whole_outputs(tmp_path / "out")
+    assert damage(out / name) is None
+    path = out / name
+    if path.is_dir():
+        path = next(p for p in sorted(path.iterdir()) if p.suffix in (".npy", ".safetensors"))
+    path.write_bytes(path.read_bytes()[:-10])
+    assert needle in damage(out / name)
+
+
+def test_a_folder_missing_a_part_is_told(tmp_path):
+    from dpogen.intact import damage
+
+    out = _whole_outputs(tmp_path / "out")
+    (out / "model" / "model.safetensors").unlink()
+    assert damage(out / "model").startswith("no weights")
+    (out / "features" / "step=4.npy").unlink()
+    assert damage(out / "features") == "step=4.npy is missing (index.json lists 1 steps)"
+
+
+def test_a_damaged_partition_is_told_cheaply_by_size_and_by_checksum_once_rewritten(tmp_path, tiny_model_dir, small):
+    """The quick check the workflow makes at every invocation: a truncated partition by its size; one
+    rewritten at the same size (a byte flipped) by its checksum, since it is newer than run.json."""
+    import shutil
+
+    out = _run(tmp_path, tiny_model_dir, small, lr=1e-3)
+    folder = out / "margins"
+    assert tables.margins_damage(folder, quick=True) is None
+    (folder / "step=6" / ".DS_Store").write_bytes(b"\0" * 10)  # what a file browser leaves: not damage
+    assert tables.margins_damage(folder, quick=True) is None and tables.margins_damage(folder) is None
+    shutil.copytree(folder / "step=6", folder / "step=6 copy")  # but a reader would take this for a partition
+    assert tables.margins_damage(folder, quick=True).startswith("step=6 copy is not a checkpoint partition")
+    shutil.rmtree(folder / "step=6 copy")
+    part = next((folder / "step=6").glob("*.parquet"))
+    data = part.read_bytes()
+    part.write_bytes(data[:-1])
+    assert "step 6 is damaged (its size differs" in tables.margins_damage(folder, quick=True)
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0xFF
+    part.write_bytes(bytes(flipped))
+    assert "step 6 is damaged (its checksum differs" in tables.margins_damage(folder, quick=True)
+
+
+def test_a_yaml_error_names_the_file_line_and_column(tmp_path):
+    """The workflow's own config broken by an edit: the run stops before any job naming where; a file read
+    through dpogen.config (the plan, a stage outside Snakemake) too."""
+    from dpogen.config import load_config
+    from tests.conftest import copy_repo
+    from tests.workflow_util import snakemake
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dpo:\n  beta: [0.1\n  lr: 1\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml, line 3, column 5: not valid YAML: expected ',' or ']', but "
+                                          r"got ':' \(while parsing a flow sequence, from line 2\)"):
+        load_config([str(bad)])
+    repo = copy_repo(tmp_path / "repo")
+    cfg = repo / "config" / "config.yaml"
+    cfg.write_text(cfg.read_text().replace("dpo:\n", "dpo:\n  beta: 0.1: 2\n", 1))
+    line = cfg.read_text().splitlines().index("  beta: 0.1: 2") + 1
+    p = snakemake(repo, tmp_path, "--dry-run", check=False)
+    assert p.returncode != 0
+    assert f"config.yaml, line {line}, column 12: not valid YAML: mapping values are not allowed here" in p.stdout, \
+        p.stdout[-2000:]
+
+
+def test_a_failed_process_traceback_reaches_the_attempts_log(tmp_path):
+    """Processes launched for a job write into the job's log; when they fail, their output (the traceback)
+    is copied into the attempts log, which Snakemake's retry does not delete."""
+    import subprocess
+
+    from dpogen.launch import launch
+
+    log, history = tmp_path / "dpo" / "k1.log", tmp_path / "dpo" / "k1.attempts.log"
+    log.parent.mkdir()
+    history.write_text("an earlier attempt\n")
+    with pytest.raises(subprocess.CalledProcessError):
+        launch("json:loads", {"s": "{not json"}, 2, log_path=str(log))
+    kept = history.read_text()
+    assert kept.startswith("an earlier attempt\n") and "--- the processes' output ---" in kept
+    assert "json.decoder.JSONDecodeError" in kept and "Traceback" in kept, kept[-2000:]

@@ -49,12 +49,29 @@ def merge(base: dict, over: dict) -> dict:
 
 
 
-def load_config(files: list[str], default: str | Path = DEFAULT_CONFIG) -> dict:
+def read_yaml(path) -> dict:
+    """A config file's mapping; a YAML error names the file, line and column (1-based) and what the parser
+    expected, where Snakemake's own reading says only "not valid JSON or YAML"."""
     import yaml
 
-    cfg = yaml.safe_load(Path(default).read_text())
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        at = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        context = f" ({e.context}, from line {e.context_mark.line + 1})" if e.context and e.context_mark else ""
+        raise ConfigError(f"{path}{at}: not valid YAML: {e.problem}{context}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:  # a character YAML does not allow, bytes not UTF-8
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file holds keys at its top level, not a {type(data).__name__}")
+    return data or {}
+
+
+def load_config(files: list[str], default: str | Path = DEFAULT_CONFIG) -> dict:
+    cfg = read_yaml(default)
     for f in files:
-        cfg = merge(cfg, yaml.safe_load(Path(f).read_text()) or {})
+        cfg = merge(cfg, read_yaml(f))
     return normalize(cfg)
 
 

@@ -69,11 +69,23 @@ def accelerate_command(job_file: str, processes: int) -> list[str]:
 
 
 def _run(cmd: list[str], env: dict, log_path: str | None) -> None:
-    if log_path:
-        with open(log_path, "a") as out:
-            subprocess.run(cmd, check=True, env=env, stdout=out, stderr=subprocess.STDOUT)
-    else:
+    """Run the launcher with its processes' output appended to the job's log; when it fails, that output (their
+    tracebacks) is copied into the attempts log too, which outlives the job's log when Snakemake retries."""
+    if not log_path:
         subprocess.run(cmd, check=True, env=env)
+        return
+    from .training import attempts_path
+
+    start = os.path.getsize(log_path) if os.path.exists(log_path) else 0
+    with open(log_path, "a") as out:
+        p = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    if p.returncode:
+        history = attempts_path(log_path)
+        if os.path.exists(history):
+            with open(log_path, "rb") as f, open(history, "ab") as out:
+                f.seek(max(start, os.path.getsize(log_path) - (4 << 20)))  # its last 4 MiB at most
+                out.write(b"--- the processes' output ---\n" + f.read() + b"--- end of the processes' output ---\n")
+        raise subprocess.CalledProcessError(p.returncode, cmd)
 
 
 # ------------------------------------------------------------------------------------------ several nodes

@@ -295,53 +295,100 @@ class MarginsError(ValueError):
     pass
 
 
+def _part_files(part) -> list[Path]:
+    """A partition's files in name order, without hidden ones (``.DS_Store``, ``._x``, ``.nfs...``), which no
+    writer makes and Parquet readers skip."""
+    return sorted(f for f in Path(part).iterdir() if not f.name.startswith("."))
+
+
 def partition_digest(part) -> str:
     """SHA-256 over the files of one checkpoint partition (``step=<n>/``), in name order."""
     import hashlib
 
     h = hashlib.sha256()
-    for f in sorted(Path(part).iterdir()):
+    for f in _part_files(part):
         h.update(f.name.encode())
         h.update(f.read_bytes())
     return h.hexdigest()
 
 
-def margins_manifest(folder) -> list[dict]:
-    """What the dpo stage writes into run.json: each checkpoint's step, row count and checksum."""
-    import pyarrow.parquet as pq
+def _steps(folder) -> dict[str, int | None]:
+    """The entries of a margins folder a Parquet reader would take for partitions → their step (None: a name
+    that is not ``step=<integer>``, such as a copy ``step=5 copy``)."""
+    import re
 
-    out = []
-    for part in sorted(Path(folder).glob("step=*"), key=lambda q: int(q.name.split("=")[1])):
-        rows = sum(pq.ParquetFile(f).metadata.num_rows for f in part.glob("*.parquet"))
-        out.append({"step": int(part.name.split("=")[1]), "rows": int(rows), "sha256": partition_digest(part)})
+    out = {}
+    for q in Path(folder).iterdir():
+        if not q.name.startswith((".", "_")):
+            m = re.fullmatch(r"step=(\d+)", q.name)
+            out[q.name] = int(m.group(1)) if m and q.is_dir() else None
     return out
 
 
-def check_margins(folder) -> None:
-    """The margins folder against the manifest in the run.json beside it: a checkpoint missing, added or
-    damaged stops the reader with the step and the command that rebuilds the folder."""
+def margins_manifest(folder) -> list[dict]:
+    """What the dpo stage writes into run.json: each checkpoint's step, row count, size in bytes and checksum."""
+    import pyarrow.parquet as pq
+
+    out = []
+    for step in sorted(s for s in _steps(folder).values() if s is not None):
+        files = _part_files(Path(folder) / f"step={step}")
+        rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files if f.suffix == ".parquet")
+        out.append({"step": step, "rows": int(rows), "bytes": sum(f.stat().st_size for f in files),
+                    "sha256": partition_digest(Path(folder) / f"step={step}")})
+    return out
+
+
+def margins_damage(folder, quick: bool = False) -> str | None:
+    """What is wrong with a margins folder against the manifest in the run.json beside it (None: whole, or no
+    manifest to tell). ``quick`` (the workflow, at every invocation): the partitions listed, their sizes, and
+    the checksum only of a partition whose files are newer than run.json, after which their times are set to
+    run.json's (a copy made without keeping times is hashed once, not at every invocation); else every
+    checksum (the readers)."""
     import json
+    import os
 
     folder = Path(folder)
     info = folder.parent / "run.json"
     if not info.exists():
-        return
-    manifest = json.loads(info.read_text()).get("checkpoint_manifest")
+        return None
+    try:
+        manifest = json.loads(info.read_text()).get("checkpoint_manifest")
+    except ValueError:
+        return f"{info} is not valid JSON"
     if manifest is None:
-        return
-    rebuild = f"rebuild it with: snakemake --cores 2 --force {folder}"
-    present = {int(q.name.split("=")[1]) for q in folder.glob("step=*")} if folder.is_dir() else set()
-    listed = {m["step"] for m in manifest}
+        return None
+    entries = _steps(folder) if folder.is_dir() else {}
+    odd = sorted(name for name, step in entries.items() if step is None)
+    if odd:
+        return f"{odd[0]} is not a checkpoint partition (step=<n>); readers would take it for one"
+    present, listed = set(entries.values()), {m["step"] for m in manifest}
     if listed - present:
-        raise MarginsError(f"{folder}: checkpoint step {min(listed - present)} is missing ({info} lists "
-                           f"{len(listed)} checkpoints); {rebuild}")
+        return f"checkpoint step {min(listed - present)} is missing ({info} lists {len(listed)} checkpoints)"
     if present - listed:
-        raise MarginsError(f"{folder}: step={min(present - listed)} is not one of the checkpoints "
-                           f"{info} lists; {rebuild}")
+        return f"step={min(present - listed)} is not one of the checkpoints {info} lists"
+    written = info.stat().st_mtime
     for m in manifest:
-        if partition_digest(folder / f"step={m['step']}") != m["sha256"]:
-            raise MarginsError(f"{folder}: checkpoint step {m['step']} is damaged (its checksum differs from "
-                               f"{info}); {rebuild}")
+        part = folder / f"step={m['step']}"
+        files = _part_files(part) if quick else []
+        if quick:
+            stats = [f.stat() for f in files]
+            if "bytes" in m and sum(st.st_size for st in stats) != m["bytes"]:
+                return f"checkpoint step {m['step']} is damaged (its size differs from {info})"
+            if all(st.st_mtime <= written for st in stats):
+                continue
+        if partition_digest(part) != m["sha256"]:
+            return f"checkpoint step {m['step']} is damaged (its checksum differs from {info})"
+        for f in files:  # verified: not hashed again by the next quick check
+            os.utime(f, (written, written))
+    return None
+
+
+def check_margins(folder) -> None:
+    """The margins folder against its manifest, every checksum: a checkpoint missing, added or damaged stops
+    the reader with the step and how to rebuild the folder."""
+    why = margins_damage(folder)
+    if why:
+        raise MarginsError(f"{folder}: {why}; rebuild it: rerun the workflow with --forcerun {folder}")
 
 
 def read_margins(folder) -> pd.DataFrame:

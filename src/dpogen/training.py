@@ -68,6 +68,11 @@ class Progress:
                  self.rate(), self.elapsed(), left)
 
 
+def attempts_path(log_path: str) -> str:
+    """The attempts log beside a job's log (``logs/dpo/k2.log`` → ``logs/dpo/k2.attempts.log``)."""
+    return f"{log_path[:-4] if log_path.endswith('.log') else log_path}.attempts.log"
+
+
 def setup_logging(path: str | None = None, history: str | None = None) -> None:
     """Log to stderr and ``path``; with ``history``, also append to that file, which Snakemake does not
     own: the log of a failed or killed attempt stays there beside the new attempt's."""

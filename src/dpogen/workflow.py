@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from pathlib import Path
 
-from .training import setup_logging
+from .training import attempts_path, setup_logging
 
 
 MODEL_RULES = ("sft", "ref_logps", "dpo", "attribution_check")
@@ -29,7 +30,7 @@ def compute_threads(snakemake) -> int:
 def job(snakemake):
     """Log to the rule's log file, use the rule's threads, and record any error in the log before raising."""
     path = snakemake.log[0] if snakemake.log else None
-    setup_logging(path, history=f"{path[:-4] if path.endswith('.log') else path}.attempts.log" if path else None)
+    setup_logging(path, history=attempts_path(path) if path else None)
     log = logging.getLogger("dpogen")
     log.info("=== attempt started (pid %d) ===", os.getpid())
     threads = compute_threads(snakemake)
@@ -46,9 +47,25 @@ def job(snakemake):
         if isinstance(e, _user_errors()):  # the input's fault, said in full: no traceback to read through
             log.error("rule %s failed: %s", snakemake.rule, e)
             raise SystemExit(f"rule {snakemake.rule} failed: {e}") from None
-        log.exception("rule %s failed", snakemake.rule)
+        log.exception("rule %s failed%s", snakemake.rule, _damaged_input(snakemake))
         raise
     record_code(snakemake)
+
+
+def _damaged_input(snakemake) -> str:
+    """When a job fails, its first input that is not whole (dpogen.intact), with the command that rebuilds it."""
+    from .intact import damage, rebuild
+
+    for path in snakemake.input:
+        if Path(path).parts[:1] != ("results",):  # the workflow's own outputs, not the user's data
+            continue
+        try:
+            why = damage(path)
+        except Exception:  # never in the way of the error being reported
+            continue
+        if why:
+            return f"; its input {path} is damaged ({why}): {rebuild(path)}"
+    return ""
 
 
 def settings_of(snakemake, replicate: int | None = None):

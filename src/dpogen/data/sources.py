@@ -401,8 +401,24 @@ def _concepts(df: pd.DataFrame, cfg: Data) -> list[str]:
         if len(missing):
             raise DataError(f"{_where(df, int(missing[0]))}, field '{ccol}' (data.columns.concept): missing value; "
                             "every pair needs a concept")
-        return list(df[ccol].astype(str))
+        return _concept_names(df, ccol)
     return [cfg.concept_name or "all"] * len(df)
+
+
+def _concept_names(df: pd.DataFrame, ccol: str) -> list[str]:
+    """The concept column as names: strings, or integer ids when every value is one (topic 0, 1, ...); any other
+    value (a float, a list, a bool, an id among names) is refused naming its rows, as the other fields are."""
+    values = df[ccol].tolist()
+    ints = [isinstance(v, int) and not isinstance(v, bool) for v in values]
+    if all(ints):
+        return [str(v) for v in values]
+    bad = [i for i, v in enumerate(values) if not isinstance(v, str)]
+    if bad:
+        lines = [f"{_where(df, i)}, field '{ccol}' (data.columns.concept): expected a string, got "
+                 f"{type(values[i]).__name__} ({values[i]!r})" for i in bad[:20]]
+        raise DataError(lines[0] if len(bad) == 1 else f"{len(bad)} bad rows" + (" (the first 20)" if len(bad) > 20
+                        else "") + ":\n  " + "\n  ".join(lines))
+    return values
 
 
 def derived_clusters(pairs: pd.DataFrame) -> list[int]:

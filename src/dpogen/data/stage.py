@@ -300,23 +300,21 @@ def _concept_frames(cfg: Data, k: int | None, tokenizer) -> tuple[list[pd.DataFr
         folder = sources.resolve_persona_folder(p.path)
         names = p.names or (sources.persona_set(sources.persona_names(folder), k, p.seed) if k
                                     else sources.persona_names(folder))
-        frames = sources.load_persona(folder, names)
+        pairs = validate_pairs(pd.concat(sources.load_persona(folder, names), ignore_index=True), source,
+                               PERSONA_KEYS)
         info = {"personas": names, "persona_path": str(folder)}
     elif source in ("hf", "files"):
-        raw = _read_source(cfg)
-        pairs = sources.to_pairs(raw, cfg, tokenizer)
+        raw = sources.to_pairs(_read_source(cfg), cfg, tokenizer)
+        pairs = validate_pairs(raw, source, raw.attrs.get("keys"))  # every row of every concept, counted once
         names = concept_set(sorted(pairs["concept"].unique()), k, cfg.persona.seed)
-        frames = [pairs[pairs["concept"] == c].reset_index(drop=True) for c in names]
         info = {"concepts": names, "cluster_plus_one": sources.cluster_answers(pairs[pairs["concept"].isin(names)])}
-        if pairs.attrs.get("expanded", {}).get("rows"):
-            info["expanded_lists"] = pairs.attrs["expanded"]
+        if raw.attrs.get("expanded", {}).get("rows"):
+            info["expanded_lists"] = raw.attrs["expanded"]
         if source == "hf" and sources.is_hub_dataset(cfg.hf.path):
             info["hf_revision"] = cfg.hf.revision  # the commit it was read at (pin_hf_revision)
-        keys = pairs.attrs.get("keys")
-        return [validate_pairs(f, source, keys) for f in frames], info
     else:
         raise DataError(f"data.source: unknown source {source!r}")
-    return [validate_pairs(f, source, PERSONA_KEYS) for f in frames], info
+    return [pairs[pairs["concept"] == c].reset_index(drop=True) for c in names], info
 
 
 PERSONA_KEYS = {"prompt": "question", "chosen": "answer_matching_behavior", "rejected": "answer_not_matching_behavior"}
