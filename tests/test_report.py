@@ -228,3 +228,83 @@ def test_interference_against_k_names_the_attribution_even_after_a_csv_round_tri
     figures.plot_interference_vs_k(back, tmp_path / "i.png")
     svg = (tmp_path / "i.svg").read_text()
     assert "from other concepts' training pairs (TracIn)" in svg
+
+
+@pytest.fixture
+def kept_figures(monkeypatch):
+    """The figures the plot functions make, kept open after they are saved (save_fig closes them)."""
+    import matplotlib.pyplot as plt
+
+    kept = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: kept.append(fig))
+    return kept
+
+
+def _points_under_legends(fig) -> int:
+    """Plotted points (line vertices, scatter points) inside any legend's box, in display coordinates."""
+    fig.canvas.draw()
+    n = 0
+    for ax in fig.axes:
+        legend = ax.get_legend()
+        if legend is None:
+            continue
+        box = legend.get_window_extent()
+        plain = lambda xy: np.ma.filled(np.ma.asarray(xy, dtype=float), np.nan)  # noqa: E731
+        pts = [line.get_transform().transform(plain(np.column_stack(line.get_data()))) for line in ax.get_lines()]
+        pts += [c.get_offset_transform().transform(plain(c.get_offsets())) for c in ax.collections
+                if hasattr(c, "get_sizes") and len(c.get_sizes())]
+        for p in pts:
+            p = p[np.isfinite(p).all(axis=1)]
+            n += int(((p[:, 0] > box.x0) & (p[:, 0] < box.x1) & (p[:, 1] > box.y0) & (p[:, 1] < box.y1)).sum())
+    return n
+
+
+def test_figures_a_reader_trusts_at_a_glance(tmp_path, kept_figures):
+    """Legends never over the data; step 0's error (1 by definition) out of the error axis, which says so;
+    the geometry of one concept without a cosine between concepts and of a readable size; concept names
+    whole in the pair map; the uniform (K−1)/K line beside the cross-concept shares."""
+    import matplotlib.image as mpimg
+
+    from dpogen.report.pairmap import pair_map
+
+    steps = np.arange(0, 110, 10)
+    grow = steps / 100
+    s = pd.DataFrame({"step": steps, "train_margin_mean": 1.0 * grow, "train_margin_std": 0.8 * grow,
+                      "test_margin_mean": 0.9 * grow, "test_margin_std": 0.85 * grow,
+                      "train_error": np.where(steps == 0, 1.0, 0.3 - 0.2 * grow),
+                      "test_error": np.where(steps == 0, 1.0, 0.35 - 0.2 * grow),
+                      "test_error_upper": np.where(steps == 0, 1.0, 0.45 - 0.2 * grow)})
+    figures.plot_run(s, "run k4", tmp_path / "margins.png")
+    fig = kept_figures[-1]
+    errors = fig.axes[1]
+    assert errors.get_ylim()[1] < 0.6 and "step 0 left out" in errors.get_xlabel()
+    assert all(0 not in line.get_xdata() for line in errors.get_lines())
+    assert _points_under_legends(fig) == 0
+
+    geo = pd.DataFrame([{"step": st, "quantity": q, "concept": c, "concept_b": cb, "value": v}
+                        for st in (0, 100)
+                        for q, c, cb, v in [("l_b", "", "", 1.0 - st / 200), ("v", "", "", 0.5),
+                                            ("scale", "", "", 1.0), ("cos_concepts", "", "", math.nan)]
+                        + [(q, a, b, (1.0 if a == b else 0.9) - (0.9 if q.endswith("centered") else 0))
+                           for q in ("cluster_cos_raw", "cluster_cos_centered")
+                           for a in ("c:+1", "c:-1") for b in ("c:+1", "c:-1")]])
+    figures.plot_geometry(geo, "run k1", tmp_path / "geometry.png")
+    assert "mean cos(concepts)" not in (tmp_path / "geometry.svg").read_text()
+    assert len(kept_figures[-1].axes) == 5  # two heatmaps, their colour bars, the checkpoints: no right axis
+    assert _points_under_legends(kept_figures[-1]) == 0
+    assert mpimg.imread(tmp_path / "geometry.png").shape[1] <= 3000
+
+    name = "a-concept-named-at-some-length"  # 30 characters, cut at 18 before
+    rows = [{"step": st, "split": sp, "sample_id": f"{sp}{i}", "concept": name, "cluster": 1,
+             "margin": 0.0 if st == 0 else (i - 5) * 0.1 * st / 5} for sp in ("train", "test") for i in range(12)
+            for st in (0, 5, 10)]
+    figures.plot_pair_map(pair_map(pd.DataFrame(rows), None), float("nan"), "t", tmp_path / "pm.png")
+    assert f" {name} " in (tmp_path / "pm.svg").read_text()
+    assert _points_under_legends(kept_figures[-1]) == 0
+
+    fin = _final([("k1", "k1", 1, 0.0), ("k2", "k2", 2, 0.1), ("k4", "k4", 4, 0.2), ("k8", "k8", 8, 0.3)])
+    fin["cross_concept_share"], fin["attribution"] = [0.0, 0.49, 0.74, 0.83], "TracIn"
+    figures.plot_interference_vs_k(fin, tmp_path / "i.png")
+    svg = (tmp_path / "i.svg").read_text()
+    assert "every concept contributing alike" in svg and "theory.attribution_check" in svg
+    assert _points_under_legends(kept_figures[-1]) == 0

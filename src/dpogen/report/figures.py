@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.collections import PathCollection  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -25,6 +26,11 @@ OKABE_ITO = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "
 WARN = 0.5  # a prediction off by more than this (relative) anywhere says so on its figure
 
 
+def shorten(name: str, most: int) -> str:
+    """A name of at most ``most`` characters: whole when it fits, else its start and end around an ellipsis."""
+    return name if len(name) <= most else name[: (most - 1) // 2] + "…" + name[-((most - 1) - (most - 1) // 2):]
+
+
 def ordered_colors(n: int) -> list:
     """``n`` colours ordered light to dark along viridis (perceptually ordered, colour-blind safe), for K."""
     cmap = plt.get_cmap("viridis")
@@ -36,8 +42,45 @@ def vector_paths(png) -> list[Path]:
     return [png.with_suffix(ext) for ext in VECTOR]
 
 
+def covered_points(ax, legend) -> int:
+    """How many of the axes' plotted points (line vertices, scatter points, band edges) the legend's box
+    covers, in display coordinates (the figure drawn first)."""
+    def plain(xy):  # masked entries (NaN in a scatter) as NaN
+        return np.ma.filled(np.ma.asarray(xy, dtype=float), np.nan)
+
+    box = legend.get_window_extent()
+    pts = [line.get_transform().transform(plain(np.column_stack(line.get_data()))) for line in ax.get_lines()
+           if len(line.get_xdata())]
+    for coll in ax.collections:
+        if isinstance(coll, PathCollection):  # a scatter: its points are its offsets
+            pts.append(coll.get_offset_transform().transform(plain(coll.get_offsets())))
+        else:  # bands, error bars: their outlines
+            pts += [coll.get_transform().transform(p.vertices) for p in coll.get_paths()]
+    pts = [p[np.isfinite(p).all(axis=1)] for p in pts]
+    return int(sum(((p[:, 0] >= box.x0) & (p[:, 0] <= box.x1) & (p[:, 1] >= box.y0) & (p[:, 1] <= box.y1)).sum()
+                   for p in pts if len(p)))
+
+
+def place_legends(fig) -> None:
+    """A legend that covers plotted points is moved where it covers none: matplotlib's best place inside
+    the axes, or else under them (below the axis label), where no data can be."""
+    fig.canvas.draw()
+    for ax in fig.axes:
+        legend = ax.get_legend()
+        if legend is None or not covered_points(ax, legend):
+            continue
+        legend.set_loc("best")
+        fig.canvas.draw()
+        if covered_points(ax, legend):
+            legend.set_loc("upper center")
+            legend.set_bbox_to_anchor((0.5, -0.16), transform=ax.transAxes)
+            fig.canvas.draw()
+
+
 def save_fig(fig, png) -> None:
-    """The figure as PNG (200 dpi) at ``png`` and as PDF and SVG beside it, each written atomically."""
+    """The figure as PNG (200 dpi) at ``png`` and as PDF and SVG beside it, each written atomically; a legend
+    over the data is moved beside its axes first."""
+    place_legends(fig)
     for path, fmt in [(Path(png), "png")] + [(p, p.suffix[1:]) for p in vector_paths(png)]:
         with atomic_path(path) as tmp, plt.rc_context(STYLE):  # SVG text stays text, PDF fonts embedded
             fig.savefig(tmp, format=fmt, dpi=DPI, bbox_inches="tight", metadata={"Date": None}
@@ -56,21 +99,28 @@ def plot_run(summary: pd.DataFrame, title: str, path) -> None:
         for (split, style), col in zip((("train", "-"), ("test", "--")), OKABE_ITO):
             m, sd = summary[f"{split}_margin_mean"], summary[f"{split}_margin_std"]
             ax.plot(summary["step"], m, style, color=col, marker="o", ms=3, label=f"{split} margin (mean)")
-            ax.fill_between(summary["step"], m - sd, m + sd, color=col, alpha=0.15, label=f"{split}: ±1 sd over pairs")
+            # the bands as their edges: two filled bands over each other blend into grey
+            ax.plot(summary["step"], m - sd, ":", color=col, lw=1, label=f"{split}: mean ± 1 sd over pairs")
+            ax.plot(summary["step"], m + sd, ":", color=col, lw=1)
         ax.set_xlabel("DPO step")
         ax.set_ylabel("reward margin")
         ax.legend()
         ax = axes[1]
-        ax.plot(summary["step"], summary["train_error"], "-", color=OKABE_ITO[0], marker="o", ms=3, label="train error")
-        ax.plot(summary["step"], summary["test_error"], "--", color=OKABE_ITO[1], marker="s", ms=3, label="test error")
-        ax.plot(summary["step"], summary["test_error_upper"], ":", color=OKABE_ITO[2],
+        # at step 0 every margin is exactly 0, so every pair counts as an error: the point is left out, not
+        # drawn at 1 where it would squeeze the range the errors move in
+        later = summary[summary["step"] > 0]
+        ax.plot(later["step"], later["train_error"], "-", color=OKABE_ITO[0], marker="o", ms=3, label="train error")
+        ax.plot(later["step"], later["test_error"], "--", color=OKABE_ITO[1], marker="s", ms=3, label="test error")
+        ax.plot(later["step"], later["test_error_upper"], ":", color=OKABE_ITO[2],
                 label="test error upper bound (Clopper-Pearson)")
-        ax.set_xlabel("DPO step")
+        ax.set_xlabel("DPO step (step 0 left out: every margin is 0 there)")
         ax.set_ylabel("0-1 error")
-        ax.set_ylim(-0.02, 1.02)
+        top = later[["train_error", "test_error", "test_error_upper"]].to_numpy(dtype=float)
+        top = float(np.nanmax(top)) if np.isfinite(top).any() else 1.0
+        ax.set_ylim(-0.02 * max(top, 0.05), min(1.02, 1.15 * max(top, 0.05)))
         for split, style, col in (("train", "-", OKABE_ITO[0]), ("test", "--", OKABE_ITO[1])):
             if _subsampled(summary, split):  # a tracked subset: the estimate's 95% interval
-                ax.fill_between(summary["step"], summary[f"{split}_error_lo"], summary[f"{split}_error_hi"],
+                ax.fill_between(later["step"], later[f"{split}_error_lo"], later[f"{split}_error_hi"],
                                 color=col, alpha=0.15, label=f"{split} error, 95% interval (tracked subset)")
         ax.legend()
         fig.suptitle(title + subset_note(summary))
@@ -137,16 +187,23 @@ def _geometry_over_steps(ax, geo: pd.DataFrame, steps: list) -> None:
         return geo[(geo["step"] == s) & (geo["quantity"] == q)]["value"].mean()
 
     ref_scale = value("scale", 0)
+    # measured at these checkpoints only: markers, joined by a thin dotted line (nothing is known between)
     for (q, label), col in zip((("l_b", "l_b (shared component)"), ("v", "v (within-cluster spread)")), OKABE_ITO):
-        ax.plot(steps, [value(q, s) * value("scale", s) / ref_scale for s in steps], "o-", color=col, label=label)
+        ax.plot(steps, [value(q, s) * value("scale", s) / ref_scale for s in steps], "o:", color=col, lw=0.8,
+                label=label)
     ax.set_ylabel("reference model's units")
-    ax2 = ax.twinx()
-    ax2.plot(steps, [value("cos_concepts", s) for s in steps], "s--", color=OKABE_ITO[2], label="mean cos(concepts)")
-    ax2.set_ylabel("cosine")
-    lines = ax.get_legend_handles_labels()
-    more = ax2.get_legend_handles_labels()
-    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="center right")
-    ax.set_xlabel("DPO step (0: reference)")
+    handles, labels = ax.get_legend_handles_labels()
+    cos = [value("cos_concepts", s) for s in steps]
+    if np.isfinite(cos).any():  # one concept has no pair of concepts to compare
+        ax2 = ax.twinx()
+        ax2.plot(steps, cos, "s:", color=OKABE_ITO[2], lw=0.8, label="mean cos(concepts), right axis")
+        ax2.set_ylabel("cosine")
+        more = ax2.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    ax.set_xticks(steps)
+    # below the axes: no line is ever under it
+    ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=1, frameon=False)
+    ax.set_xlabel("DPO step (0: reference), at the checkpoints measured")
     ax.set_title("geometry of g(x) at checkpoints")
 
 
@@ -156,7 +213,7 @@ def plot_geometry(geo: pd.DataFrame, title: str, path) -> None:
     steps = sorted(geo["step"].unique()) if "step" in geo else [0]
     with plt.rc_context(STYLE):
         n = 3 if len(steps) > 1 else 2
-        fig, axes = plt.subplots(1, n, figsize=(6.2 * n, 5.6), layout="constrained")
+        fig, axes = plt.subplots(1, n, figsize=(4.3 * n, 4.6), layout="constrained")
         ref = geo[geo["step"] == 0] if "step" in geo else geo
         if len(steps) > 1:
             _geometry_over_steps(axes[2], geo, steps)
@@ -174,7 +231,7 @@ def plot_geometry(geo: pd.DataFrame, title: str, path) -> None:
             short = [lab if len(lab) < 28 else lab[:12] + "…" + lab[-12:] for lab in labels]
             ax.set_xticks(range(len(labels)), short, rotation=90)
             ax.set_yticks(range(len(labels)), short)
-            ax.set_title(f"cluster cosine similarity, {name} (range {lo:.3f} to {hi:.3f})")
+            ax.set_title(f"cluster cosine similarity, {name}\n(range {lo:.3f} to {hi:.3f})")
             fig.colorbar(im, ax=ax, fraction=0.046)
         fig.suptitle(title)
     save_fig(fig, path)
@@ -326,7 +383,13 @@ def plot_interference_vs_k(final: pd.DataFrame, path) -> None:
             kinds = sorted({str(k) for k in shown.get("attribution", pd.Series(dtype=object)).dropna()} - {""})
             ax.errorbar(ok["K"], ok["cross_concept_share"], yerr=yerr, fmt="o-", color=OKABE_ITO[0], capsize=3,
                         label="from other concepts' training pairs" + (f" ({', '.join(kinds)})" if kinds else ""))
+            ks = np.arange(1, int(ok["K"].max()) + 1)
+            ax.plot(ks, (ks - 1) / ks, ":", color="grey",
+                    label="(K−1)/K: every concept contributing alike")
             ax.axhline(0, color="grey", lw=0.8)
+            if any(k != "exact" and not k.startswith("exact") for k in kinds):
+                ax.set_title("estimated shares: how far they follow retraining is what\n"
+                             "theory.attribution_check measures (its r in attribution_check.csv)", fontsize=9)
             ax.set_xlabel("K (number of concepts)")
             ax.set_ylabel("share of the held-out margin")
             ax.legend()
@@ -353,9 +416,10 @@ def plot_pair_map(pm: pd.DataFrame, auroc: float, title: str, path) -> None:
                                               and np.isfinite(auroc) else ""))
             ax.set_xlabel("spread of confidence over checkpoints (sd)")
             ax.legend(loc="lower right")
-            ax.text(0.02, 0.02, "lowest mean confidence:\n" + "\n".join(
-                f"{r.sample_id[:10]} {r.concept[:18]} {r.confidence_mean:.2f}" for r in low.itertuples()),
-                transform=ax.transAxes, va="bottom", family="monospace", fontsize=9)
+            # under the axes, never over the points; a long concept name shortened in the middle, visibly
+            ax.text(0.0, -0.12, "lowest mean confidence (sample id, concept, confidence):\n" + "\n".join(
+                f"{r.sample_id[:10]} {shorten(r.concept, 40)} {r.confidence_mean:.2f}" for r in low.itertuples()),
+                transform=ax.transAxes, va="top", family="monospace", fontsize=9)
         axes[0].set_ylabel("mean confidence σ(r) over checkpoints")
         fig.colorbar(sc, ax=axes, fraction=0.03, label="fraction of checkpoints ranked right")
         fig.suptitle(title)
