@@ -411,9 +411,18 @@ def test_a_truncated_output_is_told_from_a_whole_one(tmp_path, name, needle):
 
 
 def test_a_folder_missing_a_part_is_told(tmp_path):
+    import json
+
     from dpogen.intact import damage
 
     out = _whole_outputs(tmp_path / "out")
+    odd = out / "odd.safetensors"  # a header that is JSON but not a safetensors header: told, never raised
+    head = json.dumps(["not", "tensors"]).encode()
+    odd.write_bytes(len(head).to_bytes(8, "little") + head)
+    assert damage(odd).startswith("not what its name says")
+    (out / "features" / "index.json").write_text("[4]")
+    assert damage(out / "features").startswith("its index does not read as one")
+    (out / "features" / "index.json").write_text(json.dumps({"steps": [4]}))
     (out / "model" / "model.safetensors").unlink()
     assert damage(out / "model").startswith("no weights")
     (out / "features" / "step=4.npy").unlink()

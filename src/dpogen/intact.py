@@ -34,6 +34,8 @@ def damage(path) -> str | None:
         return _CHECKS.get(path.suffix.lower(), lambda p: None)(path)
     except OSError as e:
         return f"cannot be read ({e.strerror or e})"
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:  # a header of another shape
+        return f"not what its name says ({type(e).__name__}: {e})"
 
 
 def _parquet(path: Path) -> str | None:
@@ -108,6 +110,13 @@ _CHECKS = {".parquet": _parquet, ".npy": _npy, ".safetensors": _safetensors, ".j
 
 
 def _folder(path: Path) -> str | None:
+    try:
+        return _folder_parts(path)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # an index or manifest of another shape
+        return f"its index does not read as one ({type(e).__name__}: {e})"
+
+
+def _folder_parts(path: Path) -> str | None:
     if path.suffix == ".parquet" and (path.parent / "run.json").exists():  # partitioned margins
         from .tables import margins_damage
 

@@ -26,6 +26,18 @@ class DataError(ValueError):
     """Bad input data; the message names the file, field and row."""
 
 
+MAX_REPORTED = 20  # bad rows listed in one error (with the total count)
+
+
+def bad_rows(lines: list[str]) -> DataError:
+    """One error for every bad row (``lines``: one message each, naming file, row and field, in row order): the
+    row itself when there is one, else the count and the first MAX_REPORTED."""
+    if len(lines) == 1:
+        return DataError(lines[0])
+    more = f" (the first {MAX_REPORTED})" if len(lines) > MAX_REPORTED else ""
+    return DataError(f"{len(lines)} bad rows{more}:\n  " + "\n  ".join(lines[:MAX_REPORTED]))
+
+
 # ------------------------------------------------------------------------------------------- reading
 
 
@@ -414,10 +426,8 @@ def _concept_names(df: pd.DataFrame, ccol: str) -> list[str]:
         return [str(v) for v in values]
     bad = [i for i, v in enumerate(values) if not isinstance(v, str)]
     if bad:
-        lines = [f"{_where(df, i)}, field '{ccol}' (data.columns.concept): expected a string, got "
-                 f"{type(values[i]).__name__} ({values[i]!r})" for i in bad[:20]]
-        raise DataError(lines[0] if len(bad) == 1 else f"{len(bad)} bad rows" + (" (the first 20)" if len(bad) > 20
-                        else "") + ":\n  " + "\n  ".join(lines))
+        raise bad_rows([f"{_where(df, i)}, field '{ccol}' (data.columns.concept): expected a string, got "
+                        f"{type(values[i]).__name__} ({values[i]!r})" for i in bad])
     return values
 
 

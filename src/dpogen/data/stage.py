@@ -41,9 +41,6 @@ def _where(df: pd.DataFrame, i: int, source: str) -> str:
     return f"{source}: row {i + 1}"
 
 
-MAX_REPORTED = 20  # bad rows listed in one error (with the total count)
-
-
 def _field(role: str, keys: dict | None) -> str:
     """A field as the file names it, with the role it maps to when the names differ: 'question' (prompt)."""
     key = (keys or {}).get(role, role)
@@ -75,12 +72,7 @@ def validate_pairs(df: pd.DataFrame, source: str, keys: dict | None = None) -> p
         problems.setdefault(int(i), f"{_field('cluster', keys)}: must be +1, -1 or 0, "
                                     f"got {df['cluster'].iloc[int(i)]!r}")
     if problems:
-        rows = sorted(problems)
-        lines = [f"{_where(df, i, source)}, {problems[i]}" for i in rows[:MAX_REPORTED]]
-        if len(rows) == 1:
-            raise DataError(lines[0])
-        raise DataError(f"{len(rows)} bad rows" + (f" (the first {MAX_REPORTED})" if len(rows) > MAX_REPORTED else "")
-                        + ":\n  " + "\n  ".join(lines))
+        raise sources.bad_rows([f"{_where(df, i, source)}, {problems[i]}" for i in sorted(problems)])
     df = df.copy()
     df["cluster"] = cluster.astype("int8")
     df.insert(0, "sample_id",
